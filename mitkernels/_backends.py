@@ -1,0 +1,123 @@
+"""Which kernel backend serves a call: availability, the automatic choice, and clear errors.
+
+A backend is a module-like object with the four kernel functions of the op contract in
+``mitkernels/ops.py`` (``row_stats``, ``finalize_``, ``loss_forward_``, ``loss_backward``):
+``cpu`` and ``cuda`` are the compiled extension's ops, ``triton`` the launchers in
+``mitkernels/triton``. The eager ``reference`` backend bypasses the ops (see ``functional.py``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run here."""
+
+
+class _CompiledBackend:
+    """The C++ (CPU) or C++/CUDA kernels, registered by the extension under ``mitkernels_C``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, op: str):
+        return getattr(torch.ops.mitkernels_C, op)
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module, or the ImportError explaining why it is not there."""
+    try:
+        from . import _C  # noqa: F401  (loading it registers the mitkernels_C ops)
+    except ImportError as err:
+        return err
+    return _C
+
+
+def _extension_problem() -> Optional[str]:
+    ext = extension()
+    if isinstance(ext, ImportError):
+        return (
+            f"the compiled extension mitkernels._C is missing or stale ({ext}); rebuild it with "
+            "`pip install --no-build-isolation -e .` (or `make build`)"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    try:
+        from .triton import mit_loss as triton_mit_loss
+    except ImportError as err:
+        return err
+    return triton_mit_loss
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else why not (one sentence)."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    if name == "reference":
+        return None
+    if name == "triton":
+        mod = _triton_module()
+        if isinstance(mod, ImportError):
+            return f"Triton is not importable ({mod})"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+            return None
+        return f"Triton runs on CUDA tensors (on {device.type} tensors only with TRITON_INTERPRET=1)"
+    problem = _extension_problem()
+    if problem:
+        return problem
+    info = extension().build_info()
+    if name == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend needs CPU tensors, got {device.type}"
+    if not info.get("cuda", False):
+        return "the extension was built without CUDA kernels (set MITKERNELS_BUILD_CUDA=1 and rebuild)"
+    return None if device.type == "cuda" else f"the cuda backend needs CUDA tensors, got {device.type}"
+
+
+def available(device: Optional[torch.device] = None) -> List[str]:
+    """Kernel backends (not the reference) that can run on ``device`` (default: CPU and CUDA)."""
+    devices = [device] if device is not None else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [b for b in _KERNEL_BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
+
+
+def choose(requested: Optional[str], device: torch.device) -> str:
+    """The backend name for a call: the requested one (or MITKERNELS_BACKEND), else the fastest."""
+    name = requested or os.environ.get("MITKERNELS_BACKEND") or None
+    if name:
+        reason = unavailable_reason(name, device)
+        if reason:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        return name
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for candidate in order:
+        if unavailable_reason(candidate, device) is None:
+            return candidate
+    return "reference"
+
+
+def get(name: str, device: torch.device):
+    """The kernel functions of backend ``name`` ('auto' picks one for ``device``)."""
+    if name == "auto":
+        name = choose(None, device)
+    reason = unavailable_reason(name, device)
+    if reason or name == "reference":
+        raise BackendUnavailableError(
+            f"backend {name!r} has no kernels for {device.type} tensors: {reason or 'it is eager'}")
+    if name == "triton":
+        return _triton_module()
+    return _CompiledBackend(name)
