@@ -187,3 +187,20 @@ def cct_eal_step(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
 def nll_at_temperature(logits: Tensor, labels: Tensor, t: float) -> Tensor:
     """Mean negative log-likelihood of ``softmax(logits / t)``: the calibration objective."""
     return F.cross_entropy(logits.double() / t, labels)
+
+
+def row_statistics(logits: Tensor, targets: Tensor, t: float) -> Dict[str, Tensor]:
+    """Per-row ``CE``, ``H`` and ``V`` (variance of ``z`` under ``p``) of ``softmax(logits / t)``.
+
+    ``logits`` ``[R, C]``, ``targets`` ``[R]`` (all valid). The calibration's eager path and the
+    tests of the row kernels use it.
+    """
+    z = logits.to(_compute_dtype(logits.dtype)) / t
+    log_p = F.log_softmax(z, dim=1)
+    p = log_p.exp()
+    mean_z = (p * z).sum(dim=1)
+    return {
+        "CE": -log_p.gather(1, targets.long().unsqueeze(1)).squeeze(1),
+        "H": -(p * log_p).sum(dim=1),
+        "V": (p * (z - mean_z.unsqueeze(1)) ** 2).sum(dim=1),
+    }

@@ -1,0 +1,135 @@
+"""Temperature initialisation: the exact NLL-optimal temperature of held-out logits.
+
+The published code fits ``T`` with L-BFGS on ``log T`` and stores ``tau = inf`` when the model has
+no skill. Here ``T`` is bounded to the clamp range and found by a safeguarded Newton iteration on
+``u = log T`` whose derivatives come from the row statistics (KERNEL_MATH section 6)::
+
+    f(u)   = mean_i CE_i                   (CE_i of softmax(x_i / T))
+    f'(u)  = -mean_i (CE_i - H_i)
+    f''(u) =  mean_i (V_i + CE_i - H_i)
+
+One pass over the logits per iteration, through the row kernel of the fastest backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _backends, reference
+
+DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
+_REFERENCE_CHUNK_ROWS = 1 << 16
+
+
+def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str) -> Tuple[float, float]:
+    """``f'(log t)`` and ``f''(log t)`` of the mean NLL, in float64."""
+    if backend == "reference":
+        sums = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, logits.shape[0], _REFERENCE_CHUNK_ROWS):
+            rows = reference.row_statistics(logits[start:start + _REFERENCE_CHUNK_ROWS],
+                                            labels[start:start + _REFERENCE_CHUNK_ROWS], t)
+            gap = (rows["CE"] - rows["H"]).double()
+            sums += torch.stack([gap.sum(), (gap + rows["V"].double()).sum()]).cpu()
+        gap_sum, curv_sum = sums.tolist()
+    else:
+        tau = torch.zeros(1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                          device=logits.device)
+        # The temperature rides on the clamp: clamp(softplus(0) + 0, t, t) == t exactly.
+        _, summary = torch.ops.mitkernels.row_stats(
+            logits.unsqueeze(-1), labels, tau, 0.0, t, t, -100, backend)
+        _, sum_ce, sum_h, sum_v = summary[:4].tolist()
+        gap_sum, curv_sum = sum_ce - sum_h, sum_ce - sum_h + sum_v
+    n = logits.shape[0]
+    return -gap_sum / n, curv_sum / n
+
+
+def calibrate_temperature(logits: Tensor, labels: Tensor, *,
+                          bounds: Tuple[float, float] = DEFAULT_BOUNDS,
+                          backend: Optional[str] = None, tol: float = 1e-12,
+                          max_iter: int = 100) -> Tensor:
+    """The temperature minimising ``NLL(softmax(logits / T), labels)`` over ``T`` in ``bounds``.
+
+    Args:
+        logits: ``[N, C]`` held-out logits (any float dtype; computed in float32/float64).
+        labels: ``[N]`` class indices.
+        bounds: ``(T_min, T_max)``; the default is the MiT clamp range ``(1e-3, 500)``.
+        backend: as in :func:`mitkernels.mit_loss`.
+
+    Returns:
+        A float64 0-dim tensor, always finite: the interior optimum, or the bound the NLL
+        decreases towards (a model with no skill drives ``T`` up, never to infinity).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits [N, C] and labels [N], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("calibration needs at least one row")
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    lo, hi = (float(b) for b in bounds)
+    if not 0 < lo < hi or not math.isfinite(hi):
+        raise ValueError(f"bounds must satisfy 0 < T_min < T_max < inf, got {bounds}")
+    labels = labels.long().contiguous()
+    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits must be finite")
+    name = _backends.choose(backend, logits.device)
+
+    def slope(u: float) -> Tuple[float, float]:
+        return _slope_and_curvature(logits, labels, math.exp(u), name)
+
+    a, b = math.log(lo), math.log(hi)
+    fa, _ = slope(a)
+    if fa >= 0:
+        return torch.tensor(lo, dtype=torch.float64)
+    fb, _ = slope(b)
+    if fb <= 0:
+        return torch.tensor(hi, dtype=torch.float64)
+    # f' < 0 at a and > 0 at b: a minimum lies between. Newton from the better end, falling back to
+    # bisection whenever the step leaves the bracket or does not shrink it fast enough.
+    u = a if -fa < fb else b
+    g, h = fa if u == a else fb, 0.0
+    _, h = slope(u)
+    for _ in range(max_iter):
+        step_ok = h > 0
+        u_new = u - g / h if step_ok else 0.5 * (a + b)
+        if not (a < u_new < b):
+            u_new = 0.5 * (a + b)
+        g_new, h_new = slope(u_new)
+        if g_new < 0:
+            a = u_new
+        else:
+            b = u_new
+        done = abs(u_new - u) <= tol * max(1.0, abs(u_new)) or b - a <= tol
+        u, g, h = u_new, g_new, h_new
+        if done or g == 0:
+            break
+    return torch.tensor(math.exp(u), dtype=torch.float64)
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader, device=None) -> Tuple[Tensor, Tensor]:
+    """Run ``model`` over ``loader`` (``(inputs, labels)`` batches) in eval mode, no grad.
+
+    Returns ``(logits, labels)`` concatenated on the model's device; the model's training mode
+    is restored afterwards, even on error.
+    """
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        all_logits, all_labels = [], []
+        for inputs, labels in loader:
+            all_logits.append(model(inputs.to(device)))
+            all_labels.append(labels.to(device))
+    finally:
+        model.train(was_training)
+    if not all_logits:
+        raise ValueError("the loader yielded no batch")
+    return torch.cat(all_logits), torch.cat(all_labels)

@@ -1,0 +1,254 @@
+"""The public functions: ``mit_loss``, ``tet_loss``, ``cct_eal_loss``.
+
+Each validates its inputs (nothing is touched before that), brings them to the canonical
+``[N, C, S]`` / ``[R]`` form of the op contract (views whenever the layout allows), and calls one
+forward op, then ``loss_with_grad`` when a gradient is needed. The eager ``reference`` backend
+runs ``mitkernels/reference.py`` instead.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backends, ops, reference
+from .reference import MIT_T_EPS, MIT_T_MAX, MIT_T_MIN
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The names under which each loss reports the fields of the stats tensor (ops.STATS_FIELDS).
+STATS_NAMES = {
+    ops.KIND_MIT: ("loss", "ce", "H", "H_star", "lambda", "T", "updated", "valid",
+                   "invalid_targets"),
+    ops.KIND_TET: ("loss", "ce", "H", None, "lambda", "T", None, "valid", "invalid_targets"),
+    ops.KIND_CCT: ("loss", "ce", "H", "H_star", "alpha_t", "T_mean", "updated", "valid",
+                   "invalid_targets"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every check runs before any state tensor is touched.
+# --------------------------------------------------------------------------------------------
+def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: str,
+                  state_tensors: Sequence[Tensor]) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"logits dtype {logits.dtype} is not supported; use one of "
+                        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class indices, got {targets.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [N, C] or [N, C, d1, ...], got shape {tuple(logits.shape)}")
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"logits have C = {logits.shape[1]} classes (dim 1) but the loss was built "
+                         f"for {num_classes}")
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(targets.shape) != expected:
+        raise ValueError(f"targets must have shape {expected} for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in ops.REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    for t in (targets, *state_tensors):
+        if t.device != logits.device:
+            raise ValueError(f"all tensors must be on one device: logits on {logits.device}, "
+                             f"found a tensor on {t.device}")
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        # On the CPU the check costs no synchronisation. On a GPU (and inside a compiled graph,
+        # where a Python branch on a value would break the graph) the kernels mask such rows,
+        # count them (stats['invalid_targets']), return a NaN loss and leave the state untouched.
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+        if bool(bad.any()):
+            value = int(targets[bad].reshape(-1)[0])
+            raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index "
+                             f"({ignore_index}); found {value}")
+
+
+def _check_temperature(tau: Tensor, expected: int, name: str) -> None:
+    if not isinstance(tau, Tensor) or not tau.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if tau.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {tau.dtype}")
+    if tau.numel() != expected or (expected > 1 and tau.dim() != 1):
+        raise ValueError(f"{name} must hold {expected} value(s), got shape {tuple(tau.shape)}")
+
+
+def _canonical(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """``[N, C, S]`` logits (a view when the spatial dims merge) and ``[R]`` targets."""
+    n, c = logits.shape[:2]
+    logits3 = logits.reshape(n, c, -1)
+    flat = targets.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.long()
+    return logits3, flat.contiguous()
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    # Like F.cross_entropy: the loss has the logits' dtype, and float32 under autocast.
+    if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            logits.device.type):
+        return torch.float32
+    return logits.dtype
+
+
+def _stats_dict(stats: Tensor, kind: int) -> Dict[str, Tensor]:
+    return {name: value for name, value in zip(STATS_NAMES[kind], stats.unbind()) if name}
+
+
+def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor],
+             hparams: List[float], temp_params: Tuple[float, float, float], ignore_index: int,
+             reduction: str, update_state: bool, backend: str,
+             process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """One forward op (or row_stats, all-reduce, finalize_ across ranks), then autograd."""
+    logits3, flat_targets = _canonical(logits, targets)
+    red = ops.REDUCTIONS[reduction]
+    tau_k = tau.detach().reshape(-1)
+    loss_dtype = _loss_dtype(logits)
+    if process_group is None:
+        loss, stats, row_stats, grad_info = torch.ops.mitkernels.loss_forward_(
+            logits3.detach(), flat_targets, tau_k, state, kind, hparams, *temp_params,
+            ignore_index, red, update_state, loss_dtype, backend)
+    else:
+        from .distributed import all_reduce_summary
+
+        row_stats, local_summary = torch.ops.mitkernels.row_stats(
+            logits3.detach(), flat_targets, tau_k, *temp_params, ignore_index, backend)
+        summary = all_reduce_summary(local_summary, process_group)
+        loss, stats, grad_info = torch.ops.mitkernels.finalize_(
+            summary, local_summary, row_stats, tau_k, state, kind, hparams, *temp_params, red,
+            update_state, loss_dtype, backend)
+    if torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad):
+        loss = torch.ops.mitkernels.loss_with_grad(
+            loss, logits3, flat_targets, tau.reshape(-1), row_stats, grad_info, *temp_params,
+            ignore_index, red, backend)
+    if red == 0:
+        loss = loss.view(targets.shape)
+    return loss, _stats_dict(stats, kind)
+
+
+def _reference_stats(stats: Dict[str, Tensor], kind: int) -> Dict[str, Tensor]:
+    """The reference's stats under the kernel backends' names and dtype (float64 scalars)."""
+    names = [n for n in STATS_NAMES[kind] if n and n != "invalid_targets"]
+    out = {n: stats[n].to(torch.float64) for n in names}
+    out["invalid_targets"] = torch.zeros((), dtype=torch.float64, device=out["loss"].device)
+    return out
+
+
+def _backend_for(backend: Optional[str], device: torch.device, process_group) -> str:
+    name = _backends.choose(backend, device)
+    if process_group is not None and name == "reference":
+        raise ValueError("process_group needs a kernel backend (cpu, cuda or triton); the eager "
+                         "reference runs on one process")
+    return name
+
+
+def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] = None,
+             update_state: bool = True, ignore_index: int = -100, reduction: str = "mean",
+             process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The MiT loss: ``CE(x / T, y) - lambda * H(softmax(x / T))``, with the state update.
+
+    One call is one published MiT step: the class histogram takes this batch's labels, ``H*`` is
+    their entropy, ``lambda`` is dual-averaged from ``H*`` and this batch's mean entropy ``H``, and
+    the loss uses the new ``lambda`` as a constant. ``T = clamp(softplus(tau) + 1e-6, 1e-3, 500)``.
+
+    Args:
+        logits: ``[N, C]`` or ``[N, C, d1, ...]`` float16/bfloat16/float32/float64.
+        targets: ``[N]`` or ``[N, d1, ...]`` integer class indices in ``[0, C)`` or ``ignore_index``.
+        state: a ``MiTState`` or ``MiTLoss`` (anything with ``tau``, ``class_counts``,
+            ``total_seen``, ``lambda_entropy``, ``dual_updates``).
+        backend: ``None`` (auto, or ``MITKERNELS_BACKEND``), ``"reference"``, ``"cpu"``,
+            ``"triton"`` or ``"cuda"``.
+        update_state: update the running statistics (a training step); when False, ``H*`` and
+            ``lambda`` are read as they are.
+        ignore_index: rows with this target take no part anywhere (counts included).
+        reduction: ``"mean"`` (over valid rows), ``"sum"`` or ``"none"`` (shaped like ``targets``).
+        process_group: a ``torch.distributed`` group: the statistics become those of the global
+            batch (one all-reduce of a small buffer), identical on every rank.
+
+    Returns:
+        ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:
+        ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``.
+    """
+    num_classes = int(state.class_counts.numel())
+    buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers])
+    _check_temperature(state.tau, 1, "tau")
+    name = _backend_for(backend, logits.device, process_group)
+    if name == "reference":
+        loss, stats = reference.mit_step(logits, targets, state.tau, *buffers,
+                                         ignore_index=ignore_index, reduction=reduction,
+                                         update_state=update_state)
+        return loss, _reference_stats(stats, ops.KIND_MIT)
+    return _run_ops(ops.KIND_MIT, logits, targets, state.tau, buffers, [],
+                    (MIT_T_EPS, MIT_T_MIN, MIT_T_MAX), ignore_index, reduction, update_state, name,
+                    process_group)
+
+
+def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
+             lambda_entropy: float = 0.1, *, backend: Optional[str] = None,
+             ignore_index: int = -100, reduction: str = "mean") -> Tuple[Tensor, Dict[str, Tensor]]:
+    """TET: ``CE(x / T, y) - lambda * H(softmax(x / T))`` with fixed ``T`` and ``lambda``.
+
+    Args as :func:`mit_loss`; ``temperature`` > 0 and ``lambda_entropy`` are plain numbers.
+    Returns ``(loss, stats)`` with stats ``loss, ce, H, lambda, T, valid, invalid_targets``.
+    """
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
+    name = _backend_for(backend, logits.device, None)
+    if name == "reference":
+        loss, stats = reference.tet_loss(logits, targets, temperature, lambda_entropy,
+                                         ignore_index=ignore_index, reduction=reduction)
+        return loss, _reference_stats(stats, ops.KIND_TET)
+    # The fixed temperature rides on the clamp: clamp(softplus(0) + 0, T, T) == T exactly.
+    tau = torch.zeros(1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                      device=logits.device)
+    t = float(temperature)
+    return _run_ops(ops.KIND_TET, logits, targets, tau, [], [float(lambda_entropy)], (0.0, t, t),
+                    ignore_index, reduction, False, name)
+
+
+def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema: Tensor,
+                 alpha: Tensor, *, ema_momentum: float = 0.9, entropy_eps: float = 1e-12,
+                 t_min: float = 0.75, t_max: float = 1.5, backend: Optional[str] = None,
+                 update_state: bool = True, ignore_index: int = -100, reduction: str = "mean",
+                 process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """CCT-EAL: ``CE(x / T_y, y) + alpha * (H - H*)^2`` with ``T_c = clamp(softplus(tau_c), T_min, T_max)``.
+
+    ``H*`` is the entropy of ``label_freq_ema``, an EMA of the batch label frequencies updated
+    from this batch first (when ``update_state``). ``reduction`` is ``"mean"`` or ``"sum"``.
+
+    Args:
+        tau_c: ``[C]`` learnable per-class temperature parameters.
+        label_freq_ema: ``[C]`` float64 EMA of label frequencies (updated in place).
+        alpha: ``[]`` float64 tensor, the current alignment weight ``alpha_t``.
+    Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
+    invalid_targets``.
+    """
+    if reduction == "none":
+        raise ValueError("CCT-EAL supports reduction 'mean' or 'sum': its entropy alignment term "
+                         "is a batch quantity")
+    num_classes = int(label_freq_ema.numel())
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction,
+                  [tau_c, label_freq_ema, alpha])
+    _check_temperature(tau_c, num_classes, "tau_c")
+    if not 0.0 < float(t_min) <= float(t_max):
+        raise ValueError(f"need 0 < T_min <= T_max, got {t_min}, {t_max}")
+    name = _backend_for(backend, logits.device, process_group)
+    if name == "reference":
+        loss, stats = reference.cct_eal_step(
+            logits, targets, tau_c, label_freq_ema, alpha, ema_momentum=ema_momentum,
+            entropy_eps=entropy_eps, t_min=t_min, t_max=t_max, ignore_index=ignore_index,
+            reduction=reduction, update_state=update_state)
+        return loss, _reference_stats(stats, ops.KIND_CCT)
+    return _run_ops(ops.KIND_CCT, logits, targets, tau_c, [label_freq_ema, alpha],
+                    [float(ema_momentum), float(entropy_eps)], (0.0, float(t_min), float(t_max)),
+                    ignore_index, reduction, update_state, name, process_group)

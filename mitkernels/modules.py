@@ -1,0 +1,185 @@
+"""``nn.Module`` losses holding their state as a parameter and buffers with the published names."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from .calibration import calibrate_temperature
+from .state import (STATE_BUFFERS, check_num_classes, convert_published_state_dict,
+                    initial_buffers, tau_for_temperature)
+from .reference import temperature as _temperature
+
+
+class _ExactStateModule(nn.Module):
+    """Keeps the running statistics in float64 whatever ``.half()``, ``.to(dtype)`` ask."""
+
+    _exact_buffers: Tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._exact_buffers:
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != torch.float64:
+                self._buffers[name] = buf.to(torch.float64)
+        return self
+
+
+class MiTLoss(_ExactStateModule):
+    """The MiT loss as a module: ``loss, stats = criterion(logits, targets)``.
+
+    Holds the parameter ``tau`` (give it to the optimizer with the model's parameters) and the
+    buffers ``class_counts``, ``total_seen``, ``lambda_entropy``, ``dual_updates`` under the names
+    of the published ``MiTLoss_WithTrainCalibration``, so its state dicts load here.
+
+    Unlike the published code, the running statistics are updated in training mode only (like
+    BatchNorm): the published criterion also updated them on validation batches, which leaks the
+    test labels into ``H*``. Call ``criterion.eval()`` when evaluating.
+
+    Args:
+        num_classes: ``C >= 2``.
+        temperature: initial ``T``; see :meth:`calibrate_` to start from the calibrated one.
+        ignore_index, process_group, backend: as in :func:`mitkernels.mit_loss`.
+    """
+
+    _exact_buffers = ("class_counts", "total_seen", "lambda_entropy")
+
+    def __init__(self, num_classes: int, temperature: float = 1.0, *, ignore_index: int = -100,
+                 process_group=None, backend: Optional[str] = None, reduction: str = "mean"):
+        super().__init__()
+        self.num_classes = check_num_classes(num_classes)
+        self.ignore_index = ignore_index
+        self.process_group = process_group
+        self.backend = backend
+        self.reduction = reduction
+        self.tau = nn.Parameter(torch.tensor(tau_for_temperature(float(temperature))))
+        for name, value in initial_buffers(num_classes).items():
+            self.register_buffer(name, value)
+
+    @property
+    def temperature(self) -> Tensor:
+        """The temperature ``T`` the next step uses (detached)."""
+        return _temperature(self.tau.detach())
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return functional.mit_loss(
+            logits, targets, self, backend=self.backend, update_state=self.training,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            process_group=self.process_group)
+
+    @torch.no_grad()
+    def calibrate_(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Set ``tau`` so that ``T`` is the NLL-optimal temperature of held-out ``logits``."""
+        t_opt = calibrate_temperature(logits, labels)
+        self.tau.fill_(tau_for_temperature(float(t_opt)))
+        return t_opt
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Accept the published criterion's dicts: float32 counts, scalar shapes, stray model.* keys.
+        if all(prefix + k in state_dict for k in ("tau", *STATE_BUFFERS)):
+            converted = convert_published_state_dict(state_dict, self.num_classes, prefix)
+            for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+                del state_dict[key]
+            for name, value in converted.items():
+                own = getattr(self, name)
+                state_dict[prefix + name] = value.reshape(own.shape).to(own.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+
+
+class TETLoss(nn.Module):
+    """TET as a module: fixed temperature and entropy weight, no state."""
+
+    def __init__(self, temperature: float = 0.5, lambda_entropy: float = 0.1, *,
+                 ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.lambda_entropy = float(lambda_entropy)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return functional.tet_loss(logits, targets, self.temperature, self.lambda_entropy,
+                                   backend=self.backend, ignore_index=self.ignore_index,
+                                   reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, lambda_entropy={self.lambda_entropy}"
+
+
+class CCTEALLoss(_ExactStateModule):
+    """CCT-EAL as a module: class-conditional temperatures and squared entropy alignment.
+
+    Holds ``tau_c`` (``[C]`` parameter, starting where ``softplus(tau_c) = 1``) and the buffers
+    ``label_freq_ema`` (``[C]``, starting uniform) and ``alpha_t`` (the current weight, set by
+    :meth:`set_progress`), under the published names. The EMA is updated in training mode only.
+    """
+
+    _exact_buffers = ("label_freq_ema", "alpha_t")
+
+    def __init__(self, num_classes: int, alpha_max: float = 8.0, ema_momentum: float = 0.9,
+                 T_min: float = 0.75, T_max: float = 1.5, eps: float = 1e-12, *,
+                 ignore_index: int = -100, reduction: str = "mean", process_group=None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.num_classes = check_num_classes(num_classes)
+        if not 0.0 < T_min <= T_max:
+            raise ValueError(f"need 0 < T_min <= T_max, got {T_min}, {T_max}")
+        self.alpha_max = float(alpha_max)
+        self.ema_momentum = float(ema_momentum)
+        self.T_min, self.T_max, self.eps = float(T_min), float(T_max), float(eps)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.process_group, self.backend = process_group, backend
+        self.tau_c = nn.Parameter(torch.full((num_classes,), math.log(math.expm1(1.0))))
+        self.register_buffer("label_freq_ema",
+                             torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))
+        # The published code kept alpha_t as a Python float; a buffer lets set_progress change it
+        # without recompiling a graph that reads it.
+        self.register_buffer("alpha_t", torch.tensor(self.alpha_max, dtype=torch.float64))
+
+    def set_progress(self, progress: float, warmup_ratio: float = 0.3) -> None:
+        """Warm ``alpha_t`` linearly from 0 to ``alpha_max`` over the first ``warmup_ratio``."""
+        progress = min(1.0, max(0.0, float(progress)))
+        if progress < warmup_ratio:
+            value = self.alpha_max * (progress / max(warmup_ratio, 1e-6))
+        else:
+            value = self.alpha_max
+        self.alpha_t.fill_(value)
+
+    def class_temperatures(self) -> Tensor:
+        """``T_c = clamp(softplus(tau_c), T_min, T_max)`` (detached)."""
+        return _temperature(self.tau_c.detach(), 0.0, self.T_min, self.T_max)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return functional.cct_eal_loss(
+            logits, targets, self.tau_c, self.label_freq_ema, self.alpha_t,
+            ema_momentum=self.ema_momentum, entropy_eps=self.eps, t_min=self.T_min,
+            t_max=self.T_max, backend=self.backend, update_state=self.training,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            process_group=self.process_group)
+
+    @torch.no_grad()
+    def scale_logits(self, logits: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        """Temperature-scaled logits for evaluation without the labels.
+
+        The published ``scale_logits`` divided each row by ``T`` of its *true* class, so evaluation
+        metrics saw the labels. Here each row is scaled by the temperature of its *predicted* class
+        (``argmax``, the same for every temperature since ``T > 0``). ``targets`` is accepted and
+        ignored, for drop-in use.
+        """
+        t_c = self.class_temperatures().to(logits.dtype)
+        return logits / t_c[logits.argmax(dim=1)].unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, alpha_max={self.alpha_max}, "
+                f"ema_momentum={self.ema_momentum}, T_min={self.T_min}, T_max={self.T_max}")

@@ -1,0 +1,133 @@
+"""MiTState: the tensors one MiT step reads and updates, and their published-format loading."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import MIT_T_EPS, MIT_T_MAX, MIT_T_MIN, temperature
+
+# The published criterion's names; the published code kept counts in float32, which stops counting
+# at 2^24 samples: here counts are float64 (exact to 2^53) and dual_updates int64.
+STATE_BUFFERS = {
+    "class_counts": torch.float64,
+    "total_seen": torch.float64,
+    "lambda_entropy": torch.float64,
+    "dual_updates": torch.int64,
+}
+INITIAL_LAMBDA = 0.1  # never used: dual_updates starts at 0, so the first step overwrites lambda
+
+
+def inverse_softplus(t: float) -> float:
+    """The ``tau`` whose torch softplus (threshold 20) is exactly ``t``."""
+    if t <= 0:
+        raise ValueError(f"a temperature must be positive, got {t}")
+    return t if t > 20.0 else math.log(math.expm1(t))
+
+
+def tau_for_temperature(t: float, t_eps: float = MIT_T_EPS) -> float:
+    """The ``tau`` with ``clamp(softplus(tau) + t_eps, 1e-3, 500) == t`` for ``t`` in the bounds."""
+    if not (MIT_T_MIN <= t <= MIT_T_MAX and math.isfinite(t)):
+        raise ValueError(f"temperature must be finite and in [{MIT_T_MIN}, {MIT_T_MAX}], got {t}")
+    return inverse_softplus(max(t - t_eps, 1e-12))
+
+
+def initial_buffers(num_classes: int, device=None) -> Dict[str, Tensor]:
+    """The published initial buffers: counts at ones (Laplace smoothing), lambda 0.1, n = 0."""
+    return {
+        "class_counts": torch.ones(num_classes, dtype=torch.float64, device=device),
+        "total_seen": torch.zeros((), dtype=torch.float64, device=device),
+        "lambda_entropy": torch.full((), INITIAL_LAMBDA, dtype=torch.float64, device=device),
+        "dual_updates": torch.zeros((), dtype=torch.int64, device=device),
+    }
+
+
+def check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return num_classes
+
+
+class MiTState:
+    """The state of the MiT loss: ``tau`` (learnable) and the running statistics.
+
+    Attributes:
+        tau: ``[]`` leaf tensor with ``requires_grad``: ``T = clamp(softplus(tau) + 1e-6, 1e-3, 500)``.
+        class_counts: ``[C]`` float64 class histogram of the labels seen (starts at ones).
+        total_seen: ``[]`` float64 number of labelled samples seen.
+        lambda_entropy: ``[]`` float64 dual-averaged entropy weight.
+        dual_updates: ``[]`` int64 number of dual-averaging steps.
+
+    Args:
+        num_classes: ``C >= 2``.
+        temperature: the initial ``T`` (``tau`` is set so that ``T`` is exactly this value).
+        device: where the tensors live.
+        dtype: dtype of ``tau`` (float32 by default, like a model parameter).
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 1.0, device=None,
+                 dtype: torch.dtype = torch.float32):
+        self.num_classes = check_num_classes(num_classes)
+        self.tau = torch.tensor(tau_for_temperature(float(temperature)), dtype=dtype,
+                                device=device, requires_grad=True)
+        for name, value in initial_buffers(num_classes, device).items():
+            setattr(self, name, value)
+
+    @property
+    def temperature(self) -> Tensor:
+        """The temperature ``T`` the next step uses (detached)."""
+        return temperature(self.tau.detach())
+
+    def buffers(self) -> Dict[str, Tensor]:
+        return {name: getattr(self, name) for name in STATE_BUFFERS}
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {"tau": self.tau.detach().clone(), **{k: v.clone() for k, v in self.buffers().items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load our own or the published criterion's state dict (float32 counts included)."""
+        converted = convert_published_state_dict(state_dict, self.num_classes)
+        with torch.no_grad():
+            self.tau.copy_(converted["tau"].reshape(self.tau.shape))
+            for name, value in self.buffers().items():
+                value.copy_(converted[name].reshape(value.shape))
+
+    def to(self, device) -> "MiTState":
+        with torch.no_grad():
+            self.tau = self.tau.detach().to(device).requires_grad_(True)
+        for name, value in self.buffers().items():
+            setattr(self, name, value.to(device))
+        return self
+
+    def __repr__(self) -> str:
+        return (f"MiTState(num_classes={self.num_classes}, T={float(self.temperature):.6g}, "
+                f"lambda={float(self.lambda_entropy):.6g}, steps={int(self.dual_updates)})")
+
+
+def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: int,
+                                 prefix: str = "") -> Dict[str, Tensor]:
+    """Our tensors from a state dict of ours or of the published ``MiTLoss_WithTrainCalibration``.
+
+    The published criterion embedded the model it calibrated on (``model.*`` keys): those are
+    dropped with a warning. Missing keys raise a KeyError naming them; a class histogram of the
+    wrong length raises a ValueError.
+    """
+    stray = sorted(k for k in state_dict if k.startswith(prefix + "model."))
+    if stray:
+        warnings.warn(f"dropping {len(stray)} 'model.*' entries (the published criterion stored its "
+                      f"model inside the loss; MiTLoss never holds a model): {stray[:3]}...",
+                      stacklevel=3)
+    missing = [k for k in ("tau", *STATE_BUFFERS) if prefix + k not in state_dict]
+    if missing:
+        raise KeyError(f"state dict lacks {', '.join(prefix + k for k in missing)}")
+    out = {k: torch.as_tensor(state_dict[prefix + k]) for k in ("tau", *STATE_BUFFERS)}
+    if out["class_counts"].numel() != num_classes:
+        raise ValueError(f"class_counts has {out['class_counts'].numel()} entries, the loss has "
+                         f"{num_classes} classes")
+    for k in ("tau", "total_seen", "lambda_entropy", "dual_updates"):
+        if out[k].numel() != 1:
+            raise ValueError(f"{k} must hold one value, got shape {tuple(out[k].shape)}")
+    return out
