@@ -1,0 +1,86 @@
+"""Temperature calibration against the golden optimum, bounds, and collect_logits."""
+import math
+
+import pytest
+import torch
+
+import mitkernels
+from mitkernels import reference
+
+from conftest import cpu_backends
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case_index", range(3))
+def test_matches_golden_optimum(golden_calibration, backend, case_index):
+    case = golden_calibration["cases"][case_index]
+    logits = torch.tensor(case["logits"], dtype=torch.float64)
+    labels = torch.tensor(case["labels"])
+    t = mitkernels.calibrate_temperature(logits, labels, backend=backend)
+    assert math.isfinite(float(t))
+    assert float(t) == pytest.approx(case["optimum_T_in_bounds"], rel=1e-4)
+    # It is a minimum: the NLL is no lower a little to either side.
+    nll = lambda v: float(reference.nll_at_temperature(logits, labels, v))
+    assert nll(float(t)) <= min(nll(float(t) * 1.001), nll(float(t) / 1.001))
+
+
+def test_float32_logits(golden_calibration):
+    case = golden_calibration["cases"][0]
+    t = mitkernels.calibrate_temperature(torch.tensor(case["logits"], dtype=torch.float32),
+                                         torch.tensor(case["labels"]))
+    assert float(t) == pytest.approx(case["optimum_T_in_bounds"], rel=1e-4)
+
+
+def test_no_skill_stays_bounded():
+    # Labels independent of the logits: the NLL falls as T grows; the published L-BFGS stored
+    # tau = inf for such models. Here T stops at the bound.
+    torch.manual_seed(0)
+    logits = torch.randn(500, 4, dtype=torch.float64).sign() * 1e-3
+    labels = torch.randint(0, 4, (500,))
+    labels = torch.where(logits.argmax(1) == labels, (labels + 1) % 4, labels)
+    t = mitkernels.calibrate_temperature(logits, labels, bounds=(1e-3, 500.0))
+    assert math.isfinite(float(t)) and 1e-3 <= float(t) <= 500.0
+    crit = mitkernels.MiTLoss(4)
+    crit.calibrate_(logits, labels)
+    assert math.isfinite(float(crit.tau.detach()))
+    assert float(crit.temperature) == pytest.approx(float(t), rel=1e-5)
+
+
+def test_bounds_are_respected():
+    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])  # perfectly separable: NLL falls towards T -> 0
+    assert float(mitkernels.calibrate_temperature(logits, labels, bounds=(0.5, 5.0))) == 0.5
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="labels must lie"):
+        mitkernels.calibrate_temperature(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="finite"):
+        mitkernels.calibrate_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="bounds"):
+        mitkernels.calibrate_temperature(torch.randn(3, 2), torch.tensor([0, 1, 0]),
+                                         bounds=(2.0, 1.0))
+
+
+def test_large_input_is_fast_enough_to_run_here():
+    # A million rows take one pass per Newton step; this checks correctness at scale, cheaply.
+    torch.manual_seed(1)
+    labels = torch.randint(0, 10, (200_000,))
+    logits = torch.randn(200_000, 10) + 3 * torch.nn.functional.one_hot(labels, 10)
+    t = mitkernels.calibrate_temperature(logits, labels)
+    nll = lambda v: float(reference.nll_at_temperature(logits, labels, v))
+    assert nll(float(t)) <= min(nll(float(t) * 1.01), nll(float(t) / 1.01))
+
+
+def test_collect_logits_restores_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
+    model.train()
+    loader = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])) for _ in range(3)]
+    logits, labels = mitkernels.collect_logits(model, loader)
+    assert logits.shape == (12, 2) and labels.shape == (12,)
+    assert not logits.requires_grad and model.training
+    again, _ = mitkernels.collect_logits(model, loader)
+    assert torch.equal(logits, again)  # eval mode: dropout off, deterministic
+    model.eval()
+    mitkernels.collect_logits(model, loader)
+    assert not model.training

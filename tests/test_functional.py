@@ -1,0 +1,296 @@
+"""mit_loss / tet_loss / cct_eal_loss on every backend this machine runs, against the reference."""
+import math
+
+import pytest
+import torch
+
+import mitkernels
+from mitkernels import reference
+from mitkernels.state import initial_buffers
+
+from conftest import cpu_backends
+
+BACKENDS = cpu_backends()
+
+
+def _fresh_state(num_classes, tau0, dtype=torch.float64):
+    state = mitkernels.MiTState(num_classes, dtype=dtype)
+    with torch.no_grad():
+        state.tau.fill_(tau0)
+    return state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_index", range(4))
+def test_golden_trajectory_through_mit_loss(golden_trajectory, backend, case_index):
+    case = golden_trajectory["cases"][case_index]
+    state = _fresh_state(case["num_classes"], case["tau0"])
+    for step in case["steps"]:
+        logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
+        targets = torch.tensor(step["targets"])
+        state.tau.grad = None
+        loss, stats = mitkernels.mit_loss(logits, targets, state, backend=backend)
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(step["loss"], abs=1e-10)
+        for key in ("ce", "H", "H_star", "lambda", "T"):
+            assert float(stats[key]) == pytest.approx(step[key], abs=1e-10), key
+        assert float(state.tau.grad) == pytest.approx(step["grad_tau"], abs=1e-10)
+        if "grad_logits" in step:
+            expected = torch.tensor(step["grad_logits"], dtype=torch.float64)
+            torch.testing.assert_close(logits.grad, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_are_detached_float64_on_device(backend):
+    state = mitkernels.MiTState(3)
+    loss, stats = mitkernels.mit_loss(torch.randn(4, 3, requires_grad=True),
+                                      torch.tensor([0, 1, 2, 1]), state, backend=backend)
+    assert loss.requires_grad and loss.dtype == torch.float32
+    for key in ("loss", "ce", "H", "H_star", "lambda", "T", "updated", "valid", "invalid_targets"):
+        assert stats[key].dtype == torch.float64 and not stats[key].requires_grad, key
+        assert stats[key].shape == ()
+
+
+def _kernel_vs_reference(backend, logits, targets, reduction="mean", ignore_index=-100, tau0=0.3):
+    """Run one step on a backend and on the reference from equal states; compare everything."""
+    num_classes = logits.shape[1]
+    ref_state, state = _fresh_state(num_classes, tau0), _fresh_state(num_classes, tau0)
+    outs = []
+    for st, name in ((ref_state, "reference"), (state, backend)):
+        x = logits.detach().clone().requires_grad_(True)
+        loss, stats = mitkernels.mit_loss(x, targets, st, backend=name, reduction=reduction,
+                                          ignore_index=ignore_index)
+        weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        (loss * weight).sum().backward()
+        outs.append((loss.detach(), stats, x.grad, st.tau.grad.clone(), st))
+    (l0, s0, g0, t0, st0), (l1, s1, g1, t1, st1) = outs
+    tol = dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(l1, l0, **tol)
+    torch.testing.assert_close(g1, g0, **tol)
+    torch.testing.assert_close(t1, t0, **tol)
+    for key in ("ce", "H", "H_star", "lambda", "T", "valid"):
+        torch.testing.assert_close(s1[key], s0[key], **tol)
+    for name in ("class_counts", "total_seen", "lambda_entropy", "dual_updates"):
+        torch.testing.assert_close(getattr(st1, name), getattr(st0, name), **tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_ignore_index(backend, reduction):
+    torch.manual_seed(0)
+    logits = torch.randn(9, 4, dtype=torch.float64) * 3
+    targets = torch.tensor([0, 3, -1, 2, 1, -1, 0, 3, 2])
+    _kernel_vs_reference(backend, logits, targets, reduction, ignore_index=-1)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_segmentation_layout_and_strides(backend):
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, 3, 4))
+    targets[0, 1, 2] = -100
+    _kernel_vs_reference(backend, logits, targets)
+    _kernel_vs_reference(backend, logits, targets, reduction="none")
+    transposed = torch.randn(6, 7, dtype=torch.float64).t()  # [7, 6], column-major rows
+    _kernel_vs_reference(backend, transposed, torch.randint(0, 6, (7,)))
+    strided = torch.randn(5, 16, dtype=torch.float64)[:, ::2]
+    _kernel_vs_reference(backend, strided, torch.randint(0, 8, (5,)))
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: clear errors, nothing touched.
+# ------------------------------------------------------------------------------------------
+def _snapshot(state):
+    return {k: v.detach().clone() for k, v in
+            {"tau": state.tau, **state.buffers()}.items()}
+
+
+BAD_CALLS = [
+    ("rank", lambda: (torch.randn(4), torch.zeros(4, dtype=torch.long)), ValueError, "logits must"),
+    ("classes", lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), ValueError, "C = 5"),
+    ("length", lambda: (torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), ValueError, "shape"),
+    ("int logits", lambda: (torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+     TypeError, "floating point"),
+    ("float targets", lambda: (torch.randn(4, 3), torch.zeros(4)), TypeError, "integer"),
+    ("range", lambda: (torch.randn(4, 3), torch.tensor([0, 1, 3, 0])), ValueError, "found 3"),
+    ("negative", lambda: (torch.randn(4, 3), torch.tensor([0, -5, 1, 0])), ValueError, "found -5"),
+    ("complex", lambda: (torch.randn(4, 3, dtype=torch.complex64), torch.zeros(4, dtype=torch.long)),
+     TypeError, "floating point"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,error,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_and_leaves_state(backend, name, make, error, match):
+    state = mitkernels.MiTState(3)
+    before = _snapshot(state)
+    logits, targets = make()
+    with pytest.raises(error, match=match):
+        mitkernels.mit_loss(logits, targets, state, backend=backend)
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_bad_options_raise():
+    state = mitkernels.MiTState(3)
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="reduction"):
+        mitkernels.mit_loss(x, y, state, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index"):
+        mitkernels.mit_loss(x, y, state, ignore_index=1.5)
+    with pytest.raises(mitkernels.BackendUnavailableError, match="unknown backend"):
+        mitkernels.mit_loss(x, y, state, backend="tpu")
+    state.tau = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="tau must hold 1"):
+        mitkernels.mit_loss(x, y, state)
+
+
+def test_forced_backend_that_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(mitkernels.BackendUnavailableError, match="triton"):
+        mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3),
+                            backend="triton")
+    monkeypatch.setenv("MITKERNELS_BACKEND", "cuda")
+    with pytest.raises(mitkernels.BackendUnavailableError, match="cuda"):
+        mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("targets", [torch.zeros(0, dtype=torch.long),
+                                     torch.full((3,), -100, dtype=torch.long)],
+                         ids=["empty", "all-ignored"])
+def test_empty_and_all_ignored_batches(backend, targets):
+    state = mitkernels.MiTState(4)
+    before = _snapshot(state)
+    logits = torch.randn(targets.numel(), 4, requires_grad=True)
+    loss, stats = mitkernels.mit_loss(logits, targets, state, backend=backend)
+    loss.backward()
+    assert float(loss) == 0.0 and math.isfinite(float(loss))
+    assert torch.count_nonzero(logits.grad) == 0
+    assert float(state.tau.grad) == 0.0
+    assert float(stats["updated"]) == 0.0
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_logits_skip_state_update(backend):
+    state = mitkernels.MiTState(3)
+    mitkernels.mit_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), state, backend=backend)
+    before = _snapshot(state)
+    logits = torch.randn(4, 3)
+    logits[1, 2] = float("inf")
+    loss, stats = mitkernels.mit_loss(logits, torch.tensor([0, 1, 2, 0]), state, backend=backend)
+    assert float(stats["updated"]) == 0.0
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
+    for key in ("lambda", "H_star"):
+        assert math.isfinite(float(stats[key]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_state_false_reads_state(backend):
+    state = mitkernels.MiTState(3)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 0, 1])
+    mitkernels.mit_loss(x, y, state, backend=backend)
+    before = _snapshot(state)
+    loss, stats = mitkernels.mit_loss(x * 2, y, state, backend=backend, update_state=False)
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
+    assert float(stats["lambda"]) == float(before["lambda_entropy"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_match_contiguous(backend):
+    torch.manual_seed(4)
+    base = torch.randn(6, 10, 4)
+    logits = base[:, :, 1]  # strided rows and columns
+    targets = torch.randint(0, 10, (12,))[::2]
+    s1, s2 = mitkernels.MiTState(10), mitkernels.MiTState(10)
+    l1, _ = mitkernels.mit_loss(logits, targets, s1, backend=backend)
+    l2, _ = mitkernels.mit_loss(logits.contiguous(), targets.contiguous(), s2, backend=backend)
+    assert torch.equal(l1, l2)
+    expanded = torch.randn(1, 10).expand(6, 10)
+    l3, _ = mitkernels.mit_loss(expanded, targets, mitkernels.MiTState(10), backend=backend)
+    l4, _ = mitkernels.mit_loss(expanded.contiguous(), targets, mitkernels.MiTState(10),
+                                backend=backend)
+    assert torch.equal(l3, l4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_bitwise(backend):
+    torch.manual_seed(5)
+    logits = torch.randn(300, 37)
+    targets = torch.randint(0, 37, (300,))
+    results = []
+    for _ in range(3):
+        state = mitkernels.MiTState(37)
+        x = logits.clone().requires_grad_(True)
+        loss, _ = mitkernels.mit_loss(x, targets, state, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), x.grad, state.tau.grad, state.lambda_entropy.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# TET and CCT-EAL through every backend.
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tet_against_reference(backend, reduction):
+    torch.manual_seed(6)
+    logits = torch.randn(7, 4, dtype=torch.float64) * 2
+    targets = torch.tensor([0, 1, 2, 3, -100, 1, 0])
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    l1, s1 = reference.tet_loss(x1, targets, 0.7, 0.2, reduction=reduction)
+    l2, s2 = mitkernels.tet_loss(x2, targets, 0.7, 0.2, backend=backend, reduction=reduction)
+    l1.sum().backward()
+    l2.sum().backward()
+    torch.testing.assert_close(l2, l1, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-10, rtol=1e-10)
+    for key in ("ce", "H", "T", "lambda"):
+        torch.testing.assert_close(s2[key], s1[key].double(), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cct_eal_against_reference_over_steps(backend, reduction):
+    torch.manual_seed(7)
+    num_classes = 5
+    make_state = lambda: (torch.linspace(-0.5, 1.5, num_classes, dtype=torch.float64)
+                          .requires_grad_(True),
+                          torch.full((num_classes,), 1 / num_classes, dtype=torch.float64),
+                          torch.tensor(3.0, dtype=torch.float64))
+    ref, mine = make_state(), make_state()
+    for step in range(4):
+        logits = torch.randn(12, num_classes, dtype=torch.float64) * 2
+        targets = torch.randint(0, num_classes, (12,))
+        targets[step] = -100
+        outs = []
+        for (tau_c, ema, alpha), fn in ((ref, reference.cct_eal_step),
+                                         (mine, lambda *a, **k: mitkernels.cct_eal_loss(
+                                             *a, backend=backend, **k))):
+            x = logits.clone().requires_grad_(True)
+            tau_c.grad = None
+            loss, stats = fn(x, targets, tau_c, ema, alpha, reduction=reduction)
+            loss.backward()
+            outs.append((loss.detach(), x.grad, tau_c.grad.clone(), ema.clone(), stats))
+        (l0, g0, t0, e0, s0), (l1, g1, t1, e1, s1) = outs
+        tol = dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(l1, l0, **tol)
+        torch.testing.assert_close(g1, g0, **tol)
+        torch.testing.assert_close(t1, t0, **tol)
+        torch.testing.assert_close(e1, e0, **tol)
+        for key in ("ce", "H", "H_star", "T_mean", "alpha_t"):
+            torch.testing.assert_close(s1[key], s0[key].double(), **tol)
+
+
+def test_cct_eal_rejects_none_reduction():
+    with pytest.raises(ValueError, match="batch quantity"):
+        mitkernels.cct_eal_loss(torch.randn(2, 3), torch.tensor([0, 1]),
+                                torch.zeros(3, requires_grad=True),
+                                torch.full((3,), 1 / 3, dtype=torch.float64),
+                                torch.tensor(1.0, dtype=torch.float64), reduction="none")

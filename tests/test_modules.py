@@ -1,0 +1,201 @@
+"""MiTLoss / TETLoss / CCTEALLoss: the published state-dict format, training vs eval, resumption."""
+import warnings
+
+import pytest
+import torch
+
+import mitkernels
+
+from conftest import cpu_backends
+
+BACKENDS = cpu_backends()
+
+
+def _criterion(case, backend):
+    crit = mitkernels.MiTLoss(case["num_classes"], backend=backend).double()
+    with torch.no_grad():
+        crit.tau.fill_(case["tau0"])
+    return crit
+
+
+def _check_step(crit, step):
+    logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
+    crit.tau.grad = None
+    loss, stats = crit(logits, torch.tensor(step["targets"]))
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(step["loss"], abs=1e-10)
+    for key in ("ce", "H", "H_star", "lambda", "T"):
+        assert float(stats[key]) == pytest.approx(step[key], abs=1e-10), key
+    assert float(crit.tau.grad) == pytest.approx(step["grad_tau"], abs=1e-10)
+    if "grad_logits" in step:
+        torch.testing.assert_close(logits.grad, torch.tensor(step["grad_logits"],
+                                                             dtype=torch.float64),
+                                   atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_index", range(4))
+def test_module_replays_golden_trajectory(golden_trajectory, backend, case_index):
+    case = golden_trajectory["cases"][case_index]
+    crit = _criterion(case, backend)
+    for step in case["steps"]:
+        _check_step(crit, step)
+
+
+def _published_state_dict(crit, dtype=torch.float64):
+    """What the published criterion's state_dict() holds: its buffers (in ``dtype``), its scalar
+    tau, and the model it wrongly embedded under ``model.*``."""
+    return {
+        "tau": crit.tau.detach().clone().to(dtype),
+        "class_counts": crit.class_counts.clone().to(dtype),
+        "total_seen": crit.total_seen.clone().to(dtype),
+        "lambda_entropy": crit.lambda_entropy.clone().to(dtype),
+        "dual_updates": crit.dual_updates.clone(),
+        "model.0.weight": torch.randn(4, 4),
+        "model.0.bias": torch.randn(4),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_published_state_dict_resumes_exactly(golden_trajectory, backend):
+    case = golden_trajectory["cases"][1]
+    first = _criterion(case, backend)
+    half = len(case["steps"]) // 2
+    for step in case["steps"][:half]:
+        _check_step(first, step)
+    saved = _published_state_dict(first)
+    resumed = mitkernels.MiTLoss(case["num_classes"], backend=backend).double()
+    with pytest.warns(UserWarning, match="model"):
+        result = resumed.load_state_dict(saved)
+    assert not result.missing_keys and not result.unexpected_keys
+    for step in case["steps"][half:]:
+        _check_step(resumed, step)
+
+
+def test_published_float32_buffers_load_into_float64():
+    crit = mitkernels.MiTLoss(3)
+    saved = {"tau": torch.tensor(0.25), "class_counts": torch.tensor([16777217.0, 2.0, 3.0]),
+             "total_seen": torch.tensor(20.0), "lambda_entropy": torch.tensor(0.125),
+             "dual_updates": torch.tensor(7)}
+    crit.load_state_dict(saved)
+    assert crit.class_counts.dtype == torch.float64 and crit.dual_updates.dtype == torch.int64
+    assert crit.class_counts.tolist() == [16777216.0, 2.0, 3.0]  # float32 had already rounded
+    assert int(crit.dual_updates) == 7 and float(crit.tau.detach()) == 0.25
+
+
+def test_wrong_class_count_in_state_dict_is_a_clear_error():
+    crit = mitkernels.MiTLoss(3)
+    saved = mitkernels.MiTLoss(4).state_dict()
+    with pytest.raises(ValueError, match="4 entries"):
+        crit.load_state_dict(saved)
+
+
+def test_round_trip_state_dict():
+    crit = mitkernels.MiTLoss(5, temperature=2.0)
+    crit(torch.randn(8, 5), torch.randint(0, 5, (8,)))
+    other = mitkernels.MiTLoss(5)
+    other.load_state_dict(crit.state_dict())
+    for (k1, v1), (k2, v2) in zip(crit.state_dict().items(), other.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_does_not_update_state(backend):
+    crit = mitkernels.MiTLoss(3, backend=backend)
+    crit(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]))
+    before = {k: v.clone() for k, v in crit.state_dict().items()}
+    crit.eval()
+    crit(torch.randn(6, 3), torch.tensor([0, 0, 0, 0, 0, 0]))
+    for k, v in crit.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    crit.train()
+    crit(torch.randn(6, 3), torch.tensor([0, 0, 0, 0, 0, 0]))
+    assert int(crit.dual_updates) == 2
+
+
+def test_module_holds_no_model_and_keeps_exact_buffers():
+    crit = mitkernels.MiTLoss(4).half()
+    assert [n for n, _ in crit.named_parameters()] == ["tau"]
+    assert sorted(n for n, _ in crit.named_buffers()) == [
+        "class_counts", "dual_updates", "lambda_entropy", "total_seen"]
+    assert crit.class_counts.dtype == torch.float64 and crit.tau.dtype == torch.float16
+
+
+def test_initial_temperature_is_exact():
+    for t in (0.5, 1.0, 7.0, 42.0):
+        # tau is a float32 parameter by default: T is exact to float32 rounding of tau.
+        assert float(mitkernels.MiTLoss(3, temperature=t).temperature) == pytest.approx(
+            t, rel=1e-6)
+        assert float(mitkernels.MiTState(3, temperature=t, dtype=torch.float64).temperature) == \
+            pytest.approx(t, rel=1e-12)
+
+
+def test_counts_exact_past_two_to_the_53():
+    crit = mitkernels.MiTLoss(2)
+    with torch.no_grad():
+        crit.class_counts.copy_(torch.tensor([2.0 ** 52, 1.0], dtype=torch.float64))
+    for _ in range(3):
+        crit(torch.randn(2, 2), torch.tensor([0, 1]))
+    assert crit.class_counts[0].item() == 2.0 ** 52 + 3
+    assert crit.class_counts[1].item() == 4.0
+
+
+def test_billion_samples_state_dict_reloads_and_continues(tmp_path):
+    crit = mitkernels.MiTLoss(3)
+    with torch.no_grad():
+        crit.class_counts.copy_(torch.tensor([4e8 + 1, 3.5e8 + 1, 2.5e8 + 1], dtype=torch.float64))
+        crit.total_seen.fill_(1e9)
+        crit.dual_updates.fill_(10 ** 7)
+    torch.save(crit.state_dict(), tmp_path / "loss.pt")
+    other = mitkernels.MiTLoss(3)
+    other.load_state_dict(torch.load(tmp_path / "loss.pt"))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 2])
+    crit(x, y)
+    other(x, y)
+    for k, v in crit.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    assert float(other.total_seen) == 1e9 + 4
+    assert other.class_counts.tolist() == [4e8 + 2, 3.5e8 + 2, 2.5e8 + 3]
+
+
+# ------------------------------------------------------------------------------------------
+def test_tet_module_matches_functional():
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    l1, _ = mitkernels.TETLoss(0.6, 0.2)(x, y)
+    l2, _ = mitkernels.tet_loss(x, y, 0.6, 0.2)
+    assert torch.equal(l1, l2)
+
+
+def test_cct_eal_module_published_names_and_progress():
+    crit = mitkernels.CCTEALLoss(4, alpha_max=8.0)
+    assert sorted(crit.state_dict()) == ["alpha_t", "label_freq_ema", "tau_c"]
+    torch.testing.assert_close(crit.class_temperatures(), torch.ones(4))
+    crit.set_progress(0.15, warmup_ratio=0.3)
+    assert float(crit.alpha_t) == pytest.approx(4.0)
+    crit.set_progress(0.9)
+    assert float(crit.alpha_t) == 8.0
+    loss, stats = crit(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 0]))
+    assert set(stats) >= {"loss", "ce", "H", "H_star", "alpha_t", "T_mean"}
+    assert float(crit.label_freq_ema.sum()) == pytest.approx(1.0)
+
+
+def test_cct_eal_published_state_dict_loads():
+    crit = mitkernels.CCTEALLoss(3)
+    published = {"tau_c": torch.tensor([0.1, 0.2, 0.3]),
+                 "label_freq_ema": torch.tensor([0.5, 0.3, 0.2])}
+    result = crit.load_state_dict(published, strict=False)
+    assert result.missing_keys == ["alpha_t"]
+    assert crit.label_freq_ema.dtype == torch.float64
+    torch.testing.assert_close(crit.label_freq_ema, torch.tensor([0.5, 0.3, 0.2],
+                                                                 dtype=torch.float64))
+
+
+def test_cct_eal_scale_logits_does_not_use_labels():
+    crit = mitkernels.CCTEALLoss(3)
+    with torch.no_grad():
+        crit.tau_c.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    x = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    scaled = crit.scale_logits(x, torch.tensor([2, 0]))
+    t = crit.class_temperatures()
+    torch.testing.assert_close(scaled, torch.stack([x[0] / t[0], x[1] / t[2]]))
+    torch.testing.assert_close(crit.scale_logits(x), scaled)
