@@ -1,0 +1,27 @@
+"""Keeping the loss state identical across ranks: one all-reduce of a small buffer per step.
+
+The row kernel reduces each rank's batch to a summary of ``5 + C`` (``5 + 3C`` class-conditional)
+float64 numbers: valid count, the sums of CE, H and V, the invalid-target count, the class
+histogram (and the per-class temperature sums). Summed over ranks, that summary is exactly the one
+a single process would compute on the global batch, so every rank's finalize writes the same
+``class_counts``, ``total_seen``, ``H*``, ``lambda`` and the same temperature gradient (that of the
+global-batch loss), with no host synchronisation. The logits' gradient stays local (scaled by the
+local batch), so DistributedDataParallel's gradient averaging gives the global-batch gradient
+when the ranks hold equal batches.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
+    """The sum over ranks of ``summary`` (a new tensor; the local one is kept for the loss)."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialized")
+    # The functional collective traces into torch.compile graphs and, like dist.all_reduce on a
+    # copy, never blocks the host: the result is waited on where it is first used.
+    return funcol.all_reduce(summary, "sum", process_group)
