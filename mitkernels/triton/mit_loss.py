@@ -1,0 +1,777 @@
+"""Triton kernels of the MiT loss family (MiT, TET, CCT-EAL) and their launchers.
+
+The launchers implement the op contract of ``mitkernels/ops.py`` (its module docstring) with the
+kernel schemas minus ``backend``; the math is ``KERNEL_MATH.md``. One read of each logits row in
+the forward pass (online max / sum / entropy / variance accumulators, s.2), one read and one write
+in the backward pass (s.3), the temperature gradient from row statistics (s.4), and the state
+update on the device without a host synchronisation.
+
+Kernels (all launches are asynchronous; nothing reads a tensor value on the host):
+
+* ``_rows_kernel``: per-row ``lse, H, V, CE`` and per-program partial sums (persistent programs,
+  each walking row tiles in a fixed order, so the partial sums are bitwise reproducible).
+* ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; for large C it
+  also builds the class histogram (and per-class sums) by scanning targets, no float atomics.
+* ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
+* ``_fused_kernel``: ``_rows_kernel`` + summary + finalize in one program, for batches that fit.
+* ``_none_loss_kernel``: the per-row loss of ``reduction='none'`` once ``c`` is known.
+* ``_backward_kernel``: gradient of the logits; program 0 writes ``grad_tau`` for mean/sum.
+* ``_grad_tau_none_kernel``: ``grad_tau`` for ``reduction='none'`` (weighted row-stat sums).
+
+Every block size and warp count comes from ``ROW_TABLE`` / ``row_config``; ``launch_variants``
+lists every constexpr combination the launchers can pick (``tests/test_triton_aot.py`` compiles
+exactly that list for sm_80 and sm_90).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+HEADER = 5
+SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid (ops.SUMMARY_HEADER)
+STATS_LEN = 9
+NUM_STATS = tl.constexpr(STATS_LEN)  # len(ops.STATS_FIELDS)
+KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurations: the one table the launchers and the AOT test read.
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowConfig:
+    """Tile of the row kernels: ``block_r`` rows x ``block_c`` columns, ``num_warps`` warps.
+
+    ``local_classes``: one column block covers every class, so a program keeps the class histogram
+    (and per-class sums) of its rows in registers; otherwise the summary kernel scans the targets.
+    """
+
+    max_classes: Optional[int]
+    block_c: int
+    block_r: int
+    num_warps: int
+
+    @property
+    def local_classes(self) -> bool:
+        return self.max_classes is not None and self.block_c >= self.max_classes
+
+
+# First row whose max_classes >= C wins. Small C: ~4096 elements a tile, many rows a program.
+# Large C: one row a tile, the columns in a loop (any C; 4096 columns of 16/32-bit a step).
+ROW_TABLE = (
+    RowConfig(2, 2, 1024, 4),
+    RowConfig(4, 4, 1024, 4),
+    RowConfig(8, 8, 512, 4),
+    RowConfig(16, 16, 256, 4),
+    RowConfig(32, 32, 128, 4),
+    RowConfig(64, 64, 64, 4),
+    RowConfig(128, 128, 32, 4),
+    RowConfig(256, 256, 16, 4),
+    RowConfig(512, 512, 8, 4),
+    RowConfig(1024, 1024, 4, 4),
+    RowConfig(8192, 2048, 1, 8),
+    RowConfig(None, 4096, 1, 8),
+)
+# float64 logits: half the tile (twice the registers per element).
+ROW_TABLE_FP64 = (
+    RowConfig(2, 2, 512, 4),
+    RowConfig(4, 4, 512, 4),
+    RowConfig(8, 8, 256, 4),
+    RowConfig(16, 16, 128, 4),
+    RowConfig(32, 32, 64, 4),
+    RowConfig(64, 64, 32, 4),
+    RowConfig(128, 128, 16, 4),
+    RowConfig(256, 256, 8, 4),
+    RowConfig(512, 512, 4, 4),
+    RowConfig(1024, 1024, 2, 4),
+    RowConfig(8192, 1024, 1, 8),
+    RowConfig(None, 2048, 1, 8),
+)
+FUSED_MAX_TILES = 2  # forward + finalize in one launch when the batch is this many tiles or fewer
+SUMMARY_BLOCK_W, SUMMARY_BLOCK_N, SUMMARY_WARPS = 64, 64, 4
+FINALIZE_BLOCK, FINALIZE_WARPS = 1024, 4
+NONE_LOSS_BLOCK, NONE_LOSS_WARPS = 1024, 4
+GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
+    table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
+    for cfg in table:
+        if cfg.max_classes is None or num_classes <= cfg.max_classes:
+            return cfg
+    raise AssertionError("ROW_TABLE ends with an unbounded row")
+
+
+def rows_constexprs(cfg: RowConfig, per_class: bool) -> dict:
+    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
+                PER_CLASS=per_class)
+
+
+def summary_constexprs(scan: bool) -> dict:
+    return dict(SCAN=scan, BLOCK_N=SUMMARY_BLOCK_N, BLOCK_W=SUMMARY_BLOCK_W)
+
+
+def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
+    """Every ``(kernel name, logits dtype, constexprs, num_warps)`` a launcher can launch."""
+    for dtype in LOGITS_DTYPES:
+        table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
+        for cfg in table:
+            for per_class in (False, True):
+                ce = rows_constexprs(cfg, per_class)
+                yield "_rows_kernel", dtype, ce, cfg.num_warps
+                if cfg.local_classes:
+                    yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FINALIZE_BLOCK), cfg.num_warps
+            yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
+                                                  PER_CLASS=False), cfg.num_warps
+            yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
+                                                  PER_CLASS=True), cfg.num_warps
+        for scan in (False, True):
+            yield "_summary_kernel", dtype, summary_constexprs(scan), SUMMARY_WARPS
+        yield "_finalize_kernel", dtype, dict(BLOCK_K=FINALIZE_BLOCK), FINALIZE_WARPS
+        yield "_none_loss_kernel", dtype, dict(BLOCK=NONE_LOSS_BLOCK), NONE_LOSS_WARPS
+        yield "_grad_tau_none_kernel", dtype, dict(BLOCK_N=GRAD_TAU_BLOCK_N,
+                                                   BLOCK_K=GRAD_TAU_BLOCK_K), GRAD_TAU_WARPS
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _nan_f64():
+    # A quiet NaN from its bits: no 0/0 (which the interpreter warns about).
+    return tl.full((), 0x7FF8000000000000, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _temperature(tau, t_eps, t_min, t_max):
+    """T = clamp(softplus(tau) + t_eps, t_min, t_max) in tau's dtype, and dT/dtau.
+
+    torch's softplus (threshold 20): tau for tau > 20, else max(tau, 0) + log1p(exp(-|tau|)).
+    log1p(e) = log(u) * e / (u - 1) with u = 1 + e is exact to rounding (Goldberg) and needs no
+    libdevice. dT/dtau = sigmoid(tau) (1 above the threshold), 0 outside torch.clamp's inclusive
+    range.
+    """
+    e = tl.exp(-tl.abs(tau))
+    u = 1.0 + e
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    softplus = tl.where(tau > 20.0, tau, tl.maximum(tau, 0.0) + log1p_e)
+    t_raw = softplus + tl.cast(t_eps, tau.dtype)
+    lo = tl.cast(t_min, tau.dtype)
+    hi = tl.cast(t_max, tau.dtype)
+    temp = tl.minimum(tl.maximum(t_raw, lo), hi)
+    sigmoid = tl.where(tau >= 0.0, 1.0 / u, e / u)
+    dtemp = tl.where(tau > 20.0, 1.0, sigmoid)
+    dtemp = tl.where((t_raw >= lo) & (t_raw <= hi), dtemp, 0.0)
+    return temp, dtemp
+
+
+@triton.jit
+def _row_targets(tg_ptr, rows, R, C, ignore_index):
+    in_range = rows < R
+    y = tl.load(tg_ptr + rows, mask=in_range, other=0)
+    counted = in_range & (y != ignore_index)
+    valid = counted & (y >= 0) & (y < C)
+    invalid = counted & (~valid)
+    # A target that is not valid never becomes an index: class 0 stands in (masked everywhere).
+    y_safe = tl.where(valid, y, 0)
+    return y_safe, valid, invalid, in_range
+
+
+@triton.jit
+def _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC: tl.constexpr,
+                     PER_CLASS: tl.constexpr):
+    if PER_CLASS:
+        tau = tl.load(tau_ptr + y_safe)
+    else:
+        tau = tl.load(tau_ptr + y_safe * 0)
+    temp, dtemp = _temperature(tau, t_eps, t_min, t_max)
+    return temp.to(ACC)
+
+
+@triton.jit
+def _row_bases(rows, S, stride_n, stride_s):
+    # int64 element offsets: tensors beyond 2^31 elements are fine.
+    rows64 = rows.to(tl.int64)
+    n = rows64 // S
+    return n * stride_n + (rows64 - n * S) * stride_s
+
+
+@triton.jit
+def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
+                ignore_index, t_eps, t_min, t_max,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
+                PER_CLASS: tl.constexpr):
+    """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+    temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
+    base = _row_bases(rows, S, stride_n, stride_s)
+
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    a = tl.zeros([BLOCK_R], ACC)
+    q = tl.zeros([BLOCK_R], ACC)
+    z_y = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = in_range[:, None] & (cols < C)[None, :]
+        ptrs = x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c)
+        x = tl.load(ptrs, mask=mask, other=float("-inf"))
+        z = x.to(ACC) / temp[:, None]
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # Rows with no finite logit yet keep m = -inf: shift by 0 there, and s = A = Q = 0 so the
+        # rescale is a no-op (avoids inf - inf).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = tl.where(m == float("-inf"), 0.0, m - shift)
+        f = tl.exp(d)
+        # Moving the reference point from m to m' (KERNEL_MATH s.2): d = m - m' <= 0, f = e^d.
+        q = f * (q + 2.0 * d * a + d * d * s)
+        a = f * (a + d * s)
+        s = f * s
+        w = z - shift[:, None]
+        e = tl.exp(w)
+        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+        s += tl.sum(e, axis=1)
+        a += tl.sum(e * w, axis=1)
+        q += tl.sum(e * w * w, axis=1)
+        hit = (cols[None, :] == y_safe[:, None]) & mask
+        z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m = m_new
+
+    s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
+    log_s = tl.log(s)
+    mean_w = a / s
+    lse = tl.where(valid, m + log_s, 0.0)
+    ent = tl.where(valid, log_s - mean_w, 0.0)  # H = lse - E_p[z]
+    var = tl.where(valid, tl.maximum(q / s - mean_w * mean_w, 0.0), 0.0)
+    ce = tl.where(valid, m + log_s - z_y, 0.0)
+    rows64 = rows.to(tl.int64)
+    tl.store(rs_ptr + rows64, lse, mask=in_range)
+    tl.store(rs_ptr + R + rows64, ent, mask=in_range)
+    tl.store(rs_ptr + R + R + rows64, var, mask=in_range)
+    tl.store(rs_ptr + R + R + R + rows64, ce, mask=in_range)
+
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    n_invalid = tl.sum(invalid.to(tl.int32), axis=0)
+    sum_ce = tl.sum(ce, axis=0)
+    sum_h = tl.sum(ent, axis=0)
+    sum_v = tl.sum(var, axis=0)
+    if LOCAL_CLASSES:
+        classes = tl.arange(0, BLOCK_C)
+        in_class = valid[:, None] & (y_safe[:, None] == classes[None, :])
+        hist = tl.sum(in_class.to(tl.int32), axis=0)
+        if PER_CLASS:
+            class_ceh = tl.sum(tl.where(in_class, (ce - ent)[:, None], 0.0), axis=0)
+            class_v = tl.sum(tl.where(in_class, var[:, None], 0.0), axis=0)
+        else:
+            class_ceh = tl.zeros([BLOCK_C], ACC)
+            class_v = tl.zeros([BLOCK_C], ACC)
+    else:
+        hist = tl.zeros([BLOCK_C], tl.int32)
+        class_ceh = tl.zeros([BLOCK_C], ACC)
+        class_v = tl.zeros([BLOCK_C], ACC)
+    return n_valid, n_invalid, sum_ce, sum_h, sum_v, hist, class_ceh, class_v
+
+
+@triton.jit
+def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
+               stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
+               PER_CLASS: tl.constexpr):
+    """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
+
+    Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]`` and, with LOCAL_CLASSES,
+    ``hist[C]`` (+ ``sum_{y=k}(CE - H)[C], sum_{y=k} V[C]`` with PER_CLASS): the summary layout.
+    """
+    num_tiles = tl.cdiv(R, BLOCK_R)
+    acc_b = tl.zeros([], tl.float64)
+    acc_inv = tl.zeros([], tl.float64)
+    acc_ce = tl.zeros([], tl.float64)
+    acc_h = tl.zeros([], tl.float64)
+    acc_v = tl.zeros([], tl.float64)
+    acc_hist = tl.zeros([BLOCK_C], tl.float64)
+    acc_ceh = tl.zeros([BLOCK_C], tl.float64)
+    acc_cv = tl.zeros([BLOCK_C], tl.float64)
+    for tile in range(pid, num_tiles, nprog):
+        b, inv, ce, h, v, hist, ceh, cv = _tile_stats(
+            x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
+            ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS)
+        acc_b += b.to(tl.float64)
+        acc_inv += inv.to(tl.float64)
+        acc_ce += ce.to(tl.float64)
+        acc_h += h.to(tl.float64)
+        acc_v += v.to(tl.float64)
+        if LOCAL_CLASSES:
+            acc_hist += hist.to(tl.float64)
+            if PER_CLASS:
+                acc_ceh += ceh.to(tl.float64)
+                acc_cv += cv.to(tl.float64)
+    width = SUMMARY_HEADER
+    if LOCAL_CLASSES:
+        if PER_CLASS:
+            width += 3 * C
+        else:
+            width += C
+    out = part_ptr + pid * width
+    idx = tl.arange(0, 8)
+    header = tl.where(idx == 0, acc_b, tl.where(idx == 1, acc_ce, tl.where(
+        idx == 2, acc_h, tl.where(idx == 3, acc_v, acc_inv))))
+    tl.store(out + idx, header, mask=idx < SUMMARY_HEADER)
+    if LOCAL_CLASSES:
+        classes = tl.arange(0, BLOCK_C)
+        cmask = classes < C
+        tl.store(out + SUMMARY_HEADER + classes, acc_hist, mask=cmask)
+        if PER_CLASS:
+            tl.store(out + SUMMARY_HEADER + C + classes, acc_ceh, mask=cmask)
+            tl.store(out + SUMMARY_HEADER + C + C + classes, acc_cv, mask=cmask)
+
+
+@triton.jit
+def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, R, C, S, stride_n, stride_c, stride_s,
+                 ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
+                 PER_CLASS: tl.constexpr):
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, tl.program_id(0), tl.num_programs(0),
+               R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
+               BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS)
+
+
+@triton.jit
+def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, sum_ptr, R, C, W, ignore_index,
+                    SCAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """summary[w] for a block of w: the P partial rows summed in order; with SCAN the class
+    columns (w >= 5) come from one ordered pass over the targets and row statistics instead."""
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_W], tl.float64)
+    from_parts = cols < WP
+    for p0 in range(0, P, BLOCK_N):
+        parts = p0 + tl.arange(0, BLOCK_N)
+        vals = tl.load(part_ptr + parts[:, None] * WP + cols[None, :],
+                       mask=(parts < P)[:, None] & from_parts[None, :], other=0.0)
+        acc += tl.sum(vals, axis=0)
+    if SCAN:
+        k = cols - SUMMARY_HEADER
+        which = k // C  # 0: hist, 1: sum (CE - H), 2: sum V
+        cls = k - which * C
+        scanned = (cols >= SUMMARY_HEADER) & (cols < W)
+        for r0 in range(0, R, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+            ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0)
+            var = tl.load(rs_ptr + R + R + rows, mask=in_range, other=0.0)
+            ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
+            hit = valid[:, None] & (y_safe[:, None] == cls[None, :]) & scanned[None, :]
+            val = tl.where(which[None, :] == 0, 1.0,
+                           tl.where(which[None, :] == 1, (ce - ent)[:, None], var[:, None]))
+            acc += tl.sum(tl.where(hit, val.to(tl.float64), 0.0), axis=0)
+    tl.store(sum_ptr + cols, acc, mask=cols < W)
+
+
+@triton.jit
+def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                   stats_ptr, gi_ptr, C, K, kind, hp0: tl.float64, hp1: tl.float64,
+                   t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
+                   reduction, BLOCK_K: tl.constexpr):
+    """The finalize of the op contract, in float64, one program. Returns (c, loss is NaN)."""
+    big_b = tl.load(sum_ptr)
+    sum_ce = tl.load(sum_ptr + 1)
+    sum_h = tl.load(sum_ptr + 2)
+    sum_v = tl.load(sum_ptr + 3)
+    n_invalid = tl.load(sum_ptr + 4)
+    loc_b = tl.load(loc_ptr)
+    loc_ce = tl.load(loc_ptr + 1)
+    loc_h = tl.load(loc_ptr + 2)
+    b_g = tl.maximum(big_b, 1.0)
+    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
+    ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
+    upd = ok & (update_state != 0)
+    mean_ce = sum_ce / b_g
+    mean_h = sum_h / b_g
+    hist_ptr = sum_ptr + SUMMARY_HEADER
+    nan = _nan_f64()
+
+    if kind == 0:  # MiT: counts, total_seen, lambda_entropy, dual_updates
+        total = tl.zeros([], tl.float64)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < C
+            cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
+            cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
+            total += tl.sum(cnt, axis=0)
+        ent = tl.zeros([], tl.float64)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < C
+            cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
+            cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
+            prob = cnt / total
+            ent -= tl.sum(tl.where(prob > 0.0, prob * tl.log(tl.where(prob > 0.0, prob, 1.0)),
+                                   0.0), axis=0)
+            tl.store(st0_ptr + k, cnt, mask=km & upd)
+        h_star = ent
+        lam = tl.load(st2_ptr)
+        n_old = tl.load(st3_ptr)
+        n_new = (n_old + 1).to(tl.float64)
+        gap = tl.maximum((h_star - mean_h) / tl.log(tl.cast(C, tl.float64)), 0.0)
+        lam_new = tl.minimum(tl.maximum((lam * (n_new - 1.0) + gap) / n_new, 0.0), 0.5)
+        coef = tl.where(upd, lam_new, lam)
+        tl.store(st2_ptr, lam_new, mask=upd)
+        tl.store(st3_ptr, n_old + 1, mask=upd)
+        tl.store(st1_ptr, tl.load(st1_ptr) + big_b, mask=upd)
+        coef_stat = coef
+        reg = tl.zeros([], tl.float64)
+    elif kind == 1:  # TET: fixed lambda
+        coef = hp0
+        h_star = nan
+        coef_stat = coef
+        reg = tl.zeros([], tl.float64)
+    else:  # CCT-EAL: label_freq_ema, alpha; hparams = [ema_momentum, entropy_eps]
+        ent = tl.zeros([], tl.float64)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < C
+            ema = tl.load(st0_ptr + k, mask=km, other=0.0)
+            hist = tl.load(hist_ptr + k, mask=km, other=0.0)
+            ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist / b_g), ema)
+            tl.store(st0_ptr + k, ema, mask=km & upd)
+            prob = tl.maximum(ema, hp1)
+            ent -= tl.sum(tl.where(km, prob * tl.log(prob), 0.0), axis=0)
+        h_star = ent
+        alpha = tl.load(st1_ptr)
+        coef = -2.0 * alpha * (mean_h - h_star)
+        coef_stat = alpha
+        reg = alpha * (mean_h - h_star) * (mean_h - h_star)
+
+    # Temperatures: T_0 (or the hist-weighted mean for K = C) and dL/dtau (KERNEL_MATH s.4).
+    tau0 = tl.load(tau_ptr)
+    temp0, dtemp0 = _temperature(tau0, t_eps, t_min, t_max)
+    grad_scale = tl.where(reduction == 1, 1.0 / b_g, 1.0)
+    temp_sum = tl.zeros([], tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        tau_k = tl.load(tau_ptr + k, mask=km, other=0.0)
+        temp_k, dtemp_k = _temperature(tau_k, t_eps, t_min, t_max)
+        temp_k = temp_k.to(tl.float64)
+        per_class = km & (K > 1)
+        hist_k = tl.load(hist_ptr + k, mask=per_class, other=0.0)
+        temp_sum += tl.sum(hist_k * temp_k, axis=0)
+        ceh_k = tl.load(hist_ptr + C + k, mask=per_class, other=0.0)
+        var_k = tl.load(hist_ptr + C + C + k, mask=per_class, other=0.0)
+        num = tl.where(K > 1, ceh_k + coef * var_k, sum_ce - sum_h + coef * sum_v)
+        dtau = -grad_scale / temp_k * num * dtemp_k.to(tl.float64)
+        dtau = tl.where(reduction == 0, 0.0, dtau)
+        tl.store(gi_ptr + 2 + k, dtau, mask=km)
+    temp_stat = tl.where(K > 1, temp_sum / b_g, temp0.to(tl.float64))
+
+    loc_bg = tl.maximum(loc_b, 1.0)
+    if kind == 2:
+        mean_form = loc_ce / loc_bg + reg
+        sum_form = loc_ce + loc_b * reg
+    else:
+        mean_form = loc_ce / loc_bg - coef * loc_h / loc_bg
+        sum_form = loc_ce - coef * loc_h
+    loss = tl.where(reduction == 2, sum_form, mean_form)
+    loss = tl.where(loc_b == 0.0, 0.0, loss)
+    is_nan = n_invalid > 0.0
+    loss = tl.where(is_nan, nan, loss)
+    tl.store(loss_ptr, loss, mask=reduction != 0)
+
+    idx = tl.arange(0, 16)
+    stats = tl.where(idx == 0, loss, tl.where(idx == 1, mean_ce, tl.where(idx == 2, mean_h, tl.where(
+        idx == 3, h_star, tl.where(idx == 4, coef_stat, tl.where(idx == 5, temp_stat, tl.where(
+            idx == 6, upd.to(tl.float64), tl.where(idx == 7, big_b, n_invalid))))))))
+    tl.store(stats_ptr + idx, stats, mask=idx < NUM_STATS)
+    row_scale = tl.where(reduction == 1, 1.0 / loc_bg, 1.0)
+    tl.store(gi_ptr + idx, tl.where(idx == 0, coef, row_scale), mask=idx < 2)
+    return coef, is_nan
+
+
+@triton.jit
+def _none_loss_rows(rs_ptr, loss_ptr, rows, R, coef, is_nan):
+    in_range = rows < R
+    ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0)
+    ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
+    loss = ce - coef.to(ce.dtype) * ent  # rows that are not valid hold zeros: loss 0
+    loss = tl.where(is_nan, _nan_f64().to(ce.dtype), loss)
+    tl.store(loss_ptr + rows, loss, mask=in_range)
+
+
+@triton.jit
+def _finalize_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                     stats_ptr, gi_ptr, C, K, kind, hp0: tl.float64, hp1: tl.float64,
+                     t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
+                     reduction, BLOCK_K: tl.constexpr):
+    _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                   stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min, t_max, update_state,
+                   reduction, BLOCK_K)
+
+
+@triton.jit
+def _none_loss_kernel(rs_ptr, gi_ptr, stats_ptr, loss_ptr, R, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _none_loss_rows(rs_ptr, loss_ptr, rows, R, tl.load(gi_ptr), tl.load(stats_ptr + 8) > 0.0)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
+                  loss_ptr, stats_ptr, gi_ptr, R, C, S, stride_n, stride_c, stride_s, K,
+                  ignore_index, kind, hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
+                  t_min: tl.float64, t_max: tl.float64, update_state, reduction,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
+                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole forward of a batch that fits one program: rows, summary, finalize, one launch."""
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, 0, 1, R, C, S, stride_n, stride_c,
+               stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES,
+               PER_CLASS)
+    tl.debug_barrier()  # the summary and row statistics written above are read below
+    coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
+                                  loss_ptr, stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min,
+                                  t_max, update_state, reduction, BLOCK_K)
+    if reduction == 0:
+        for r0 in range(0, R, BLOCK_K):
+            _none_loss_rows(rs_ptr, loss_ptr, r0 + tl.arange(0, BLOCK_K), R, coef, is_nan)
+
+
+@triton.jit
+def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr,
+                     R, C, S, K, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                     ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+                     write_grad_tau, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     PER_CLASS: tl.constexpr):
+    """dx = g row_scale / T (p (1 + c (log p + H)) - onehot(y)) (KERNEL_MATH s.3), one pass."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+    temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(rs_ptr + rows64, mask=in_range, other=0.0)
+    ent = tl.load(rs_ptr + R + rows64, mask=in_range, other=0.0)
+    coef = tl.load(gi_ptr)
+    row_scale = tl.load(gi_ptr + 1)
+    g = tl.load(g_ptr + rows64 * g_stride, mask=in_range, other=0.0).to(ACC)
+    scale = tl.where(valid, g * row_scale / temp, 0.0)
+    base = _row_bases(rows, S, stride_n, stride_s)
+    dbase = _row_bases(rows, S, dstride_n, dstride_s)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cols64 = cols.to(tl.int64)
+        mask = in_range[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
+        log_p = x.to(ACC) / temp[:, None] - lse[:, None]
+        p = tl.exp(log_p)
+        onehot = (cols[None, :] == y_safe[:, None]).to(ACC)
+        dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
+        dx = tl.where(valid[:, None], dx, 0.0)
+        tl.store(dx_ptr + (dbase[:, None] + cols64[None, :] * dstride_c),
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        g0 = tl.load(g_ptr).to(tl.float64)
+        for k0 in range(0, K, 128):
+            k = k0 + tl.arange(0, 128)
+            km = k < K
+            dtau = tl.load(gi_ptr + 2 + k, mask=km, other=0.0).to(tl.float64)
+            gt = tl.where(write_grad_tau != 0, g0 * dtau, 0.0)
+            tl.store(gt_ptr + k, gt.to(gt_ptr.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def _grad_tau_none_kernel(g_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr, R, C, K, ignore_index,
+                          t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """reduction='none': dL/dtau_k = sum_{r: y_r = k (any r when K = 1)} g_r (-1/T_k)
+    (CE_r - H_r + c V_r) T'(tau_k), rows summed in order."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = k < K
+    coef = tl.load(gi_ptr).to(tl.float64)
+    acc = tl.zeros([BLOCK_K], tl.float64)
+    for r0 in range(0, R, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+        ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0).to(tl.float64)
+        var = tl.load(rs_ptr + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
+        ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
+        g = tl.load(g_ptr + rows, mask=in_range, other=0.0).to(tl.float64)
+        val = g * (ce - ent + coef * var)
+        cls = tl.where(K > 1, y_safe, 0)
+        hit = valid[:, None] & (cls[:, None] == k[None, :])
+        acc += tl.sum(tl.where(hit, val[:, None], 0.0), axis=0)
+    tau = tl.load(tau_ptr + k, mask=km, other=0.0)
+    temp, dtemp = _temperature(tau, t_eps, t_min, t_max)
+    gt = -acc / temp.to(tl.float64) * dtemp.to(tl.float64)
+    tl.store(gt_ptr + k, gt.to(gt_ptr.dtype.element_ty), mask=km)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: the kernel functions of the op contract (ops.py), no host synchronisation.
+# ------------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _max_programs(device_index: Optional[int]) -> int:
+    if device_index is None:  # the interpreter on CPU: a few programs exercise the partials
+        return 4
+    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _program_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _max_programs(None)
+    return _max_programs(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _summary_width(num_classes: int, num_temperatures: int) -> int:
+    return HEADER + num_classes * (1 if num_temperatures == 1 else 3)
+
+
+def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
+    return cfg.local_classes and triton.cdiv(rows, cfg.block_r) <= FUSED_MAX_TILES
+
+
+def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
+    n, c, s = logits.shape
+    rows = n * s
+    per_class = tau.shape[0] > 1
+    cfg = row_config(c, logits.dtype)
+    row_stats = torch.empty((4, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    width = _summary_width(c, tau.shape[0])
+    summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
+    nprog = max(1, min(triton.cdiv(rows, cfg.block_r), _program_cap(logits.device)))
+    part_width = width if cfg.local_classes else HEADER
+    partials = torch.empty((nprog, part_width), dtype=torch.float64, device=logits.device)
+    _rows_kernel[(nprog,)](
+        logits, targets, tau, row_stats, partials, rows, c, s, *logits.stride(), ignore_index,
+        t_eps, t_min, t_max, **rows_constexprs(cfg, per_class), num_warps=cfg.num_warps)
+    _summary_kernel[(triton.cdiv(width, SUMMARY_BLOCK_W),)](
+        partials, nprog, part_width, row_stats, targets, summary, rows, c, width, ignore_index,
+        **summary_constexprs(not cfg.local_classes), num_warps=SUMMARY_WARPS)
+    return row_stats, summary
+
+
+def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
+              t_max: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    return _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
+
+
+def _state_pointers(state: Sequence[Tensor], kind: int, dummy_f64: Tensor) -> List[Tensor]:
+    """The four state slots of the kernels (unused ones get a dummy that is never touched)."""
+    ptrs = list(state)
+    if kind == KIND_MIT:
+        return ptrs
+    ptrs = ptrs + [dummy_f64] * (3 - len(ptrs))
+    return ptrs + [torch.empty((1,), dtype=torch.int64, device=dummy_f64.device)]
+
+
+def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
+    hp = [float(h) for h in hparams] + [0.0, 0.0]
+    return hp[0], hp[1]
+
+
+def _finalize_outputs(rows: int, device, acc: torch.dtype, num_temperatures: int, reduction: int,
+                      loss_dtype: torch.dtype):
+    loss = torch.empty((rows,) if reduction == 0 else (), dtype=loss_dtype, device=device)
+    stats = torch.empty((STATS_LEN,), dtype=torch.float64, device=device)
+    grad_info = torch.empty((2 + num_temperatures,), dtype=acc, device=device)
+    return loss, stats, grad_info
+
+
+def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tensor, tau: Tensor,
+              state: List[Tensor], kind: int, hparams: List[float], t_eps: float, t_min: float,
+              t_max: float, reduction: int, update_state: bool,
+              loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    num_temperatures = tau.shape[0]
+    num_classes = (summary.shape[0] - HEADER) // (1 if num_temperatures == 1 else 3)
+    rows = row_stats.shape[1]
+    loss, stats, grad_info = _finalize_outputs(rows, summary.device, row_stats.dtype,
+                                               num_temperatures, reduction, loss_dtype)
+    st = _state_pointers(state, kind, summary)
+    hp0, hp1 = _hparams(hparams)
+    local = summary if local_summary is None else local_summary
+    _finalize_kernel[(1,)](
+        summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures, kind,
+        hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
+        BLOCK_K=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS)
+    if reduction == 0 and rows > 0:
+        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
+            row_stats, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK,
+            num_warps=NONE_LOSS_WARPS)
+    return loss, stats, grad_info
+
+
+def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor], kind: int,
+                  hparams: List[float], t_eps: float, t_min: float, t_max: float,
+                  ignore_index: int, reduction: int, update_state: bool,
+                  loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, c, s = logits.shape
+    rows = n * s
+    cfg = row_config(c, logits.dtype)
+    if not _fits_one_program(cfg, rows):
+        rs, summary = _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
+        loss, stats, grad_info = finalize_(summary, None, rs, tau, state, kind, hparams, t_eps,
+                                           t_min, t_max, reduction, update_state, loss_dtype)
+        return loss, stats, rs, grad_info
+    num_temperatures = tau.shape[0]
+    acc = _acc_dtype(logits.dtype)
+    rs = torch.empty((4, rows), dtype=acc, device=logits.device)
+    summary = torch.empty((_summary_width(c, num_temperatures),), dtype=torch.float64,
+                          device=logits.device)
+    loss, stats, grad_info = _finalize_outputs(rows, logits.device, acc, num_temperatures,
+                                               reduction, loss_dtype)
+    st = _state_pointers(state, kind, summary)
+    hp0, hp1 = _hparams(hparams)
+    _fused_kernel[(1,)](
+        logits, targets, tau, rs, summary, *st, loss, stats, grad_info, rows, c, s,
+        *logits.stride(), num_temperatures, ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
+        int(bool(update_state)), reduction, **rows_constexprs(cfg, num_temperatures > 1),
+        BLOCK_K=FINALIZE_BLOCK, num_warps=cfg.num_warps)
+    return loss, stats, rs, grad_info
+
+
+def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tensor,
+                  row_stats: Tensor, grad_info: Tensor, t_eps: float, t_min: float, t_max: float,
+                  ignore_index: int, reduction: int,
+                  compute_grad_tau: bool) -> Tuple[Tensor, Tensor]:
+    n, c, s = logits.shape
+    rows = n * s
+    num_temperatures = tau.shape[0]
+    cfg = row_config(c, logits.dtype)
+    grad_logits = torch.empty_like(logits)  # the logits' strides when dense (ops._grad_logits_like)
+    grad_tau = torch.empty_like(tau)
+    grad_loss = grad_loss.contiguous()
+    g_stride = 1 if (reduction == 0 and grad_loss.dim() > 0) else 0
+    _backward_kernel[(max(1, triton.cdiv(rows, cfg.block_r)),)](
+        grad_loss, g_stride, logits, grad_logits, targets, tau, row_stats, grad_info, grad_tau,
+        rows, c, s, num_temperatures, *logits.stride(), *grad_logits.stride(), ignore_index,
+        t_eps, t_min, t_max, int(bool(compute_grad_tau) and reduction != 0),
+        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PER_CLASS=num_temperatures > 1,
+        num_warps=cfg.num_warps)
+    if compute_grad_tau and reduction == 0:
+        _grad_tau_none_kernel[(triton.cdiv(num_temperatures, GRAD_TAU_BLOCK_K),)](
+            grad_loss, targets, tau, row_stats, grad_info, grad_tau, rows, c, num_temperatures,
+            ignore_index, t_eps, t_min, t_max, BLOCK_N=GRAD_TAU_BLOCK_N,
+            BLOCK_K=GRAD_TAU_BLOCK_K, num_warps=GRAD_TAU_WARPS)
+    return grad_logits, grad_tau
+
+
+KERNELS = {
+    "_rows_kernel": _rows_kernel,
+    "_summary_kernel": _summary_kernel,
+    "_finalize_kernel": _finalize_kernel,
+    "_none_loss_kernel": _none_loss_kernel,
+    "_fused_kernel": _fused_kernel,
+    "_backward_kernel": _backward_kernel,
+    "_grad_tau_none_kernel": _grad_tau_none_kernel,
+}
+
+__all__ = ["ROW_TABLE", "ROW_TABLE_FP64", "RowConfig", "finalize_", "launch_variants",
+           "loss_backward", "loss_forward_", "row_config", "row_stats"]
