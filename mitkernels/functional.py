@@ -133,6 +133,12 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     return loss, _stats_dict(stats, kind)
 
 
+def _reference_result(logits: Tensor, loss: Tensor, stats: Dict[str, Tensor],
+                      kind: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The reference's loss in the kernels' dtype, and its stats under their names."""
+    return loss.to(_loss_dtype(logits)), _reference_stats(stats, kind)
+
+
 def _reference_stats(stats: Dict[str, Tensor], kind: int) -> Dict[str, Tensor]:
     """The reference's stats under the kernel backends' names and dtype (float64 scalars)."""
     names = [n for n in STATS_NAMES[kind] if n and n != "invalid_targets"]
@@ -185,7 +191,7 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
         loss, stats = reference.mit_step(logits, targets, state.tau, *buffers,
                                          ignore_index=ignore_index, reduction=reduction,
                                          update_state=update_state)
-        return loss, _reference_stats(stats, ops.KIND_MIT)
+        return _reference_result(logits, loss, stats, ops.KIND_MIT)
     return _run_ops(ops.KIND_MIT, logits, targets, state.tau, buffers, [],
                     (MIT_T_EPS, MIT_T_MIN, MIT_T_MAX), ignore_index, reduction, update_state, name,
                     process_group)
@@ -207,7 +213,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     if name == "reference":
         loss, stats = reference.tet_loss(logits, targets, temperature, lambda_entropy,
                                          ignore_index=ignore_index, reduction=reduction)
-        return loss, _reference_stats(stats, ops.KIND_TET)
+        return _reference_result(logits, loss, stats, ops.KIND_TET)
     # The fixed temperature rides on the clamp: clamp(softplus(0) + 0, T, T) == T exactly.
     tau = torch.zeros(1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
                       device=logits.device)
@@ -248,7 +254,7 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
             logits, targets, tau_c, label_freq_ema, alpha, ema_momentum=ema_momentum,
             entropy_eps=entropy_eps, t_min=t_min, t_max=t_max, ignore_index=ignore_index,
             reduction=reduction, update_state=update_state)
-        return loss, _reference_stats(stats, ops.KIND_CCT)
+        return _reference_result(logits, loss, stats, ops.KIND_CCT)
     return _run_ops(ops.KIND_CCT, logits, targets, tau_c, [label_freq_ema, alpha],
                     [float(ema_momentum), float(entropy_eps)], (0.0, float(t_min), float(t_max)),
                     ignore_index, reduction, update_state, name, process_group)

@@ -1,0 +1,139 @@
+"""The custom ops: schemas, opcheck, torch.compile(fullgraph=True), autocast."""
+import pytest
+import torch
+
+import mitkernels
+from mitkernels import _backends, ops
+from mitkernels.state import initial_buffers
+
+from conftest import cpu_backends
+
+KERNEL_BACKENDS = [b for b in cpu_backends() if b != "reference"]
+needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend built here")
+
+
+def test_public_schemas_are_kernel_schemas_plus_backend():
+    for name, kernel_schema in ops.KERNEL_SCHEMAS.items():
+        public = str(getattr(torch.ops.mitkernels, name).default._schema)
+        assert public.startswith(f"mitkernels::{name}(")
+        assert "str backend" in public
+
+
+@pytest.mark.skipif(_backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
+                    reason="C++ extension not built")
+def test_compiled_library_registers_the_same_schemas():
+    for name in ops.KERNEL_SCHEMAS:
+        compiled = str(getattr(torch.ops.mitkernels_C, name).default._schema)
+        public = str(getattr(torch.ops.mitkernels, name).default._schema)
+        assert compiled.replace("mitkernels_C::", "") == \
+            public.replace("mitkernels::", "").replace(", str backend)", ")"), name
+
+
+def _op_args(kind, backend, dtype=torch.float64, reduction=1, n=6, c=4, s=1):
+    torch.manual_seed(0)
+    logits = torch.randn(n, c, s, dtype=dtype)
+    targets = torch.randint(0, c, (n * s,))
+    targets[1] = -100
+    if kind == ops.KIND_MIT:
+        tau = torch.tensor([0.2], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        state = list(initial_buffers(c).values())
+        hparams, temp = [], (1e-6, 1e-3, 500.0)
+    elif kind == ops.KIND_TET:
+        tau, state, hparams, temp = torch.zeros(1), [], [0.1], (0.0, 0.5, 0.5)
+    else:
+        tau = torch.linspace(-0.3, 0.8, c)
+        state = [torch.full((c,), 1.0 / c, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)]
+        hparams, temp = [0.9, 1e-12], (0.0, 0.75, 1.5)
+    return logits, targets, tau, state, kind, hparams, temp, reduction
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", [ops.KIND_MIT, ops.KIND_TET, ops.KIND_CCT])
+def test_opcheck_every_op(backend, kind):
+    logits, targets, tau, state, kind, hparams, temp, red = _op_args(kind, backend)
+    loss_dtype = logits.dtype
+    fwd_args = (logits, targets, tau, state, kind, hparams, *temp, -100, red, True, loss_dtype,
+                backend)
+    torch.library.opcheck(torch.ops.mitkernels.loss_forward_.default, fwd_args)
+    row_stats, summary = torch.ops.mitkernels.row_stats(logits, targets, tau, *temp, -100, backend)
+    torch.library.opcheck(torch.ops.mitkernels.row_stats.default,
+                          (logits, targets, tau, *temp, -100, backend))
+    torch.library.opcheck(torch.ops.mitkernels.finalize_.default,
+                          (summary, None, row_stats, tau, state, kind, hparams, *temp, red, True,
+                           loss_dtype, backend))
+    loss, stats, row_stats, grad_info = torch.ops.mitkernels.loss_forward_(*fwd_args)
+    grad = torch.ones_like(loss)
+    torch.library.opcheck(torch.ops.mitkernels.loss_backward.default,
+                          (grad, logits, targets, tau, row_stats, grad_info, *temp, -100, red, True,
+                           backend))
+    x = logits.clone().requires_grad_(True)
+    t = tau.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.mitkernels.loss_with_grad.default,
+                          (loss, x, targets, t, row_stats, grad_info, *temp, -100, red, backend))
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_through_ops(backend):
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 2, 1])
+
+    def f(logits, tau):
+        state = initial_buffers(4)  # fresh each call: gradcheck calls f many times
+        holder = type("S", (), dict(tau=tau, **state))
+        return mitkernels.mit_loss(logits, y, holder, backend=backend)[0]
+
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, tau))
+
+
+@needs_kernels
+def test_compile_fullgraph_matches_eager():
+    backend = KERNEL_BACKENDS[0]
+    torch.manual_seed(2)
+    model = torch.nn.Linear(6, 4)
+    eager_crit = mitkernels.MiTLoss(4, backend=backend)
+    comp_crit = mitkernels.MiTLoss(4, backend=backend)
+
+    def step(crit, x, y):
+        loss, stats = crit(model(x), y)
+        return loss, stats
+
+    compiled = torch.compile(step, fullgraph=True)
+    for i in range(3):
+        x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+        model.zero_grad()
+        l1, s1 = step(eager_crit, x, y)
+        l1.backward()
+        g1 = model.weight.grad.clone()
+        model.zero_grad()
+        l2, s2 = compiled(comp_crit, x, y)
+        l2.backward()
+        torch.testing.assert_close(l2, l1)
+        torch.testing.assert_close(model.weight.grad, g1)
+        torch.testing.assert_close(comp_crit.tau.grad, eager_crit.tau.grad)
+        for key in s1:
+            torch.testing.assert_close(s2[key], s1[key])
+    for k, v in eager_crit.state_dict().items():
+        torch.testing.assert_close(comp_crit.state_dict()[k], v)
+    assert int(comp_crit.dual_updates) == 3
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_bf16_computes_in_float32(backend):
+    torch.manual_seed(3)
+    model = torch.nn.Linear(6, 5)
+    x, y = torch.randn(16, 6), torch.randint(0, 5, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        assert logits.dtype == torch.bfloat16
+        loss, _ = mitkernels.mit_loss(logits, y, mitkernels.MiTState(5), backend=backend)
+        expected = torch.nn.functional.cross_entropy(logits, y)
+    assert loss.dtype == torch.float32 and expected.dtype == torch.float32
+    ref_loss, _ = mitkernels.mit_loss(logits.float(), y, mitkernels.MiTState(5),
+                                      backend="reference")
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert model.weight.grad is not None and model.weight.grad.dtype == torch.float32
