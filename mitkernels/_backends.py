@@ -95,8 +95,13 @@ def available(device: Optional[torch.device] = None) -> List[str]:
     return [b for b in _KERNEL_BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
 
 
+@torch.compiler.assume_constant_result
 def choose(requested: Optional[str], device: torch.device) -> str:
-    """The backend name for a call: the requested one (or MITKERNELS_BACKEND), else the fastest."""
+    """The backend name for a call: the requested one (or MITKERNELS_BACKEND), else the fastest.
+
+    Evaluated once when torch.compile traces a call (the answer depends on what is installed,
+    not on tensor values), so a compiled graph holds no backend logic.
+    """
     name = requested or os.environ.get("MITKERNELS_BACKEND") or None
     if name:
         reason = unavailable_reason(name, device)
