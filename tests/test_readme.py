@@ -1,0 +1,44 @@
+"""The README's examples run as written."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mitkernels import _backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_readme_python_blocks_run(index):
+    exec(compile(_python_blocks()[index], f"README block {index}", "exec"), {})
+
+
+def _run(args, timeout):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_compile_example_runs():
+    out = _run(["examples/compile_step.py"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "steps=5" in out.stdout
+
+
+@pytest.mark.skipif(_backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
+                    reason="the distributed path runs on the kernel backends")
+def test_ddp_example_runs_on_two_processes():
+    out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "examples/ddp_train.py", "--steps", "3"], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 ranks agree" in out.stdout

@@ -1,0 +1,64 @@
+"""MiTState and the published state-dict conversion."""
+import math
+
+import pytest
+import torch
+
+import mitkernels
+from mitkernels.state import convert_published_state_dict, inverse_softplus, tau_for_temperature
+
+
+def test_initial_state_is_the_published_one():
+    s = mitkernels.MiTState(4)
+    assert s.class_counts.tolist() == [1.0] * 4 and s.class_counts.dtype == torch.float64
+    assert float(s.total_seen) == 0.0 and float(s.lambda_entropy) == 0.1
+    assert int(s.dual_updates) == 0 and s.dual_updates.dtype == torch.int64
+    assert s.tau.is_leaf and s.tau.requires_grad
+
+
+@pytest.mark.parametrize("t", [1e-3, 0.05, 1.0, 19.0, 21.0, 499.0, 500.0])
+def test_tau_for_temperature_inverts_the_clamped_softplus(t):
+    tau = torch.tensor(tau_for_temperature(t), dtype=torch.float64)
+    assert float(mitkernels.reference.temperature(tau)) == pytest.approx(t, rel=1e-12)
+
+
+def test_inverse_softplus_follows_torch_threshold():
+    for t in (0.3, 5.0, 20.5, 100.0):
+        x = torch.tensor(inverse_softplus(t), dtype=torch.float64)
+        assert float(torch.nn.functional.softplus(x)) == pytest.approx(t, rel=1e-14)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 1e-4, 501.0, math.inf, math.nan])
+def test_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        mitkernels.MiTState(3, temperature=bad)
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.5, True, "3"])
+def test_bad_num_classes(bad):
+    with pytest.raises(ValueError, match="num_classes"):
+        mitkernels.MiTState(bad)
+
+
+def test_state_dict_round_trip_and_published_dicts():
+    s = mitkernels.MiTState(3)
+    mitkernels.mit_loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1]), s)
+    other = mitkernels.MiTState(3)
+    other.load_state_dict(s.state_dict())
+    for k, v in s.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    with pytest.warns(UserWarning, match="model"):
+        other.load_state_dict({**s.state_dict(), "model.fc.weight": torch.zeros(2)})
+
+
+def test_conversion_errors_name_the_problem():
+    good = mitkernels.MiTState(3).state_dict()
+    with pytest.raises(KeyError, match="lambda_entropy"):
+        convert_published_state_dict({k: v for k, v in good.items() if k != "lambda_entropy"}, 3)
+    with pytest.raises(ValueError, match="total_seen must hold one value"):
+        convert_published_state_dict({**good, "total_seen": torch.zeros(2)}, 3)
+
+
+def test_to_keeps_tau_a_leaf():
+    s = mitkernels.MiTState(3).to("cpu")
+    assert s.tau.is_leaf and s.tau.requires_grad
