@@ -149,24 +149,30 @@ def _nan_f64():
 
 
 @triton.jit
+def _f64(x):
+    # A float64 scalar from a float64 argument; under the interpreter the argument is a Python
+    # float that tl.cast would round through float32 first.
+    return tl.zeros([], tl.float64) + x
+
+
+@triton.jit
 def _temperature(tau, t_eps, t_min, t_max):
     """T = clamp(softplus(tau) + t_eps, t_min, t_max) in tau's dtype, and dT/dtau.
 
-    torch's softplus (threshold 20): tau for tau > 20, else max(tau, 0) + log1p(exp(-|tau|)).
-    log1p(e) = log(u) * e / (u - 1) with u = 1 + e is exact to rounding (Goldberg) and needs no
-    libdevice. dT/dtau = sigmoid(tau) (1 above the threshold), 0 outside torch.clamp's inclusive
-    range.
+    torch's softplus, term for term (threshold 20): tau above it, else log1p(exp(tau)), with
+    log1p(e) = log(u) * e / (u - 1), u = 1 + e, exact to rounding (Goldberg; no libdevice, so the
+    interpreter runs it too). dT/dtau = sigmoid(tau) (1 above the threshold), 0 outside
+    torch.clamp's inclusive range.
     """
-    e = tl.exp(-tl.abs(tau))
+    e = tl.exp(tl.minimum(tau, 20.0))
     u = 1.0 + e
     log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-    softplus = tl.where(tau > 20.0, tau, tl.maximum(tau, 0.0) + log1p_e)
-    t_raw = softplus + tl.cast(t_eps, tau.dtype)
-    lo = tl.cast(t_min, tau.dtype)
-    hi = tl.cast(t_max, tau.dtype)
+    softplus = tl.where(tau > 20.0, tau, log1p_e)
+    t_raw = softplus + _f64(t_eps).to(tau.dtype)
+    lo = _f64(t_min).to(tau.dtype)
+    hi = _f64(t_max).to(tau.dtype)
     temp = tl.minimum(tl.maximum(t_raw, lo), hi)
-    sigmoid = tl.where(tau >= 0.0, 1.0 / u, e / u)
-    dtemp = tl.where(tau > 20.0, 1.0, sigmoid)
+    dtemp = tl.where(tau > 20.0, 1.0, e / u)
     dtemp = tl.where((t_raw >= lo) & (t_raw <= hi), dtemp, 0.0)
     return temp, dtemp
 
@@ -391,7 +397,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     b_g = tl.maximum(big_b, 1.0)
     finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
     ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
-    upd = ok & (update_state != 0)
+    upd = ok & (tl.cast(update_state, tl.int32) != 0)
     mean_ce = sum_ce / b_g
     mean_h = sum_h / b_g
     hist_ptr = sum_ptr + SUMMARY_HEADER
@@ -414,7 +420,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             prob = cnt / total
             ent -= tl.sum(tl.where(prob > 0.0, prob * tl.log(tl.where(prob > 0.0, prob, 1.0)),
                                    0.0), axis=0)
-            tl.store(st0_ptr + k, cnt, mask=km & upd)
+            tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
         h_star = ent
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
@@ -428,7 +434,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
     elif kind == 1:  # TET: fixed lambda
-        coef = hp0
+        coef = _f64(hp0)
         h_star = nan
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
@@ -440,8 +446,8 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             ema = tl.load(st0_ptr + k, mask=km, other=0.0)
             hist = tl.load(hist_ptr + k, mask=km, other=0.0)
             ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist / b_g), ema)
-            tl.store(st0_ptr + k, ema, mask=km & upd)
-            prob = tl.maximum(ema, hp1)
+            tl.store(st0_ptr + k, ema, mask=tl.where(upd, km, False))
+            prob = tl.maximum(ema, _f64(hp1))
             ent -= tl.sum(tl.where(km, prob * tl.log(prob), 0.0), axis=0)
         h_star = ent
         alpha = tl.load(st1_ptr)
@@ -454,22 +460,23 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     temp0, dtemp0 = _temperature(tau0, t_eps, t_min, t_max)
     grad_scale = tl.where(reduction == 1, 1.0 / b_g, 1.0)
     temp_sum = tl.zeros([], tl.float64)
+    multi = tl.cast(K, tl.int32) > 1  # K = C: class-conditional temperatures
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < K
         tau_k = tl.load(tau_ptr + k, mask=km, other=0.0)
         temp_k, dtemp_k = _temperature(tau_k, t_eps, t_min, t_max)
         temp_k = temp_k.to(tl.float64)
-        per_class = km & (K > 1)
+        per_class = tl.where(multi, km, False)
         hist_k = tl.load(hist_ptr + k, mask=per_class, other=0.0)
         temp_sum += tl.sum(hist_k * temp_k, axis=0)
         ceh_k = tl.load(hist_ptr + C + k, mask=per_class, other=0.0)
         var_k = tl.load(hist_ptr + C + C + k, mask=per_class, other=0.0)
-        num = tl.where(K > 1, ceh_k + coef * var_k, sum_ce - sum_h + coef * sum_v)
+        num = tl.where(multi, ceh_k + coef * var_k, sum_ce - sum_h + coef * sum_v)
         dtau = -grad_scale / temp_k * num * dtemp_k.to(tl.float64)
         dtau = tl.where(reduction == 0, 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
-    temp_stat = tl.where(K > 1, temp_sum / b_g, temp0.to(tl.float64))
+    temp_stat = tl.where(multi, temp_sum / b_g, temp0.to(tl.float64))
 
     loc_bg = tl.maximum(loc_b, 1.0)
     if kind == 2:
@@ -601,7 +608,7 @@ def _grad_tau_none_kernel(g_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr, R, C, 
         ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
         g = tl.load(g_ptr + rows, mask=in_range, other=0.0).to(tl.float64)
         val = g * (ce - ent + coef * var)
-        cls = tl.where(K > 1, y_safe, 0)
+        cls = tl.where(tl.cast(K, tl.int32) > 1, y_safe, 0)
         hit = valid[:, None] & (cls[:, None] == k[None, :])
         acc += tl.sum(tl.where(hit, val[:, None], 0.0), axis=0)
     tau = tl.load(tau_ptr + k, mask=km, other=0.0)
