@@ -340,7 +340,7 @@ def markdown_table(summary: List[Dict], majority: Dict[str, float]) -> str:
         lam = _fmt(e["lambda"], 4) if e["method"] == "MiT" else (
             f"{e['lambda'][0]:g} (fixed)" if "lambda" in e else "–")
         name = f"{DATASET_TITLES[e['dataset']]} (majority {majority[e['dataset']]:.3f})"
-        lines.append(f"| {name} | {e['method']} | {_fmt(e['accuracy'])} | {_fmt(e['auc'])} | "
+        lines.append(f"| {name} | {e['method']} | {_fmt(e['accuracy'])} | {_fmt(e['auc'], 4)} | "
                      f"{_fmt(e['nll'])} | {_fmt(e['ece'])} | {temp} | {lam} |")
     return "\n".join(lines)
 
@@ -379,7 +379,7 @@ def plot_reliability(pooled: Dict[str, Dict[str, Tuple[Tensor, Tensor]]], path: 
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.02)
         ax.set_aspect("equal")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
     fig.suptitle("Reliability diagram (10 bins; marker area ~ share of test points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
