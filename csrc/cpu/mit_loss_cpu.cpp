@@ -1,0 +1,954 @@
+// CPU kernels of the MiT loss family and their TORCH_LIBRARY_IMPL(mitkernels_C, CPU).
+//
+// This file is compiled twice:
+//   * as itself: the row kernels for the DEFAULT capability (at::vec's portable vectors), the
+//     torch glue (checks, parallel_for, summary, finalize) and the registration;
+//   * through a wrapper that setup.py generates with MITK_CPU_KERNELS_ONLY and the AVX2 target
+//     (CPU_CAPABILITY_AVX2): the same row kernels only, in namespace mitk::cpu::AVX2.
+// The glue picks the kernels at run time from the CPU's features (ATEN_CPU_CAPABILITY=default
+// forces the portable path, which the tests use). The kernel part includes no
+// ATen tensor headers and defines no static data (see ATen's note "Do not compile initializers
+// with AVX").
+//
+// Kernel part: pure functions over row ranges [begin, end) of the canonical [N, C, S] logits.
+// Every row is computed by the same code whatever range or thread it falls in, so the per-row
+// outputs (and the fixed-order sums built from them) are bitwise reproducible.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../mit_loss_math.h"
+
+#ifndef MITK_CPU_ISA
+#define MITK_CPU_ISA DEFAULT
+#endif
+
+namespace mitk {
+namespace cpu {
+
+#ifndef MITK_CPU_ARGS_DEFINED
+#define MITK_CPU_ARGS_DEFINED
+enum LogitsDtype : int { kF64 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
+
+// Everything a row kernel reads and writes. Pointers are type-erased: `dtype` names the logits
+// (and gradient) element type; arrays of temperatures and row statistics are in the acc type
+// (double for float64 logits, else float). Strides and offsets in elements, int64.
+struct RowArgs {
+  const void* logits = nullptr;
+  int dtype = kF32;
+  int64_t N = 0, C = 0, S = 1;
+  int64_t sn = 0, sc = 1, ss = 0;       // logits strides
+  const void* targets = nullptr;        // [R] int64 or int32
+  bool targets64 = true;
+  const void* inv_temp = nullptr;       // [K] acc: 1 / T_k
+  int64_t K = 1;
+  int64_t ignore_index = -100;
+  // row_stats: [4, R] acc, rows lse, H, V, CE (written by stats, read by grad)
+  void* row_stats = nullptr;
+  // gradient only
+  void* grad = nullptr;
+  int64_t gn = 0, gc = 1, gs = 0;       // gradient strides
+  double coef = 0.0;                    // c
+  double row_scale = 1.0;
+  double grad_scalar = 1.0;             // g for mean/sum
+  const void* grad_rows = nullptr;      // [R] acc: g_r for reduction none, else null
+};
+
+using RowRangeFn = void (*)(const RowArgs&, int64_t, int64_t);
+#endif  // MITK_CPU_ARGS_DEFINED
+
+namespace MITK_CPU_ISA {
+
+using at::vec::Vectorized;
+
+// Loads and stores of acc-type vectors from the logits' element type.
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = scalar_t;
+  using Vec = Vectorized<scalar_t>;
+  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  static Vec load(const scalar_t* p, int64_t n) { return Vec::loadu(p, n); }
+  static void store(scalar_t* p, const Vec& v) { v.store(p); }
+  static void store(scalar_t* p, const Vec& v, int64_t n) { v.store(p, n); }
+};
+
+template <typename scalar_t>
+struct ReducedVecIO {
+  using acc_t = float;
+  using Vec = Vectorized<float>;
+  static Vec load(const scalar_t* p) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  static Vec load(const scalar_t* p, int64_t n) {
+    float tmp[Vec::size()] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+    return Vec::loadu(tmp);
+  }
+  static void store(scalar_t* p, const Vec& v) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+  }
+  static void store(scalar_t* p, const Vec& v, int64_t n) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+};
+template <>
+struct VecIO<c10::BFloat16> : ReducedVecIO<c10::BFloat16> {};
+template <>
+struct VecIO<c10::Half> : ReducedVecIO<c10::Half> {};
+
+template <typename acc_t>
+inline acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename acc_t>
+inline acc_t clamp_shift(acc_t d) {
+  return d < acc_t(kMinShift) ? acc_t(kMinShift) : d;  // NaN stays NaN
+}
+
+// Max over the lanes; NaN wins, as torch.max does.
+template <typename Vec>
+inline typename Vec::value_type hmax(const Vec& v) {
+  using acc_t = typename Vec::value_type;
+  alignas(64) acc_t a[Vec::size()];
+  v.store(a);
+  acc_t m = a[0];
+  for (int i = 1; i < Vec::size(); ++i) {
+    if (a[i] > m || a[i] != a[i]) m = a[i];
+  }
+  return m;
+}
+
+template <typename Vec>
+inline typename Vec::value_type hsum(const Vec& v) {
+  using acc_t = typename Vec::value_type;
+  alignas(64) acc_t a[Vec::size()];
+  v.store(a);
+  acc_t s = a[0];
+  for (int i = 1; i < Vec::size(); ++i) s += a[i];
+  return s;
+}
+
+inline int64_t load_target(const RowArgs& a, int64_t r) {
+  return a.targets64 ? static_cast<const int64_t*>(a.targets)[r]
+                     : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
+}
+
+template <typename acc_t>
+inline void write_stats(acc_t* rs, int64_t R, int64_t r, const RowStats<acc_t>& st) {
+  rs[r] = st.lse;
+  rs[R + r] = st.H;
+  rs[2 * R + r] = st.V;
+  rs[3 * R + r] = st.CE;
+}
+
+template <typename acc_t>
+inline void write_zero_stats(acc_t* rs, int64_t R, int64_t r) {
+  rs[r] = rs[R + r] = rs[2 * R + r] = rs[3 * R + r] = acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one row with class stride 1. Blocks of U vectors: the block max raises the running
+// max (rescaling the lane accumulators, KERNEL_MATH s.2), then one exp per element.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
+    const scalar_t* x, int64_t C, typename VecIO<scalar_t>::acc_t inv_t, int64_t y) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t U = 4;
+  const Vec vninf(neg_inf<acc_t>());
+  const Vec vmin(static_cast<acc_t>(kMinShift));
+  const Vec vinv(inv_t);
+  Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
+  acc_t xmax = neg_inf<acc_t>();
+  for (int64_t j0 = 0; j0 < C; j0 += U * W) {
+    Vec v[U];
+    if (j0 + U * W <= C) {
+      for (int64_t u = 0; u < U; ++u) v[u] = IO::load(x + j0 + u * W);
+    } else {
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t rem = C - (j0 + u * W);
+        v[u] = rem >= W ? IO::load(x + j0 + u * W)
+                        : (rem > 0 ? Vec::set(vninf, IO::load(x + j0 + u * W, rem), rem) : vninf);
+      }
+    }
+    const acc_t bmax =
+        hmax(at::vec::maximum(at::vec::maximum(v[0], v[1]), at::vec::maximum(v[2], v[3])));
+    if (bmax > xmax || bmax != bmax) {
+      if (xmax > neg_inf<acc_t>()) {
+        const acc_t d = clamp_shift((xmax - bmax) * inv_t);
+        acc_rescale(s, A, Q, Vec(d), Vec(std::exp(d)));
+      }
+      xmax = bmax;
+    }
+    if (xmax == neg_inf<acc_t>()) continue;  // all -inf so far: nothing to add
+    const Vec vm(xmax);
+    for (int64_t u = 0; u < U; ++u) {
+      const Vec d = at::vec::maximum((v[u] - vm) * vinv, vmin);
+      acc_add(s, A, Q, d.exp(), d);
+    }
+  }
+  return row_finish<acc_t>(xmax * inv_t, hsum(s), hsum(A), hsum(Q),
+                           static_cast<acc_t>(x[y]) * inv_t);
+}
+
+// Forward: one row with any class stride, scalar online accumulation.
+template <typename scalar_t, typename acc_t>
+inline RowStats<acc_t> stats_row_strided(const scalar_t* x, int64_t C, int64_t sc, acc_t inv_t,
+                                         int64_t y) {
+  acc_t s(0), A(0), Q(0);
+  acc_t xmax = neg_inf<acc_t>();
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t xv = static_cast<acc_t>(x[j * sc]);
+    if (xv > xmax || xv != xv) {
+      if (xmax > neg_inf<acc_t>()) {
+        const acc_t d = clamp_shift((xmax - xv) * inv_t);
+        acc_rescale(s, A, Q, d, std::exp(d));
+      }
+      xmax = xv;
+    }
+    if (xmax == neg_inf<acc_t>()) continue;
+    const acc_t d = clamp_shift((xv - xmax) * inv_t);
+    acc_add(s, A, Q, std::exp(d), d);
+  }
+  return row_finish<acc_t>(xmax * inv_t, s, A, Q, static_cast<acc_t>(x[y * sc]) * inv_t);
+}
+
+// Forward over rows [begin, end) with the class stride 1 or any strides.
+template <typename scalar_t>
+void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits);
+  const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
+  acc_t* rs = static_cast<acc_t*>(a.row_stats);
+  const int64_t R = a.N * a.S;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t y = load_target(a, r);
+    if (!target_valid(y, a.C, a.ignore_index)) {
+      write_zero_stats(rs, R, r);
+      continue;
+    }
+    const int64_t n = a.S == 1 ? r : r / a.S;
+    const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
+    const scalar_t* row = x + n * a.sn + sp * a.ss;
+    const acc_t inv_t = inv_temp[a.K == 1 ? 0 : y];
+    const RowStats<acc_t> st = a.sc == 1 ? stats_row_contiguous<scalar_t>(row, a.C, inv_t, y)
+                                         : stats_row_strided<scalar_t, acc_t>(row, a.C, a.sc, inv_t, y);
+    write_stats(rs, R, r, st);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = z - lse (KERNEL_MATH s.3).
+// The vector loop writes the non-target formula everywhere, then the target element is
+// rewritten from its own formula (one rounding to the output dtype either way).
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
+                                typename VecIO<scalar_t>::acc_t inv_t,
+                                typename VecIO<scalar_t>::acc_t lse,
+                                typename VecIO<scalar_t>::acc_t H,
+                                typename VecIO<scalar_t>::acc_t c,
+                                typename VecIO<scalar_t>::acc_t scale, int64_t y) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t U = 2;
+  const Vec vinv(inv_t), vlse(lse), vH(H), vc(c), vscale(scale),
+      vmin(static_cast<acc_t>(kMinShift));
+  int64_t j = 0;
+  for (; j + U * W <= C; j += U * W) {
+    Vec v[U];
+    for (int64_t u = 0; u < U; ++u) v[u] = IO::load(x + j + u * W);
+    for (int64_t u = 0; u < U; ++u) {
+      const Vec logp = at::vec::maximum(v[u] * vinv - vlse, vmin);
+      IO::store(dx + j + u * W, grad_logit(logp.exp(), logp, vH, vc, vscale));
+    }
+  }
+  for (; j < C; j += W) {
+    const int64_t rem = std::min<int64_t>(W, C - j);
+    const Vec v = rem == W ? IO::load(x + j) : IO::load(x + j, rem);
+    const Vec logp = at::vec::maximum(v * vinv - vlse, vmin);
+    const Vec g = grad_logit(logp.exp(), logp, vH, vc, vscale);
+    if (rem == W) {
+      IO::store(dx + j, g);
+    } else {
+      IO::store(dx + j, g, rem);
+    }
+  }
+  const acc_t logp = clamp_shift(static_cast<acc_t>(x[y]) * inv_t - lse);
+  dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
+}
+
+template <typename scalar_t, typename acc_t>
+inline void grad_row_strided(const scalar_t* x, int64_t sc, scalar_t* dx, int64_t gc, int64_t C,
+                             acc_t inv_t, acc_t lse, acc_t H, acc_t c, acc_t scale, int64_t y) {
+  for (int64_t j = 0; j < C; ++j) {
+    const acc_t logp = clamp_shift(static_cast<acc_t>(x[j * sc]) * inv_t - lse);
+    const acc_t p = std::exp(logp);
+    dx[j * gc] = static_cast<scalar_t>(j == y ? grad_logit_target(p, logp, H, c, scale)
+                                              : grad_logit(p, logp, H, c, scale));
+  }
+}
+
+template <typename scalar_t>
+void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits);
+  scalar_t* g = static_cast<scalar_t*>(a.grad);
+  const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
+  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+  const acc_t* grad_rows_in = static_cast<const acc_t*>(a.grad_rows);
+  const int64_t R = a.N * a.S;
+  const acc_t c = static_cast<acc_t>(a.coef);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = a.S == 1 ? r : r / a.S;
+    const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
+    scalar_t* grow = g + n * a.gn + sp * a.gs;
+    const int64_t y = load_target(a, r);
+    if (!target_valid(y, a.C, a.ignore_index)) {
+      for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = scalar_t(0);
+      continue;
+    }
+    const scalar_t* row = x + n * a.sn + sp * a.ss;
+    const acc_t inv_t = inv_temp[a.K == 1 ? 0 : y];
+    const acc_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<acc_t>(a.grad_scalar);
+    const acc_t scale = g_r * static_cast<acc_t>(a.row_scale) * inv_t;
+    const acc_t lse = rs[r], H = rs[R + r];
+    if (a.sc == 1 && a.gc == 1) {
+      grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, lse, H, c, scale, y);
+    } else {
+      grad_row_strided<scalar_t, acc_t>(row, a.sc, grow, a.gc, a.C, inv_t, lse, H, c, scale, y);
+    }
+  }
+}
+
+inline RowRangeFn stats_fn(int dtype) {
+  switch (dtype) {
+    case kF64: return &stats_rows<double>;
+    case kF32: return &stats_rows<float>;
+    case kBF16: return &stats_rows<c10::BFloat16>;
+    default: return &stats_rows<c10::Half>;
+  }
+}
+
+inline RowRangeFn grad_fn(int dtype) {
+  switch (dtype) {
+    case kF64: return &grad_rows<double>;
+    case kF32: return &grad_rows<float>;
+    case kBF16: return &grad_rows<c10::BFloat16>;
+    default: return &grad_rows<c10::Half>;
+  }
+}
+
+// The entry points the glue calls (one pair per compiled capability).
+void stats_range(const RowArgs& a, int64_t begin, int64_t end) { stats_fn(a.dtype)(a, begin, end); }
+void grad_range(const RowArgs& a, int64_t begin, int64_t end) { grad_fn(a.dtype)(a, begin, end); }
+
+}  // namespace MITK_CPU_ISA
+}  // namespace cpu
+}  // namespace mitk
+
+
+// =============================================================================================
+// Torch glue: checks, temperatures, parallel row loop, summary, finalize, registration.
+// Compiled once (DEFAULT pass only).
+// =============================================================================================
+#ifndef MITK_CPU_KERNELS_ONLY
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <cstdlib>
+#include <cstring>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace mitk {
+namespace cpu {
+
+#ifdef MITK_HAVE_CPU_AVX2
+namespace AVX2 {
+void stats_range(const RowArgs& a, int64_t begin, int64_t end);
+void grad_range(const RowArgs& a, int64_t begin, int64_t end);
+}  // namespace AVX2
+#endif
+
+namespace {
+
+using at::Tensor;
+
+struct Kernels {
+  RowRangeFn stats;
+  RowRangeFn grad;
+  const char* isa;
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#ifdef MITK_HAVE_CPU_AVX2
+    // ATen's switch (ATEN_CPU_CAPABILITY=default) forces the portable kernels here too.
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+    const bool portable = forced && std::strcmp(forced, "default") == 0;
+    if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      return Kernels{&AVX2::stats_range, &AVX2::grad_range, "avx2"};
+    }
+#endif
+    return Kernels{&DEFAULT::stats_range, &DEFAULT::grad_range, "default"};
+  }();
+  return k;
+}
+
+// Rows per parallel task: enough elements that a task outweighs its scheduling.
+constexpr int64_t kGrainElements = 32768;
+// Rows per summary chunk (at least C, so the per-chunk partials stay O(R + C)).
+constexpr int64_t kSummaryChunk = 8192;
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return kF64;
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "mitkernels: logits must be float16, bfloat16, float32 or float64, got ", t);
+  }
+  return kF32;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+double read_scalar(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return *t.const_data_ptr<double>();
+    case at::kFloat: return *t.const_data_ptr<float>();
+    case at::kLong: return static_cast<double>(*t.const_data_ptr<int64_t>());
+    case at::kInt: return *t.const_data_ptr<int32_t>();
+    default: return t.item<double>();
+  }
+}
+
+void write_scalar(const Tensor& t, double v) {
+  switch (t.scalar_type()) {
+    case at::kDouble: *t.mutable_data_ptr<double>() = v; break;
+    case at::kFloat: *t.mutable_data_ptr<float>() = static_cast<float>(v); break;
+    case at::kLong: *t.mutable_data_ptr<int64_t>() = static_cast<int64_t>(v); break;
+    case at::kInt: *t.mutable_data_ptr<int32_t>() = static_cast<int32_t>(v); break;
+    default: t.fill_(v);
+  }
+}
+
+void check_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mitkernels_C::", op, " (cpu): ", name,
+              " must be a CPU tensor, got ", t.device());
+}
+
+// Row inputs of row_stats / loss_forward_ / loss_backward: shapes, dtypes, devices.
+struct RowShape {
+  int64_t N, C, S, R, K;
+};
+
+RowShape check_row_inputs(const Tensor& logits, const Tensor& targets, const Tensor& tau,
+                          const char* op) {
+  check_cpu(logits, op, "logits");
+  check_cpu(targets, op, "targets");
+  check_cpu(tau, op, "tau");
+  TORCH_CHECK(logits.dim() == 3, "mitkernels_C::", op, ": logits must be [N, C, S], got shape ",
+              logits.sizes());
+  dtype_code(logits.scalar_type());
+  const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
+  TORCH_CHECK(C >= 1, "mitkernels_C::", op, ": logits need at least one class, got C = ", C);
+  TORCH_CHECK(targets.dim() == 1 && targets.numel() == N * S, "mitkernels_C::", op,
+              ": targets must be [N*S] = [", N * S, "], got shape ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+              "mitkernels_C::", op, ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK(tau.dim() == 1 && (tau.numel() == 1 || tau.numel() == C), "mitkernels_C::", op,
+              ": tau must be [1] or [C] = [", C, "], got shape ", tau.sizes());
+  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kDouble,
+              "mitkernels_C::", op, ": tau must be float32 or float64, got ", tau.scalar_type());
+  return {N, C, S, N * S, tau.numel()};
+}
+
+// T_k in double, rounded through tau's dtype (as the eager computation in that dtype would be).
+double temperature_of(const Tensor& tau, int64_t k, double t_eps, double t_min, double t_max,
+                      double* dT = nullptr) {
+  const bool f32 = tau.scalar_type() == at::kFloat;
+  const double v = f32 ? static_cast<double>(tau.const_data_ptr<float>()[k])
+                       : tau.const_data_ptr<double>()[k];
+  double t = temperature<double>(v, t_eps, t_min, t_max);
+  if (f32) t = static_cast<float>(t);
+  if (dT) *dT = temperature_grad<double>(v, t_eps, t_min, t_max);
+  return t;
+}
+
+// Acc-typed 1/T_k, held in a small vector (no heap allocation for one temperature).
+struct InvTemps {
+  c10::SmallVector<double, 4> d;
+  c10::SmallVector<float, 4> f;
+  const void* fill(const Tensor& tau, bool acc64, double t_eps, double t_min, double t_max) {
+    const int64_t K = tau.numel();
+    if (acc64) {
+      d.resize(K);
+      for (int64_t k = 0; k < K; ++k) d[k] = 1.0 / temperature_of(tau, k, t_eps, t_min, t_max);
+      return d.data();
+    }
+    f.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      f[k] = 1.0f / static_cast<float>(temperature_of(tau, k, t_eps, t_min, t_max));
+    }
+    return f.data();
+  }
+};
+
+RowArgs row_args(const Tensor& logits, const Tensor& targets, const RowShape& sh,
+                 int64_t ignore_index) {
+  RowArgs a;
+  a.logits = logits.const_data_ptr();
+  a.dtype = dtype_code(logits.scalar_type());
+  a.N = sh.N;
+  a.C = sh.C;
+  a.S = sh.S;
+  a.sn = logits.stride(0);
+  a.sc = logits.stride(1);
+  a.ss = logits.stride(2);
+  a.targets = targets.const_data_ptr();
+  a.targets64 = targets.scalar_type() == at::kLong;
+  a.K = sh.K;
+  a.ignore_index = ignore_index;
+  return a;
+}
+
+void run_rows(RowRangeFn fn, const RowArgs& a, int64_t R, int64_t C) {
+  if (R == 0) return;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
+  at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+int64_t target_at(const RowArgs& a, int64_t r) {
+  return a.targets64 ? static_cast<const int64_t*>(a.targets)[r]
+                     : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
+}
+
+// summary = [B, sum CE, sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C], (sum_{y=k} V)[C]]
+// Fixed-size row chunks (size from R and C only), each summed in row order, then combined in
+// chunk order: the same bits for any thread count.
+template <typename acc_t>
+void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t K, double* out) {
+  const bool per_class = K != 1;
+  const int64_t size = SUMMARY_HEADER_SIZE + (per_class ? 3 * C : C);
+  auto add_rows = [&](int64_t b, int64_t e, double* acc) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t y = target_at(a, r);
+      if (target_valid(y, C, a.ignore_index)) {
+        const double ce = rs[3 * R + r], h = rs[R + r], v = rs[2 * R + r];
+        acc[0] += 1.0;
+        acc[1] += ce;
+        acc[2] += h;
+        acc[3] += v;
+        acc[5 + y] += 1.0;
+        if (per_class) {
+          acc[5 + C + y] += ce - h;
+          acc[5 + 2 * C + y] += v;
+        }
+      } else if (y != a.ignore_index) {
+        acc[4] += 1.0;
+      }
+    }
+  };
+  std::fill(out, out + size, 0.0);
+  const int64_t chunk = std::max<int64_t>(kSummaryChunk, C);
+  const int64_t n_chunks = (R + chunk - 1) / chunk;
+  if (n_chunks <= 1) {
+    add_rows(0, R, out);
+    return;
+  }
+  std::vector<double> part(static_cast<size_t>(n_chunks * size), 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      add_rows(ch * chunk, std::min(R, (ch + 1) * chunk), part.data() + ch * size);
+    }
+  });
+  for (int64_t ch = 0; ch < n_chunks; ++ch) {
+    const double* p = part.data() + ch * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += p[i];
+  }
+}
+
+std::tuple<Tensor, Tensor> row_stats_impl(const Tensor& logits, const Tensor& targets_in,
+                                          const Tensor& tau_in, double t_eps, double t_min,
+                                          double t_max, int64_t ignore_index, const char* op) {
+  const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
+  const Tensor targets = targets_in.contiguous();
+  const Tensor tau = tau_in.contiguous();
+  const bool acc64 = logits.scalar_type() == at::kDouble;
+  Tensor rs = at::empty({4, sh.R}, logits.options().dtype(acc_type(logits.scalar_type())));
+  Tensor summary = at::empty({SUMMARY_HEADER_SIZE + (sh.K == 1 ? sh.C : 3 * sh.C)},
+                             logits.options().dtype(at::kDouble));
+  RowArgs a = row_args(logits, targets, sh, ignore_index);
+  InvTemps inv;
+  a.inv_temp = inv.fill(tau, acc64, t_eps, t_min, t_max);
+  a.row_stats = rs.mutable_data_ptr();
+  run_rows(kernels().stats, a, sh.R, sh.C);
+  if (acc64) {
+    summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K,
+                      summary.mutable_data_ptr<double>());
+  } else {
+    summarize<float>(a, rs.const_data_ptr<float>(), sh.R, sh.C, sh.K,
+                     summary.mutable_data_ptr<double>());
+  }
+  return {rs, summary};
+}
+
+std::tuple<Tensor, Tensor> row_stats_cpu(const Tensor& logits, const Tensor& targets,
+                                         const Tensor& tau, double t_eps, double t_min,
+                                         double t_max, int64_t ignore_index) {
+  return row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index, "row_stats");
+}
+
+// ---------------------------------------------------------------------------------------------
+// finalize_: float64 scalar math of the op contract.
+// ---------------------------------------------------------------------------------------------
+enum Kind : int64_t { kMiT = 0, kTET = 1, kCCT = 2 };
+
+void check_state_vec(const Tensor& t, int64_t C, const char* what) {
+  check_cpu(t, "finalize_", what);
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == C && t.is_contiguous(),
+              "mitkernels_C::finalize_: ", what, " must be a contiguous float64 [C] = [", C,
+              "] tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+void check_state_scalar(const Tensor& t, const char* what) {
+  check_cpu(t, "finalize_", what);
+  TORCH_CHECK(t.numel() == 1, "mitkernels_C::finalize_: ", what, " must hold one value, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat ||
+                  t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+              "mitkernels_C::finalize_: ", what, " must be float64/float32/int64/int32, got ",
+              t.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> finalize_impl(
+    const Tensor& summary_in, const std::optional<Tensor>& local_in, const Tensor& row_stats,
+    const Tensor& tau_in, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
+    double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
+    at::ScalarType loss_dtype) {
+  const char* op = "finalize_";
+  check_cpu(summary_in, op, "summary");
+  check_cpu(row_stats, op, "row_stats");
+  check_cpu(tau_in, op, "tau");
+  TORCH_CHECK(kind == kMiT || kind == kTET || kind == kCCT,
+              "mitkernels_C::finalize_: kind must be 0 (MiT), 1 (TET) or 2 (CCT-EAL), got ", kind);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "mitkernels_C::finalize_: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  TORCH_CHECK(!(kind == kCCT && reduction == 0),
+              "mitkernels_C::finalize_: reduction 'none' is not defined for CCT-EAL");
+  TORCH_CHECK(summary_in.scalar_type() == at::kDouble && summary_in.dim() == 1,
+              "mitkernels_C::finalize_: summary must be a float64 vector, got ",
+              summary_in.scalar_type(), " ", summary_in.sizes());
+  TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
+                  (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
+              "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == 4 &&
+                  (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
+              "mitkernels_C::finalize_: row_stats must be float32/float64 [4, R], got ",
+              row_stats.scalar_type(), " ", row_stats.sizes());
+  TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating, got ",
+              loss_dtype);
+  const int64_t K = tau_in.numel();
+  const int64_t size = summary_in.numel();
+  const int64_t C = K == 1 ? size - SUMMARY_HEADER_SIZE : K;
+  TORCH_CHECK(C >= 1 && size == SUMMARY_HEADER_SIZE + (K == 1 ? C : 3 * C),
+              "mitkernels_C::finalize_: summary has ", size, " entries, which fits neither [5 + C] ",
+              "(one temperature) nor [5 + 3C] with C = K = ", K);
+  const Tensor summary = summary_in.contiguous();
+  Tensor local;
+  if (local_in.has_value()) {
+    check_cpu(*local_in, op, "local_summary");
+    TORCH_CHECK(local_in->scalar_type() == at::kDouble && local_in->numel() == size,
+                "mitkernels_C::finalize_: local_summary must be float64 like summary ([", size,
+                "]), got ", local_in->scalar_type(), " ", local_in->sizes());
+    local = local_in->contiguous();
+  } else {
+    local = summary;
+  }
+  const Tensor tau = tau_in.contiguous();
+  const double* S = summary.const_data_ptr<double>();
+  const double* L = local.const_data_ptr<double>();
+  // State checks before anything is written.
+  if (kind == kMiT) {
+    TORCH_CHECK(state.size() == 4, "mitkernels_C::finalize_: MiT state is [class_counts, ",
+                "total_seen, lambda_entropy, dual_updates], got ", state.size(), " tensors");
+    check_state_vec(state[0], C, "class_counts");
+    check_state_scalar(state[1], "total_seen");
+    check_state_scalar(state[2], "lambda_entropy");
+    check_state_scalar(state[3], "dual_updates");
+  } else if (kind == kTET) {
+    TORCH_CHECK(hparams.size() >= 1, "mitkernels_C::finalize_: TET hparams are [lambda]");
+  } else {
+    TORCH_CHECK(state.size() == 2, "mitkernels_C::finalize_: CCT-EAL state is [label_freq_ema, ",
+                "alpha], got ", state.size(), " tensors");
+    check_state_vec(state[0], C, "label_freq_ema");
+    check_state_scalar(state[1], "alpha");
+    TORCH_CHECK(hparams.size() >= 2,
+                "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
+  }
+
+  const double B = S[0], sum_ce = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double* hist = S + SUMMARY_HEADER_SIZE;
+  const bool ok = B > 0 && n_invalid == 0 && std::isfinite(sum_ce) && std::isfinite(sum_h) &&
+                  std::isfinite(sum_v);
+  const bool upd = update_state && ok;
+  const double Bg = std::max(B, 1.0);
+  const double mean_ce = sum_ce / Bg, mean_h = sum_h / Bg;
+  double h_star = std::numeric_limits<double>::quiet_NaN();
+  double c = 0.0, coef_stat = 0.0, alpha = 0.0;
+  if (kind == kMiT) {
+    double* counts = state[0].mutable_data_ptr<double>();
+    if (upd) {
+      for (int64_t k = 0; k < C; ++k) counts[k] += hist[k];
+    }
+    double total = 0.0;
+    for (int64_t k = 0; k < C; ++k) total += counts[k];
+    h_star = 0.0;
+    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(counts[k] / total);
+    c = read_scalar(state[2]);
+    if (upd) {
+      const int64_t n_new = static_cast<int64_t>(read_scalar(state[3])) + 1;
+      c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
+      write_scalar(state[1], read_scalar(state[1]) + B);
+      write_scalar(state[2], c);
+      write_scalar(state[3], static_cast<double>(n_new));
+    }
+    coef_stat = c;
+  } else if (kind == kTET) {
+    c = coef_stat = hparams[0];
+  } else {
+    double* ema = state[0].mutable_data_ptr<double>();
+    const double momentum = hparams[0], eps = hparams[1];
+    if (upd) {
+      for (int64_t k = 0; k < C; ++k) ema[k] = ema_update(ema[k], momentum, hist[k] / Bg);
+    }
+    h_star = 0.0;
+    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(std::max(ema[k], eps));
+    alpha = coef_stat = read_scalar(state[1]);
+    c = cct_coef(alpha, mean_h, h_star);
+  }
+
+  // Loss from this rank's sums.
+  const double Bl = L[0], ce_l = L[1], h_l = L[2];
+  const double Blg = std::max(Bl, 1.0);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double penalty = kind == kCCT ? cct_penalty(alpha, mean_h, h_star) : 0.0;
+  double loss_mean = kind == kCCT ? ce_l / Blg + penalty : ce_l / Blg - c * h_l / Blg;
+  double loss_sum = kind == kCCT ? ce_l + Bl * penalty : ce_l - c * h_l;
+  if (n_invalid > 0) {
+    loss_mean = loss_sum = nan;
+  } else if (Bl == 0) {
+    loss_mean = loss_sum = 0.0;
+  }
+
+  const int64_t R = row_stats.size(1);
+  Tensor loss;
+  if (reduction == 0) {
+    const Tensor rs = row_stats.contiguous().to(at::kDouble);
+    const double* lse_h = rs.const_data_ptr<double>();
+    Tensor l64 = at::empty({R}, summary.options());
+    double* lp = l64.mutable_data_ptr<double>();
+    for (int64_t r = 0; r < R; ++r) {
+      lp[r] = n_invalid > 0 ? nan : lse_h[3 * R + r] - c * lse_h[R + r];
+    }
+    loss = l64.to(loss_dtype);
+  } else {
+    loss = at::scalar_tensor(reduction == 1 ? loss_mean : loss_sum,
+                             summary.options().dtype(loss_dtype));
+  }
+
+  // Temperatures and dL/dtau.
+  const at::ScalarType acc = row_stats.scalar_type();
+  Tensor grad_info = at::zeros({2 + K}, summary.options().dtype(at::kDouble));
+  double* gi = grad_info.mutable_data_ptr<double>();
+  gi[0] = c;
+  gi[1] = reduction == 1 ? 1.0 / Blg : 1.0;
+  const double gs = reduction == 1 ? 1.0 / Bg : 1.0;
+  double t_stat = 0.0;
+  if (K == 1) {
+    double dT = 0.0;
+    const double T = temperature_of(tau, 0, t_eps, t_min, t_max, &dT);
+    t_stat = kind == kCCT ? T * B / Bg : T;
+    if (reduction != 0) gi[2] = grad_tau_value(gs, T, sum_ce - sum_h, c, sum_v, dT);
+  } else {
+    const double* cls_ce_h = S + SUMMARY_HEADER_SIZE + C;
+    const double* cls_v = S + SUMMARY_HEADER_SIZE + 2 * C;
+    double t_sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      double dT = 0.0;
+      const double T = temperature_of(tau, k, t_eps, t_min, t_max, &dT);
+      if (k == 0 && kind != kCCT) t_stat = T;
+      t_sum += hist[k] * T;
+      if (reduction != 0) gi[2 + k] = grad_tau_value(gs, T, cls_ce_h[k], c, cls_v[k], dT);
+    }
+    if (kind == kCCT) t_stat = t_sum / Bg;
+  }
+  if (acc != at::kDouble) grad_info = grad_info.to(acc);
+
+  Tensor stats = at::empty({STATS_SIZE}, summary.options());
+  double* st = stats.mutable_data_ptr<double>();
+  st[0] = reduction == 2 ? loss_sum : loss_mean;
+  st[1] = mean_ce;
+  st[2] = mean_h;
+  st[3] = h_star;
+  st[4] = coef_stat;
+  st[5] = t_stat;
+  st[6] = upd ? 1.0 : 0.0;
+  st[7] = B;
+  st[8] = n_invalid;
+  return {loss, stats, grad_info};
+}
+
+std::tuple<Tensor, Tensor, Tensor> finalize_cpu(
+    const Tensor& summary, const std::optional<Tensor>& local_summary, const Tensor& row_stats,
+    const Tensor& tau, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
+    double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
+    at::ScalarType loss_dtype) {
+  return finalize_impl(summary, local_summary, row_stats, tau, state, kind, hparams, t_eps, t_min,
+                       t_max, reduction, update_state, loss_dtype);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_cpu(
+    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
+    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
+    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  auto [rs, summary] =
+      row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index, "loss_forward_");
+  auto [loss, stats, grad_info] =
+      finalize_impl(summary, std::nullopt, rs, tau, state, kind, hparams, t_eps, t_min, t_max,
+                    reduction, update_state, loss_dtype);
+  return {loss, stats, rs, grad_info};
+}
+
+// ---------------------------------------------------------------------------------------------
+// loss_backward
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
+                                             const Tensor& targets_in, const Tensor& tau_in,
+                                             const Tensor& row_stats_in, const Tensor& grad_info_in,
+                                             double t_eps, double t_min, double t_max,
+                                             int64_t ignore_index, int64_t reduction,
+                                             bool compute_grad_tau) {
+  const char* op = "loss_backward";
+  const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
+  check_cpu(grad_loss, op, "grad_loss");
+  check_cpu(row_stats_in, op, "row_stats");
+  check_cpu(grad_info_in, op, "grad_info");
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  const bool acc64 = acc == at::kDouble;
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "mitkernels_C::loss_backward: reduction must be 0, 1 or 2, got ", reduction);
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == 4 && row_stats_in.size(1) == sh.R &&
+                  row_stats_in.scalar_type() == acc,
+              "mitkernels_C::loss_backward: row_stats must be ", acc, " [4, ", sh.R, "], got ",
+              row_stats_in.scalar_type(), " ", row_stats_in.sizes());
+  TORCH_CHECK(grad_info_in.dim() == 1 && grad_info_in.numel() == 2 + sh.K &&
+                  at::isFloatingType(grad_info_in.scalar_type()),
+              "mitkernels_C::loss_backward: grad_info must be floating [2 + K] = [", 2 + sh.K,
+              "], got ", grad_info_in.scalar_type(), " ", grad_info_in.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()),
+              "mitkernels_C::loss_backward: grad_loss must be floating, got ", grad_loss.scalar_type());
+  if (reduction == 0) {
+    TORCH_CHECK(grad_loss.numel() == sh.R, "mitkernels_C::loss_backward: grad_loss must be [R] = [",
+                sh.R, "] for reduction 'none', got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "mitkernels_C::loss_backward: grad_loss must be a scalar ",
+                "for reduction 'mean'/'sum', got ", grad_loss.sizes());
+  }
+  const Tensor targets = targets_in.contiguous();
+  const Tensor tau = tau_in.contiguous();
+  const Tensor rs = row_stats_in.contiguous();
+  const Tensor gi = grad_info_in.to(at::kDouble).contiguous();
+  const double* gip = gi.const_data_ptr<double>();
+
+  Tensor grad = at::empty_like(logits);
+  RowArgs a = row_args(logits, targets, sh, ignore_index);
+  InvTemps inv;
+  a.inv_temp = inv.fill(tau, acc64, t_eps, t_min, t_max);
+  a.row_stats = const_cast<void*>(rs.const_data_ptr());
+  a.grad = grad.mutable_data_ptr();
+  a.gn = grad.stride(0);
+  a.gc = grad.stride(1);
+  a.gs = grad.stride(2);
+  a.coef = gip[0];
+  a.row_scale = gip[1];
+  Tensor g_rows;
+  if (reduction == 0) {
+    g_rows = grad_loss.reshape({sh.R}).to(acc).contiguous();
+    a.grad_rows = g_rows.const_data_ptr();
+  } else {
+    a.grad_scalar = read_scalar(grad_loss.contiguous());
+  }
+  run_rows(kernels().grad, a, sh.R, sh.C);
+
+  Tensor grad_tau = at::zeros({sh.K}, tau.options());
+  if (compute_grad_tau) {
+    std::vector<double> gt(static_cast<size_t>(sh.K), 0.0);
+    if (reduction != 0) {
+      for (int64_t k = 0; k < sh.K; ++k) gt[k] = a.grad_scalar * gip[2 + k];
+    } else {
+      // Row order, one accumulator per temperature: deterministic.
+      const Tensor rs64 = rs.to(at::kDouble);
+      const Tensor g64 = g_rows.to(at::kDouble);
+      const double* p = rs64.const_data_ptr<double>();
+      const double* gr = g64.const_data_ptr<double>();
+      const int64_t R = sh.R;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t y = target_at(a, r);
+        if (!target_valid(y, sh.C, ignore_index)) continue;
+        gt[sh.K == 1 ? 0 : y] += gr[r] * tau_row_term(p[3 * R + r] - p[R + r], a.coef, p[2 * R + r]);
+      }
+      for (int64_t k = 0; k < sh.K; ++k) {
+        double dT = 0.0;
+        const double T = temperature_of(tau, k, t_eps, t_min, t_max, &dT);
+        gt[k] = grad_tau_value(1.0, T, gt[k], 0.0, 0.0, dT);
+      }
+    }
+    for (int64_t k = 0; k < sh.K; ++k) {
+      if (tau.scalar_type() == at::kDouble) {
+        grad_tau.mutable_data_ptr<double>()[k] = gt[k];
+      } else {
+        grad_tau.mutable_data_ptr<float>()[k] = static_cast<float>(gt[k]);
+      }
+    }
+  }
+  return {grad, grad_tau};
+}
+
+}  // namespace
+
+const char* kernel_isa() { return kernels().isa; }
+
+}  // namespace cpu
+}  // namespace mitk
+
+TORCH_LIBRARY_IMPL(mitkernels_C, CPU, m) {
+  m.impl("row_stats", &mitk::cpu::row_stats_cpu);
+  m.impl("finalize_", &mitk::cpu::finalize_cpu);
+  m.impl("loss_forward_", &mitk::cpu::loss_forward_cpu);
+  m.impl("loss_backward", &mitk::cpu::loss_backward_cpu);
+}
+
+#endif  // MITK_CPU_KERNELS_ONLY

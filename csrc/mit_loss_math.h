@@ -1,0 +1,201 @@
+// The scalar math of the MiT loss family, shared by the CPU and CUDA kernels.
+//
+// Every formula of KERNEL_MATH.md that a kernel evaluates lives here once. Functions are
+// templates over the value type `V`: a plain float/double, or (on CPU) an at::vec::Vectorized,
+// so the vector and scalar paths evaluate the very same expression. Only + - * / and the
+// helpers passed in are used on `V`; exp/log of scalars use the std:: / CUDA overloads.
+//
+// No torch headers: this file is compiled by nvcc as well.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MITK_HD __host__ __device__ __forceinline__
+#else
+#define MITK_HD inline
+#endif
+
+namespace mitk {
+
+// Unqualified exp/log below pick the float or double overload (std:: on host, CUDA's on device).
+using std::exp;
+using std::log;
+using std::log1p;
+
+// Entries of the summary before the per-class arrays: B, sum CE, sum H, sum V, n_invalid.
+constexpr int64_t SUMMARY_HEADER_SIZE = 5;
+// Entries of the stats vector: loss, mean CE, mean H, H*, lambda|alpha, T, updated, B, n_invalid.
+constexpr int64_t STATS_SIZE = 9;
+
+// Logits shifted by the row max are clamped here before exp: exp(-1e4) is 0 in float and double,
+// and the clamp keeps e * d and e * d^2 at 0 (not NaN) for -inf logits.
+constexpr double kMinShift = -1e4;
+
+// ---------------------------------------------------------------------------------------------
+// Temperature: T = clamp(softplus(tau) + t_eps, t_min, t_max), torch's softplus (threshold 20).
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+MITK_HD acc_t softplus(acc_t x) {
+  return x > acc_t(20) ? x : log1p(exp(x));
+}
+
+template <typename acc_t>
+MITK_HD acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp(-x));
+}
+
+template <typename acc_t>
+MITK_HD acc_t temperature(acc_t tau, acc_t t_eps, acc_t t_min, acc_t t_max) {
+  acc_t t = softplus(tau) + t_eps;
+  // torch.clamp: NaN stays NaN.
+  if (t < t_min) t = t_min;
+  if (t > t_max) t = t_max;
+  return t;
+}
+
+// dT/dtau: sigmoid(tau) (1 above softplus' threshold) inside the clamp range, inclusive; else 0.
+template <typename acc_t>
+MITK_HD acc_t temperature_grad(acc_t tau, acc_t t_eps, acc_t t_min, acc_t t_max) {
+  const acc_t t = softplus(tau) + t_eps;
+  if (!(t >= t_min && t <= t_max)) return acc_t(0);
+  return tau > acc_t(20) ? acc_t(1) : sigmoid(tau);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online row accumulators (KERNEL_MATH s.2). With the row max m (in z units) and d = z - m <= 0:
+//   s = sum e^d, A = sum e^d d, Q = sum e^d d^2.
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+MITK_HD void acc_add(V& s, V& A, V& Q, const V& e, const V& d) {
+  const V ed = e * d;
+  s = s + e;
+  A = A + ed;
+  Q = Q + ed * d;
+}
+
+// The max rose by -d (d = m_old - m_new <= 0), f = e^d: re-express the sums about the new max.
+template <typename V>
+MITK_HD void acc_rescale(V& s, V& A, V& Q, const V& d, const V& f) {
+  Q = f * (Q + V(2) * d * A + d * d * s);
+  A = f * (A + d * s);
+  s = f * s;
+}
+
+// Merge accumulator b (max mb) into a (max ma); both maxima in z units, either may be -inf
+// for an empty accumulator. Used where lanes or threads kept their own max.
+template <typename acc_t>
+MITK_HD void acc_merge(acc_t& ma, acc_t& sa, acc_t& Aa, acc_t& Qa, acc_t mb, acc_t sb, acc_t Ab,
+                       acc_t Qb) {
+  if (!(sb > acc_t(0))) return;
+  if (!(sa > acc_t(0))) {
+    ma = mb; sa = sb; Aa = Ab; Qa = Qb;
+    return;
+  }
+  if (mb > ma) {
+    const acc_t d = ma - mb;
+    acc_rescale(sa, Aa, Qa, d, exp(d));
+    ma = mb;
+  } else if (mb < ma) {
+    const acc_t d = mb - ma;
+    acc_rescale(sb, Ab, Qb, d, exp(d));
+  }
+  sa += sb;
+  Aa += Ab;
+  Qa += Qb;
+}
+
+// Row finish: lse, H (predictive entropy), V (variance of z under p), CE, from the accumulators
+// about the max m and the target's z. H = lse - E_p[z] = log s - A/s without cancelling m.
+template <typename acc_t>
+struct RowStats {
+  acc_t lse, H, V, CE;
+};
+
+template <typename acc_t>
+MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t s, acc_t A, acc_t Q, acc_t z_target) {
+  RowStats<acc_t> r;
+  const acc_t log_s = log(s);
+  const acc_t a = A / s;
+  r.lse = m + log_s;
+  r.H = log_s - a;
+  acc_t v = Q / s - a * a;
+  r.V = v < acc_t(0) ? acc_t(0) : v;  // rounding can leave a tiny negative
+  r.CE = (m - z_target) + log_s;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient w.r.t. the logits (KERNEL_MATH s.3), with scale = g row_scale / T_r, log p = z - lse:
+//   dx = scale (p (1 + c (log p + H)) - [j == y])
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+MITK_HD V grad_logit(const V& p, const V& log_p, const V& H, const V& c, const V& scale) {
+  return scale * (p * (V(1) + c * (log_p + H)));
+}
+
+template <typename V>
+MITK_HD V grad_logit_target(const V& p, const V& log_p, const V& H, const V& c, const V& scale) {
+  return scale * (p * (V(1) + c * (log_p + H)) - V(1));
+}
+
+// Row term of sum_j (dL/dz_j) z_j (KERNEL_MATH s.4): CE - H + c V.
+template <typename acc_t>
+MITK_HD acc_t tau_row_term(acc_t ce_minus_h, acc_t c, acc_t v) {
+  return ce_minus_h + c * v;
+}
+
+// dL/dtau = -gs / T * (sum (CE - H) + c sum V) * dT/dtau.
+template <typename acc_t>
+MITK_HD acc_t grad_tau_value(acc_t gs, acc_t T, acc_t sum_ce_minus_h, acc_t c, acc_t sum_v,
+                             acc_t dT) {
+  return -gs / T * tau_row_term(sum_ce_minus_h, c, sum_v) * dT;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finalize (float64 scalars).
+// ---------------------------------------------------------------------------------------------
+// One term of the entropy -sum q log q, with 0 log 0 = 0.
+MITK_HD double entropy_term(double q) {
+  return q > 0.0 ? -q * log(q) : 0.0;
+}
+
+// MiT dual averaging: d = max(0, (H* - H) / log C), lam' = clamp((lam (n' - 1) + d) / n', 0, 0.5).
+MITK_HD double mit_dual_gap(double h_star, double mean_h, int64_t num_classes) {
+  const double d = (h_star - mean_h) / log(static_cast<double>(num_classes));
+  return d < 0.0 ? 0.0 : d;  // NaN stays NaN, as torch.clamp(min=0)
+}
+
+MITK_HD double mit_dual_average(double lam, int64_t n_new, double d) {
+  double l = (lam * static_cast<double>(n_new - 1) + d) / static_cast<double>(n_new);
+  if (l < 0.0) l = 0.0;
+  if (l > 0.5) l = 0.5;
+  return l;
+}
+
+// CCT-EAL: coefficient c = -dR/dH of R = alpha (H - H*)^2, and the regularizer itself.
+MITK_HD double cct_coef(double alpha, double mean_h, double h_star) {
+  return -2.0 * alpha * (mean_h - h_star);
+}
+
+MITK_HD double cct_penalty(double alpha, double mean_h, double h_star) {
+  const double g = mean_h - h_star;
+  return alpha * g * g;
+}
+
+MITK_HD double ema_update(double ema, double momentum, double freq) {
+  return momentum * ema + (1.0 - momentum) * freq;
+}
+
+// Row validity of the op contract.
+MITK_HD bool target_valid(int64_t y, int64_t num_classes, int64_t ignore_index) {
+  return y != ignore_index && y >= 0 && y < num_classes;
+}
+
+MITK_HD bool target_invalid(int64_t y, int64_t num_classes, int64_t ignore_index) {
+  return y != ignore_index && (y < 0 || y >= num_classes);
+}
+
+}  // namespace mitk
