@@ -1,0 +1,1 @@
+"""Benchmarks of mitkernels: ``python -m benchmarks.bench_mit_loss --quick`` (``make bench``)."""
