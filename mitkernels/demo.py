@@ -1,6 +1,6 @@
 """Demo: CE, TET, MiT and CCT-EAL on two small real data sets that ship with scikit-learn.
 
-Run ``python -m mitkernels.demo`` (about a minute on two CPU cores). For each data set
+Run ``python -m mitkernels.demo`` (one to two minutes on two CPU cores). For each data set
 (``load_breast_cancer``, the Wisconsin diagnostic set: 569 tumours, 30 features, malignant or
 benign; ``load_digits``: 1797 8x8 images of handwritten digits) and each seed, it trains the same
 small network from the same initialisation, on the same batch order, once per loss:
@@ -11,11 +11,12 @@ small network from the same initialisation, on the same batch order, once per lo
 * ``TET``      :class:`mitkernels.TETLoss` (fixed ``T = 0.5``, ``lambda = 0.1``);
   test probabilities ``softmax(logits / T)``.
 * ``MiT``      :class:`mitkernels.MiTLoss`: the first ``--mit-pretrain-epochs`` epochs are plain CE,
-  then ``T`` is calibrated on the training logits (``collect_logits`` + ``calibrate_``, the published
-  recipe) and MiT trains for the remaining epochs, ``tau`` learned with the model;
+  then ``T`` is calibrated on the training logits (``collect_logits`` + ``calibrate_``, the
+  published recipe) and MiT trains for the remaining epochs, ``tau`` learned with the model;
   test probabilities ``softmax(logits / T)``.
-* ``CCT-EAL``  :class:`mitkernels.CCTEALLoss`, ``set_progress(epoch / epochs)`` each epoch, ``tau_c``
-  learned with the model; test probabilities ``softmax(scale_logits(logits))`` (labels unused).
+* ``CCT-EAL``  :class:`mitkernels.CCTEALLoss`, ``set_progress(epoch / epochs)`` each epoch,
+  ``tau_c`` learned with the model; test probabilities ``softmax(scale_logits(logits))`` (no
+  labels used).
 
 Splits are stratified 60/20/20 train/validation/test, fixed (``--split-seed``) across seeds and
 methods. Every loss gets the same budget and the network of the last epoch is evaluated; the
@@ -174,7 +175,7 @@ def test_time_logits(method: str, logits: Tensor, criterion: Optional[nn.Module]
 
 
 def metrics(z: Tensor, y: Tensor, num_classes: int) -> Dict[str, float]:
-    """Accuracy, AUC, NLL and top-label ECE of ``softmax(z)`` (torchmetrics; NLL by F.cross_entropy)."""
+    """Accuracy, AUC, NLL, top-label ECE of ``softmax(z)`` (torchmetrics; NLL: F.cross_entropy)."""
     from torchmetrics.classification import AUROC, Accuracy, CalibrationError
 
     z = z.double()
@@ -404,7 +405,8 @@ def machine() -> str:
 # Entry point
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mitkernels.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mitkernels.demo",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--backend", default="auto",
