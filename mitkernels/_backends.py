@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -37,6 +39,11 @@ def extension():
     try:
         from . import _C  # noqa: F401  (loading it registers the mitkernels_C ops)
     except ImportError as err:
+        built = list(Path(__file__).parent.glob("_C*.so")) + list(Path(__file__).parent.glob("_C*.pyd"))
+        if built:  # a build exists but does not load: stale against this torch, say so once
+            warnings.warn(f"mitkernels._C exists ({built[0].name}) but does not load: {err}. "
+                          "Rebuild it with `pip install --no-build-isolation -e .`; until then "
+                          "the eager reference serves CPU calls.", RuntimeWarning, stacklevel=2)
         return err
     return _C
 

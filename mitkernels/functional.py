@@ -7,6 +7,7 @@ runs ``mitkernels/reference.py`` instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -83,7 +84,7 @@ def _check_temperature(tau: Tensor, expected: int, name: str) -> None:
 def _canonical(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
     """``[N, C, S]`` logits (a view when the spatial dims merge) and ``[R]`` targets."""
     n, c = logits.shape[:2]
-    logits3 = logits.reshape(n, c, -1)
+    logits3 = logits.reshape(n, c, math.prod(logits.shape[2:]))
     flat = targets.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.long()

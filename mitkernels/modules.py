@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -11,6 +12,7 @@ from . import functional
 from .calibration import calibrate_temperature
 from .state import (STATE_BUFFERS, check_num_classes, convert_published_state_dict,
                     initial_buffers, tau_for_temperature)
+from .reference import MIT_T_MAX, MIT_T_MIN
 from .reference import temperature as _temperature
 
 
@@ -38,6 +40,11 @@ class MiTLoss(_ExactStateModule):
     Unlike the published code, the running statistics are updated in training mode only (like
     BatchNorm): the published criterion also updated them on validation batches, which leaks the
     test labels into ``H*``. Call ``criterion.eval()`` when evaluating.
+
+    What to expect: each dual step adds ``max(0, (H* - H) / log C)``, and an accurate model's mean
+    predictive entropy ``H`` is far below the label entropy ``H*``, so ``lambda`` climbs to its
+    clamp of 0.5. The entropy bonus then keeps predictions away from certainty: the published
+    loss trades sharpness (NLL, ECE) for a softer, entropy-matched output (see the demo).
 
     Args:
         num_classes: ``C >= 2``.
@@ -72,10 +79,25 @@ class MiTLoss(_ExactStateModule):
 
     @torch.no_grad()
     def calibrate_(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Set ``tau`` so that ``T`` is the NLL-optimal temperature of held-out ``logits``."""
-        t_opt = calibrate_temperature(logits, labels)
+        """Set ``tau`` so that ``T`` is the NLL-optimal temperature of ``logits``.
+
+        Calibrate on the logits of a model with some skill (after a short warm-up with plain CE,
+        as the published recipe does): an untrained model's optimum sits at the upper bound, where
+        ``softplus`` is the identity and ``tau`` would have to travel hundreds of units to come
+        back. A result on a bound is therefore warned about.
+        """
+        t_opt = calibrate_temperature(logits, labels, backend=self.backend)
+        if float(t_opt) in (MIT_T_MIN, MIT_T_MAX):
+            warnings.warn(f"the calibrated temperature sits on its bound ({float(t_opt):g}): the "
+                          "logits show no usable skill; calibrate after a short warm-up",
+                          stacklevel=2)
         self.tau.fill_(tau_for_temperature(float(t_opt)))
         return t_opt
+
+    @torch.no_grad()
+    def scale_logits(self, logits: Tensor) -> Tensor:
+        """``logits / T``: what the model predicts with this loss's temperature."""
+        return logits / self.temperature.to(logits.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -107,6 +129,11 @@ class TETLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.backend = backend
+
+    @torch.no_grad()
+    def scale_logits(self, logits: Tensor) -> Tensor:
+        """``logits / T`` with the fixed temperature."""
+        return logits / self.temperature
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         return functional.tet_loss(logits, targets, self.temperature, self.lambda_entropy,

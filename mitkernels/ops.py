@@ -48,7 +48,7 @@ reduction, update_state, loss_dtype) -> (loss, stats, grad_info)``
            n' = n + 1; d = max(0, (H* - mean_H) / log C); lam' = clamp((lam (n'-1) + d) / n', 0, 0.5);
            total' = total + B; c = lam'.   When not upd: counts, lam, n, total unchanged, H* from
            counts as they are, c = lam.
-      TET: c = hparams[0]; H* = NaN.
+      TET: c = hparams[0]; H* = 0 (not reported).
       CCT: ema' = m ema + (1 - m) hist / Bg (when upd); H* = -sum p log p, p = max(ema', entropy_eps);
            alpha = state[1]; c = -2 alpha (mean_H - H*).
   loss (Bl, CEl, Hl: valid count and sums of ``local_summary``), dtype ``loss_dtype``:

@@ -58,11 +58,13 @@ def _row_terms(logits: Tensor, targets: Tensor, row_temperature: Tensor, ignore_
     return torch.where(valid, ce_rows, zero), torch.where(valid, h_rows, zero), valid, safe_y
 
 
-def _reduce(ce_rows: Tensor, h_rows: Tensor, valid: Tensor, reduction: str, entropy_coef) -> Tensor:
-    """CE minus ``entropy_coef`` times H, reduced the way F.cross_entropy reduces."""
+def _reduce(ce_rows: Tensor, h_rows: Tensor, valid: Tensor, reduction: str, entropy_coef,
+            shape) -> Tensor:
+    """CE minus ``entropy_coef`` times H, reduced the way F.cross_entropy reduces
+    (``reduction='none'`` keeps the targets' ``shape``)."""
     rows = ce_rows - entropy_coef * h_rows
     if reduction == "none":
-        return torch.where(valid, rows, torch.zeros_like(rows))
+        return torch.where(valid, rows, torch.zeros_like(rows)).reshape(shape)
     total = rows.sum()
     if reduction == "sum":
         return total
@@ -123,7 +125,7 @@ def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
         dual_updates.copy_(torch.where(do_update, n_new, dual_updates))
         lambda_entropy.copy_(lam)
     entropy_coef = lam.to(ce_rows.dtype)
-    loss = _reduce(ce_rows, h_rows, valid, reduction, entropy_coef)
+    loss = _reduce(ce_rows, h_rows, valid, reduction, entropy_coef, targets.shape)
     loss_mean = ce - entropy_coef * h
     stats = {"loss": loss_mean, "ce": ce, "H": h, "H_star": h_star, "lambda": lam, "T": t[0],
              "updated": do_update, "valid": count}
@@ -138,7 +140,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     ce_rows, h_rows, valid, _ = _row_terms(logits, targets, lambda y: t.expand(y.shape),
                                            ignore_index)
     ce, h, count = _means(ce_rows, h_rows, valid)
-    loss = _reduce(ce_rows, h_rows, valid, reduction, lambda_entropy)
+    loss = _reduce(ce_rows, h_rows, valid, reduction, lambda_entropy, targets.shape)
     stats = {"loss": ce - lambda_entropy * h, "ce": ce, "H": h,
              "lambda": torch.tensor(float(lambda_entropy), dtype=torch.float64, device=logits.device),
              "T": t, "valid": count}

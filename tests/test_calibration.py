@@ -84,3 +84,19 @@ def test_collect_logits_restores_mode():
     model.eval()
     mitkernels.collect_logits(model, loader)
     assert not model.training
+
+
+def test_calibrate_warns_on_bound_and_uses_the_module_backend(monkeypatch):
+    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    crit = mitkernels.MiTLoss(2, backend="reference")
+    seen = {}
+    real = mitkernels.modules.calibrate_temperature
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mitkernels.modules, "calibrate_temperature", spy)
+    with pytest.warns(UserWarning, match="bound"):
+        crit.calibrate_(logits, torch.tensor([0, 1]))
+    assert seen["backend"] == "reference"
