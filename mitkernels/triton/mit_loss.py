@@ -61,39 +61,42 @@ class RowConfig:
         return self.max_classes is not None and self.block_c >= self.max_classes
 
 
-# First row whose max_classes >= C wins. Small C: ~4096 elements a tile, many rows a program.
-# Large C: one row a tile, the columns in a loop (any C; 4096 columns of 16/32-bit a step).
+# First row whose max_classes >= C wins. Small C: a tile of rows a step, many steps a program;
+# sizes chosen so that ptxas (sm_80, sm_90) spills nothing and stays near 128 registers
+# (tests/test_triton_aot.py prints the table). Large C: one row a tile, the columns in a loop.
 ROW_TABLE = (
-    RowConfig(2, 2, 1024, 4),
-    RowConfig(4, 4, 1024, 4),
-    RowConfig(8, 8, 512, 4),
-    RowConfig(16, 16, 256, 4),
-    RowConfig(32, 32, 128, 4),
-    RowConfig(64, 64, 64, 4),
-    RowConfig(128, 128, 32, 4),
-    RowConfig(256, 256, 16, 4),
-    RowConfig(512, 512, 8, 4),
-    RowConfig(1024, 1024, 4, 4),
+    RowConfig(2, 2, 256, 4),
+    RowConfig(4, 4, 128, 4),
+    RowConfig(8, 8, 64, 4),
+    RowConfig(16, 16, 32, 4),
+    RowConfig(32, 32, 16, 4),
+    RowConfig(64, 64, 8, 4),
+    RowConfig(128, 128, 4, 4),
+    RowConfig(256, 256, 4, 4),
+    RowConfig(512, 512, 2, 4),
+    RowConfig(1024, 1024, 1, 4),
     RowConfig(8192, 2048, 1, 8),
     RowConfig(None, 4096, 1, 8),
 )
-# float64 logits: half the tile (twice the registers per element).
+# float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
-    RowConfig(2, 2, 512, 4),
-    RowConfig(4, 4, 512, 4),
-    RowConfig(8, 8, 256, 4),
-    RowConfig(16, 16, 128, 4),
-    RowConfig(32, 32, 64, 4),
-    RowConfig(64, 64, 32, 4),
-    RowConfig(128, 128, 16, 4),
-    RowConfig(256, 256, 8, 4),
-    RowConfig(512, 512, 4, 4),
-    RowConfig(1024, 1024, 2, 4),
+    RowConfig(2, 2, 128, 4),
+    RowConfig(4, 4, 64, 4),
+    RowConfig(8, 8, 32, 4),
+    RowConfig(16, 16, 16, 4),
+    RowConfig(32, 32, 8, 4),
+    RowConfig(64, 64, 4, 4),
+    RowConfig(128, 128, 2, 4),
+    RowConfig(256, 256, 2, 4),
+    RowConfig(512, 512, 1, 4),
+    RowConfig(1024, 1024, 1, 8),
     RowConfig(8192, 1024, 1, 8),
     RowConfig(None, 2048, 1, 8),
 )
-FUSED_MAX_TILES = 2  # forward + finalize in one launch when the batch is this many tiles or fewer
-SUMMARY_BLOCK_W, SUMMARY_BLOCK_N, SUMMARY_WARPS = 64, 64, 4
+# Forward + finalize in one launch (one program) when the batch holds at most this many padded
+# logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
+FUSED_MAX_ELEMENTS = 8192
+SUMMARY_BLOCK_W, SUMMARY_BLOCK_N, SUMMARY_WARPS = 32, 32, 4
 FINALIZE_BLOCK, FINALIZE_WARPS = 1024, 4
 NONE_LOSS_BLOCK, NONE_LOSS_WARPS = 1024, 4
 GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
@@ -156,6 +159,21 @@ def _f64(x):
 
 
 @triton.jit
+def _recip(x):
+    """1/x without an IEEE division.
+
+    ptxas turns div.rn (float32 and float64) into a slow-path subroutine call and spills registers
+    around it; div.approx.f32 (2 ulp, |x| in [2^-126, 2^126]) seeds Newton steps instead: one for
+    float32, two for float64 (to about 1 ulp). Every divisor here lies far inside that range.
+    """
+    r = tl.fdiv(1.0, x.to(tl.float32), approx=True).to(x.dtype)
+    r = r * (2.0 - x * r)
+    if x.dtype == tl.float64:
+        r = r * (2.0 - x * r)
+    return r
+
+
+@triton.jit
 def _temperature(tau, t_eps, t_min, t_max):
     """T = clamp(softplus(tau) + t_eps, t_min, t_max) in tau's dtype, and dT/dtau.
 
@@ -166,13 +184,13 @@ def _temperature(tau, t_eps, t_min, t_max):
     """
     e = tl.exp(tl.minimum(tau, 20.0))
     u = 1.0 + e
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e * _recip(u - 1.0)))
     softplus = tl.where(tau > 20.0, tau, log1p_e)
     t_raw = softplus + _f64(t_eps).to(tau.dtype)
     lo = _f64(t_min).to(tau.dtype)
     hi = _f64(t_max).to(tau.dtype)
     temp = tl.minimum(tl.maximum(t_raw, lo), hi)
-    dtemp = tl.where(tau > 20.0, 1.0, e / u)
+    dtemp = tl.where(tau > 20.0, 1.0, e * _recip(u))
     dtemp = tl.where((t_raw >= lo) & (t_raw <= hi), dtemp, 0.0)
     return temp, dtemp
 
@@ -203,9 +221,9 @@ def _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC: tl.constexpr,
 @triton.jit
 def _row_bases(rows, S, stride_n, stride_s):
     # int64 element offsets: tensors beyond 2^31 elements are fine.
-    rows64 = rows.to(tl.int64)
-    n = rows64 // S
-    return n * stride_n + (rows64 - n * S) * stride_s
+    # rows < 2^31: the division stays 32-bit (a 64-bit one is a subroutine call)
+    n = rows // S
+    return n.to(tl.int64) * stride_n + (rows - n * S).to(tl.int64) * stride_s
 
 
 @triton.jit
@@ -218,6 +236,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
     temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
+    inv_temp = _recip(temp)
     base = _row_bases(rows, S, stride_n, stride_s)
 
     m = tl.full([BLOCK_R], float("-inf"), ACC)
@@ -230,7 +249,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
         mask = in_range[:, None] & (cols < C)[None, :]
         ptrs = x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c)
         x = tl.load(ptrs, mask=mask, other=float("-inf"))
-        z = x.to(ACC) / temp[:, None]
+        z = x.to(ACC) * inv_temp[:, None]
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Rows with no finite logit yet keep m = -inf: shift by 0 there, and s = A = Q = 0 so the
         # rescale is a no-op (avoids inf - inf).
@@ -253,10 +272,11 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
-    mean_w = a / s
+    inv_s = _recip(s)
+    mean_w = a * inv_s
     lse = tl.where(valid, m + log_s, 0.0)
     ent = tl.where(valid, log_s - mean_w, 0.0)  # H = lse - E_p[z]
-    var = tl.where(valid, tl.maximum(q / s - mean_w * mean_w, 0.0), 0.0)
+    var = tl.where(valid, tl.maximum(q * inv_s - mean_w * mean_w, 0.0), 0.0)
     ce = tl.where(valid, m + log_s - z_y, 0.0)
     rows64 = rows.to(tl.int64)
     tl.store(rs_ptr + rows64, lse, mask=in_range)
@@ -398,8 +418,9 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
     ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
     upd = ok & (tl.cast(update_state, tl.int32) != 0)
-    mean_ce = sum_ce / b_g
-    mean_h = sum_h / b_g
+    inv_bg = _recip(b_g)
+    mean_ce = sum_ce * inv_bg
+    mean_h = sum_h * inv_bg
     hist_ptr = sum_ptr + SUMMARY_HEADER
     nan = _nan_f64()
 
@@ -411,13 +432,14 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
             cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
             total += tl.sum(cnt, axis=0)
+        inv_total = _recip(total)
         ent = tl.zeros([], tl.float64)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < C
             cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
             cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
-            prob = cnt / total
+            prob = cnt * inv_total
             ent -= tl.sum(tl.where(prob > 0.0, prob * tl.log(tl.where(prob > 0.0, prob, 1.0)),
                                    0.0), axis=0)
             tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
@@ -425,8 +447,8 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
         n_new = (n_old + 1).to(tl.float64)
-        gap = tl.maximum((h_star - mean_h) / tl.log(tl.cast(C, tl.float64)), 0.0)
-        lam_new = tl.minimum(tl.maximum((lam * (n_new - 1.0) + gap) / n_new, 0.0), 0.5)
+        gap = tl.maximum((h_star - mean_h) * _recip(tl.log(tl.cast(C, tl.float64))), 0.0)
+        lam_new = tl.minimum(tl.maximum((lam * (n_new - 1.0) + gap) * _recip(n_new), 0.0), 0.5)
         coef = tl.where(upd, lam_new, lam)
         tl.store(st2_ptr, lam_new, mask=upd)
         tl.store(st3_ptr, n_old + 1, mask=upd)
@@ -445,7 +467,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             km = k < C
             ema = tl.load(st0_ptr + k, mask=km, other=0.0)
             hist = tl.load(hist_ptr + k, mask=km, other=0.0)
-            ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist / b_g), ema)
+            ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist * inv_bg), ema)
             tl.store(st0_ptr + k, ema, mask=tl.where(upd, km, False))
             prob = tl.maximum(ema, _f64(hp1))
             ent -= tl.sum(tl.where(km, prob * tl.log(prob), 0.0), axis=0)
@@ -458,7 +480,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     # Temperatures: T_0 (or the hist-weighted mean for K = C) and dL/dtau (KERNEL_MATH s.4).
     tau0 = tl.load(tau_ptr)
     temp0, dtemp0 = _temperature(tau0, t_eps, t_min, t_max)
-    grad_scale = tl.where(reduction == 1, 1.0 / b_g, 1.0)
+    grad_scale = tl.where(reduction == 1, inv_bg, 1.0)
     temp_sum = tl.zeros([], tl.float64)
     multi = tl.cast(K, tl.int32) > 1  # K = C: class-conditional temperatures
     for k0 in range(0, K, BLOCK_K):
@@ -473,17 +495,18 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         ceh_k = tl.load(hist_ptr + C + k, mask=per_class, other=0.0)
         var_k = tl.load(hist_ptr + C + C + k, mask=per_class, other=0.0)
         num = tl.where(multi, ceh_k + coef * var_k, sum_ce - sum_h + coef * sum_v)
-        dtau = -grad_scale / temp_k * num * dtemp_k.to(tl.float64)
+        dtau = -grad_scale * _recip(temp_k) * num * dtemp_k.to(tl.float64)
         dtau = tl.where(reduction == 0, 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
-    temp_stat = tl.where(multi, temp_sum / b_g, temp0.to(tl.float64))
+    temp_stat = tl.where(multi, temp_sum * inv_bg, temp0.to(tl.float64))
 
     loc_bg = tl.maximum(loc_b, 1.0)
+    inv_loc_bg = _recip(loc_bg)
     if kind == 2:
-        mean_form = loc_ce / loc_bg + reg
+        mean_form = loc_ce * inv_loc_bg + reg
         sum_form = loc_ce + loc_b * reg
     else:
-        mean_form = loc_ce / loc_bg - coef * loc_h / loc_bg
+        mean_form = (loc_ce - coef * loc_h) * inv_loc_bg
         sum_form = loc_ce - coef * loc_h
     loss = tl.where(reduction == 2, sum_form, mean_form)
     loss = tl.where(loc_b == 0.0, 0.0, loss)
@@ -496,7 +519,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         idx == 3, h_star, tl.where(idx == 4, coef_stat, tl.where(idx == 5, temp_stat, tl.where(
             idx == 6, upd.to(tl.float64), tl.where(idx == 7, big_b, n_invalid))))))))
     tl.store(stats_ptr + idx, stats, mask=idx < NUM_STATS)
-    row_scale = tl.where(reduction == 1, 1.0 / loc_bg, 1.0)
+    row_scale = tl.where(reduction == 1, inv_loc_bg, 1.0)
     tl.store(gi_ptr + idx, tl.where(idx == 0, coef, row_scale), mask=idx < 2)
     return coef, is_nan
 
@@ -565,7 +588,8 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     coef = tl.load(gi_ptr)
     row_scale = tl.load(gi_ptr + 1)
     g = tl.load(g_ptr + rows64 * g_stride, mask=in_range, other=0.0).to(ACC)
-    scale = tl.where(valid, g * row_scale / temp, 0.0)
+    inv_temp = _recip(temp)
+    scale = tl.where(valid, g * row_scale * inv_temp, 0.0)
     base = _row_bases(rows, S, stride_n, stride_s)
     dbase = _row_bases(rows, S, dstride_n, dstride_s)
     for c0 in range(0, C, BLOCK_C):
@@ -573,7 +597,7 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         cols64 = cols.to(tl.int64)
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
-        log_p = x.to(ACC) / temp[:, None] - lse[:, None]
+        log_p = x.to(ACC) * inv_temp[:, None] - lse[:, None]
         p = tl.exp(log_p)
         onehot = (cols[None, :] == y_safe[:, None]).to(ACC)
         dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
@@ -613,7 +637,7 @@ def _grad_tau_none_kernel(g_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr, R, C, 
         acc += tl.sum(tl.where(hit, val[:, None], 0.0), axis=0)
     tau = tl.load(tau_ptr + k, mask=km, other=0.0)
     temp, dtemp = _temperature(tau, t_eps, t_min, t_max)
-    gt = -acc / temp.to(tl.float64) * dtemp.to(tl.float64)
+    gt = -acc * _recip(temp.to(tl.float64)) * dtemp.to(tl.float64)
     tl.store(gt_ptr + k, gt.to(gt_ptr.dtype.element_ty), mask=km)
 
 
@@ -642,7 +666,7 @@ def _summary_width(num_classes: int, num_temperatures: int) -> int:
 
 
 def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
-    return cfg.local_classes and triton.cdiv(rows, cfg.block_r) <= FUSED_MAX_TILES
+    return cfg.local_classes and rows * cfg.block_c <= FUSED_MAX_ELEMENTS
 
 
 def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):

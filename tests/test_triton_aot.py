@@ -1,0 +1,224 @@
+"""Ahead-of-time compilation of every Triton kernel configuration, for sm_80 and sm_90, no GPU.
+
+The sweep is ``mitkernels.triton.mit_loss.launch_variants()``: the same table the launchers read,
+so this test cannot drift from what runs. Each variant is compiled to PTX with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, then assembled with
+``ptxas -v`` (the ptxas Triton itself uses for that arch); the row kernels must not spill.
+
+By default the 16-bit table is compiled with bfloat16 logits and the float64 table with float64
+logits (every constexpr configuration); ``MITKERNELS_AOT_ALL_DTYPES=1`` adds float16 and float32.
+Run ``python tests/test_triton_aot.py`` to print the register / spill table.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = (80, 90)
+ROW_KERNELS = ("_rows_kernel", "_fused_kernel", "_backward_kernel")
+TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+              torch.float64: "fp64"}
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "mitkernels_triton_aot_cache")
+
+
+def _compiled_module():
+    """mit_loss with real @triton.jit kernels, even when this process runs the interpreter."""
+    from triton import knobs
+
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False
+        spec = importlib.util.spec_from_file_location(
+            "_mitkernels_triton_aot", ROOT / "mitkernels" / "triton" / "mit_loss.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module
+
+
+def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
+    """Argument types as the launchers pass them (int64 targets, float32 tau)."""
+    logits = TYPE_NAMES[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("x_ptr", "dx_ptr", "loss_ptr", "g_ptr"):
+            sig[name] = "*" + logits
+        elif name in ("tg_ptr", "st3_ptr"):
+            sig[name] = "*i64"
+        elif name in ("tau_ptr", "gt_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("rs_ptr", "gi_ptr"):
+            sig[name] = "*" + acc
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp64"
+        elif name in ("t_eps", "t_min", "t_max", "hp0", "hp1"):
+            sig[name] = "fp64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _specialized(name: str, constexprs: dict) -> dict:
+    # What Triton's launcher specializes on the common call ([N, C] contiguous, K = 1): integer
+    # arguments equal to 1 become constants.
+    if name in ROW_KERNELS:
+        extra = dict(S=1, stride_c=1, stride_s=1)
+        if name == "_backward_kernel":
+            extra.update(dstride_c=1, dstride_s=1)
+        if name != "_rows_kernel" and not constexprs.get("PER_CLASS", False):
+            extra["K"] = 1
+        return dict(constexprs, **extra)
+    return dict(constexprs)
+
+
+def _variants(all_dtypes: bool):
+    module = _compiled_module()
+    dtypes = set(TYPE_NAMES) if all_dtypes else {torch.bfloat16, torch.float64}
+    seen = []
+    for name, dtype, constexprs, num_warps in module.launch_variants():
+        if dtype not in dtypes:
+            continue
+        for cc in ARCHS:
+            item = (name, TYPE_NAMES[dtype], tuple(sorted(constexprs.items())), num_warps, cc)
+            if item not in seen:
+                seen.append(item)
+    return seen
+
+
+def _ptxas_report(ptx: str, cc: int):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(cc).path, f"-arch={arch}", "-v", path, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    regs = int(re.search(r"Used (\d+) registers", out.stderr).group(1))
+    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                       out.stderr).groups())
+    return regs, stores, loads
+
+
+_WORKER_MODULE = None
+
+
+def _ptx_only(backend=None, stages=None, options=None, language=None, capability=None):
+    # Triton calls the hook with no argument for a cache key, then with the pipeline to edit.
+    if stages is None:
+        return "mitkernels-aot-ptx-only", "2"
+    stages["cubin"] = lambda src, metadata: src.encode()  # placeholder binary: the PTX itself
+    return None
+
+
+def _compile_one(item):
+    """Compile one variant to PTX (no cubin stage) and ptxas -v it: (regs, spill st, spill ld)."""
+    global _WORKER_MODULE
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    name, dtype_name, constexprs, num_warps, cc = item
+    if _WORKER_MODULE is None:
+        _WORKER_MODULE = _compiled_module()
+        # PTX is all we need from Triton; ptxas -v runs below. A private cache keeps these
+        # PTX-only entries away from the cache of real launches.
+        knobs.cache.dir = CACHE_DIR
+        knobs.runtime.add_stages_inspection_hook = _ptx_only
+    dtype = {v: k for k, v in TYPE_NAMES.items()}[dtype_name]
+    kernel = _WORKER_MODULE.KERNELS[name]
+    ce = _specialized(name, dict(constexprs))
+    src = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, dtype, ce),
+                                    constexprs=ce)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                              options=dict(num_warps=num_warps))
+    return _ptxas_report(compiled.asm["ptx"], cc)
+
+
+def compile_all(all_dtypes: bool = False):
+    items = _variants(all_dtypes)
+    ctx = multiprocessing.get_context("fork")
+    workers = max(1, min(len(items), os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        results = list(pool.map(_compile_one, items, chunksize=4))
+    return list(zip(items, results))
+
+
+def format_table(rows) -> str:
+    lines = [f"{'kernel':<22} {'dtype':<5} {'cc':>3} {'warps':>5} {'regs':>4} {'spill st/ld':>11}  "
+             "constexprs"]
+    for (name, dtype, constexprs, warps, cc), (regs, st, ld) in rows:
+        ce = ", ".join(f"{k}={v}" for k, v in constexprs)
+        lines.append(f"{name:<22} {dtype:<5} {cc:>3} {warps:>5} {regs:>4} {f'{st}/{ld}':>11}  {ce}")
+    return "\n".join(lines)
+
+
+def _have_toolchain() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return all(os.path.exists(get_ptxas(cc).path) for cc in ARCHS)
+    except Exception:  # noqa: BLE001 - no NVIDIA backend in this triton build
+        return False
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    if not _have_toolchain():
+        pytest.skip("triton's NVIDIA backend or its ptxas is missing")
+    return compile_all(os.environ.get("MITKERNELS_AOT_ALL_DTYPES") == "1")
+
+
+def test_every_variant_compiles_for_sm80_and_sm90(aot_results):
+    print("\n" + format_table(aot_results))
+    kernels = {item[0] for item, _ in aot_results}
+    module = _compiled_module()
+    assert kernels == set(module.KERNELS), "a kernel is missing from launch_variants()"
+    assert {item[4] for item, _ in aot_results} == set(ARCHS)
+
+
+def test_row_kernels_do_not_spill(aot_results):
+    spills = [(item, res) for item, res in aot_results
+              if item[0] in ROW_KERNELS and (res[1] or res[2])]
+    assert not spills, "register spills:\n" + format_table(spills)
+
+
+def test_no_kernel_exceeds_the_register_file(aot_results):
+    for (name, dtype, constexprs, warps, cc), (regs, st, ld) in aot_results:
+        assert regs <= 255, (name, dtype, constexprs)
+
+
+def test_sweep_matches_launcher_choice():
+    """Every (C, dtype) the launchers can see maps to a configuration the sweep compiles."""
+    module = _compiled_module()
+    swept = {(name, dtype, tuple(sorted(ce.items())), warps)
+             for name, dtype, ce, warps in module.launch_variants()}
+    for dtype in TYPE_NAMES:
+        for c in (2, 3, 5, 8, 9, 100, 1000, 1024, 1025, 4099, 8192, 8193, 131072, 262144):
+            cfg = module.row_config(c, dtype)
+            for per_class in (False, True):
+                ce = module.rows_constexprs(cfg, per_class)
+                assert ("_rows_kernel", dtype, tuple(sorted(ce.items())), cfg.num_warps) in swept
+
+
+if __name__ == "__main__":
+    if "--clear-cache" in sys.argv:
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)
+    print(format_table(compile_all("--all-dtypes" in sys.argv)))
