@@ -200,7 +200,7 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    repeats: int
+    repeats: Optional[int]  # None: do_bench chose it
 
 
 def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int) -> Timing:
@@ -239,7 +239,7 @@ def time_cuda(fn: Callable, rep_ms: int) -> Timing:
         do_bench = None
     if do_bench is not None:
         med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(float(med), float(p20), float(p80), -1)
+        return Timing(float(med), float(p20), float(p80), None)
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for _ in range(3):
         fn()
@@ -571,10 +571,11 @@ def plan(cfg: Config) -> List[Tuple[Shape, str, str]]:
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: gigabytes of logits must not be made on the host and copied.
+    gen = torch.Generator(device=device).manual_seed(seed)
     # Logits with a spread like a trained classifier's (std 2), targets uniform over classes.
-    x = (torch.randn(shape.n, shape.c, generator=gen) * 2.0).to(device=device, dtype=dtype)
-    y = torch.randint(0, shape.c, (shape.n,), generator=gen).to(device)
+    x = torch.randn(shape.n, shape.c, generator=gen, device=device, dtype=dtype).mul_(2.0)
+    y = torch.randint(0, shape.c, (shape.n,), generator=gen, device=device)
     return x, y
 
 
@@ -878,7 +879,12 @@ def resolve_device(text: str) -> torch.device:
 def make_config(args) -> Config:
     device = resolve_device(args.device)
     sweep = "full" if args.full else "quick"
-    shapes, dtypes = SWEEPS[(device.type if device.type == "cuda" else "cpu", sweep)]
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    shapes, dtypes = SWEEPS[(kind, sweep)]
+    if sweep == "full":
+        # The quick sweep's shapes first: a run cut short by --budget-s still holds them all.
+        quick = SWEEPS[(kind, "quick")][0]
+        shapes = [s for s in quick if s in shapes] + [s for s in shapes if s not in quick]
     if args.shapes:
         shapes = args.shapes
     if args.dtypes:
