@@ -5,7 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <sstream>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,64 @@ TORCH_LIBRARY(mitkernels_C, m) {
       "loss_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor tau, Tensor row_stats, "
       "Tensor grad_info, float t_eps, float t_min, float t_max, int ignore_index, int reduction, "
       "bool compute_grad_tau) -> (Tensor, Tensor)");
+}
+
+// Meta kernels: shapes and dtypes only, so FakeTensor / torch.compile / opcheck can trace the
+// mitkernels_C ops directly (the public mitkernels ops have their fakes in ops.py).
+namespace {
+
+using at::Tensor;
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<Tensor, Tensor> row_stats_meta(const Tensor& logits, const Tensor& targets,
+                                          const Tensor& tau, double, double, double, int64_t) {
+  TORCH_CHECK(logits.dim() == 3, "mitkernels_C::row_stats: logits must be [N, C, S]");
+  const c10::SymInt n = logits.sym_size(0), c = logits.sym_size(1), s = logits.sym_size(2);
+  const bool one_temperature = tau.sym_numel() == 1;
+  const c10::SymInt summary = one_temperature ? c + 5 : c * 3 + 5;
+  return {at::empty_symint({c10::SymInt(4), n * s},
+                           logits.options().dtype(acc_of(logits.scalar_type()))),
+          at::empty_symint({summary}, logits.options().dtype(at::kDouble))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> finalize_meta(const Tensor& summary,
+                                                 const std::optional<Tensor>&,
+                                                 const Tensor& row_stats, const Tensor& tau,
+                                                 at::TensorList, int64_t, at::ArrayRef<double>,
+                                                 double, double, double, int64_t reduction, bool,
+                                                 at::ScalarType loss_dtype) {
+  const auto opts = row_stats.options();
+  Tensor loss = reduction == 0 ? at::empty_symint({row_stats.sym_size(1)}, opts.dtype(loss_dtype))
+                               : at::empty({}, opts.dtype(loss_dtype));
+  return {loss, at::empty({9}, opts.dtype(at::kDouble)),
+          at::empty_symint({tau.sym_numel() + 2}, opts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_meta(
+    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
+    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
+    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  auto [rs, summary] = row_stats_meta(logits, targets, tau, t_eps, t_min, t_max, ignore_index);
+  auto [loss, stats, grad_info] = finalize_meta(summary, std::nullopt, rs, tau, state, kind,
+                                                hparams, t_eps, t_min, t_max, reduction,
+                                                update_state, loss_dtype);
+  return {loss, stats, rs, grad_info};
+}
+
+std::tuple<Tensor, Tensor> loss_backward_meta(const Tensor&, const Tensor& logits, const Tensor&,
+                                              const Tensor& tau, const Tensor&, const Tensor&,
+                                              double, double, double, int64_t, int64_t, bool) {
+  return {at::empty_like(logits), at::empty_symint({tau.sym_numel()}, tau.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mitkernels_C, Meta, m) {
+  m.impl("row_stats", &row_stats_meta);
+  m.impl("finalize_", &finalize_meta);
+  m.impl("loss_forward_", &loss_forward_meta);
+  m.impl("loss_backward", &loss_backward_meta);
 }
 
 namespace {

@@ -1,0 +1,592 @@
+// CUDA kernels of the MiT loss family. No torch headers: plain pointers, sizes, strides and a
+// stream; csrc/cuda/mit_loss_cuda.cpp is the torch glue and declares the launchers below.
+//
+// Layout of the work (KERNEL_MATH s.5):
+//   row_stats     one warp per row, one read of the logits; lanes keep their own max and merge
+//                 in a fixed shuffle tree (mitk::acc_merge).
+//   summary       fixed-size row chunks; block trees in a fixed order, chunk partials combined
+//                 in chunk order. The class histogram uses double atomics of whole numbers,
+//                 which are exact (so order-free) below 2^53. Per-class sums (K = C) are summed
+//                 in row order by one thread per class. No float atomics anywhere.
+//   finalize      one block: state update, H*, lambda / coefficient, loss, stats, grad_info.
+//   backward      one warp per row, one read + one write; c and row_scale read on device.
+// Nothing syncs with the host; offsets are int64.
+//
+// The glue includes this file with MITK_CUDA_API_ONLY defined: it then sees only the argument
+// structs and the launcher declarations, so they are written once.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#ifndef MITK_CUDA_API_ONLY
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../mit_loss_math.h"
+#endif
+
+namespace mitk {
+namespace cuda {
+
+enum LogitsDtype : int { kF64 = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
+enum ScalarCode : int { kSDouble = 0, kSFloat = 1, kSLong = 2, kSInt = 3, kSHalf = 4, kSBFloat16 = 5 };
+
+// What the glue passes: type-erased pointers (dtype codes above), sizes and strides in elements.
+struct RowArgs {
+  const void* logits;
+  int dtype;
+  int64_t N, C, S, sn, sc, ss;
+  const void* targets;
+  bool targets64;
+  const void* tau;
+  bool tau64;
+  int64_t K;
+  int64_t ignore_index;
+  double t_eps, t_min, t_max;
+  void* row_stats;  // [4, R] acc
+  // backward
+  void* grad;
+  int64_t gn, gc, gs;
+  const void* grad_info;  // [2 + K] acc
+  const void* grad_loss;  // [] or [R] acc
+  bool grad_rows;
+};
+
+struct FinalizeArgs {
+  const double* summary;
+  const double* local;  // == summary when no local summary
+  const void* row_stats;
+  bool acc64;
+  int64_t R, C, K;
+  const void* tau;
+  bool tau64;
+  int kind;
+  double hp0, hp1;
+  double t_eps, t_min, t_max;
+  int reduction;
+  bool update_state;
+  void* loss;
+  int loss_code;  // ScalarCode
+  double* stats;
+  void* grad_info;  // acc
+  // state (MiT: counts, total, lambda, n; CCT: ema, alpha)
+  double* vec_state;
+  void* s1;
+  int s1_code;
+  void* s2;
+  int s2_code;
+  void* s3;
+  int s3_code;
+};
+
+// Doubles of scratch that launch_row_stats needs for R rows, C classes, K temperatures.
+int64_t summary_workspace_doubles(int64_t R, int64_t C, int64_t K);
+// Row stats into a.row_stats and the summary into `summary`.
+cudaError_t launch_row_stats(const RowArgs& a, double* summary, double* workspace,
+                             cudaStream_t stream);
+cudaError_t launch_finalize(const FinalizeArgs& f, cudaStream_t stream);
+cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_tau, void* grad_tau,
+                            cudaStream_t stream);
+
+#ifndef MITK_CUDA_API_ONLY
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;  // warps per block in the row kernels
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = 1024;  // rows per summary chunk
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Acc<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+__device__ __forceinline__ double read_code(const void* p, int code) {
+  switch (code) {
+    case kSDouble: return *static_cast<const double*>(p);
+    case kSFloat: return *static_cast<const float*>(p);
+    case kSLong: return static_cast<double>(*static_cast<const int64_t*>(p));
+    case kSInt: return *static_cast<const int32_t*>(p);
+    case kSHalf: return __half2float(*static_cast<const __half*>(p));
+    default: return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
+  }
+}
+
+__device__ __forceinline__ void write_code(void* p, int code, double v) {
+  switch (code) {
+    case kSDouble: *static_cast<double*>(p) = v; break;
+    case kSFloat: *static_cast<float*>(p) = static_cast<float>(v); break;
+    case kSLong: *static_cast<int64_t*>(p) = static_cast<int64_t>(v); break;
+    case kSInt: *static_cast<int32_t*>(p) = static_cast<int32_t>(v); break;
+    case kSHalf: *static_cast<__half*>(p) = __float2half(static_cast<float>(v)); break;
+    default: *static_cast<__nv_bfloat16*>(p) = __float2bfloat16(static_cast<float>(v)); break;
+  }
+}
+
+__device__ __forceinline__ int64_t target_at(const RowArgs& a, int64_t r) {
+  return a.targets64 ? static_cast<const int64_t*>(a.targets)[r]
+                     : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
+}
+
+// T_k in double, rounded through tau's dtype (as on CPU).
+__device__ __forceinline__ double temperature_at(const void* tau, bool tau64, int64_t k,
+                                                 double t_eps, double t_min, double t_max,
+                                                 double* dT = nullptr) {
+  const double v = tau64 ? static_cast<const double*>(tau)[k]
+                         : static_cast<double>(static_cast<const float*>(tau)[k]);
+  double t = temperature<double>(v, t_eps, t_min, t_max);
+  if (!tau64) t = static_cast<double>(static_cast<float>(t));
+  if (dT) *dT = temperature_grad<double>(v, t_eps, t_min, t_max);
+  return t;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp_shift(acc_t d) {
+  return d < acc_t(kMinShift) ? acc_t(kMinShift) : d;
+}
+
+// Fixed-order block sum (tree over shared memory); every thread gets the result.
+template <typename T>
+__device__ T block_sum(T v, T* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int off = blockDim.x / 2; off > 0; off >>= 1) {
+    if (threadIdx.x < off) smem[threadIdx.x] += smem[threadIdx.x + off];
+    __syncthreads();
+  }
+  const T out = smem[0];
+  __syncthreads();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row statistics: one warp per row.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarp * kRowsPerBlock)
+row_stats_kernel(RowArgs a) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t R = a.N * a.S;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= R) return;
+  acc_t* rs = static_cast<acc_t*>(a.row_stats);
+  const int64_t y = target_at(a, r);
+  if (!target_valid(y, a.C, a.ignore_index)) {
+    if (lane == 0) rs[r] = rs[R + r] = rs[2 * R + r] = rs[3 * R + r] = acc_t(0);
+    return;
+  }
+  const int64_t n = r / a.S, sp = r - n * a.S;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + n * a.sn + sp * a.ss;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
+                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t ninf = -INFINITY;
+  acc_t m = ninf, s = 0, A = 0, Q = 0;  // m in z units
+  for (int64_t j = lane; j < a.C; j += kWarp) {
+    const acc_t z = to_acc(x[j * a.sc]) * inv_t;
+    if (z > m || z != z) {
+      if (m > ninf) {
+        const acc_t d = clamp_shift(m - z);
+        acc_rescale(s, A, Q, d, exp(d));
+      }
+      m = z;
+    }
+    if (m == ninf) continue;
+    const acc_t d = clamp_shift(z - m);
+    acc_add(s, A, Q, acc_t(exp(d)), d);
+  }
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const acc_t mo = __shfl_down_sync(0xffffffffu, m, off);
+    const acc_t so = __shfl_down_sync(0xffffffffu, s, off);
+    const acc_t Ao = __shfl_down_sync(0xffffffffu, A, off);
+    const acc_t Qo = __shfl_down_sync(0xffffffffu, Q, off);
+    if (m != m || mo != mo) {
+      m = m + mo;  // NaN anywhere in the row: NaN stats
+      s = s + so;
+    } else {
+      acc_merge(m, s, A, Q, mo, so, Ao, Qo);
+    }
+  }
+  if (lane == 0) {
+    const RowStats<acc_t> st = row_finish<acc_t>(m, s, A, Q, to_acc(x[y * a.sc]) * inv_t);
+    rs[r] = st.lse;
+    rs[R + r] = st.H;
+    rs[2 * R + r] = st.V;
+    rs[3 * R + r] = st.CE;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summary: chunk partials of the header (fixed trees), histogram by exact atomics, per-class
+// sums in row order.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class_part) {
+  __shared__ double smem[kThreads];
+  const int64_t R = a.N * a.S;
+  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t r1 = r0 + kChunk < R ? r0 + kChunk : R;
+  double v[5] = {0, 0, 0, 0, 0};
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+    const int64_t y = target_at(a, r);
+    if (target_valid(y, a.C, a.ignore_index)) {
+      v[0] += 1.0;
+      v[1] += static_cast<double>(rs[3 * R + r]);
+      v[2] += static_cast<double>(rs[R + r]);
+      v[3] += static_cast<double>(rs[2 * R + r]);
+      atomicAdd(hist + y, 1.0);  // whole numbers: exact in any order
+    } else if (y != a.ignore_index) {
+      v[4] += 1.0;
+    }
+  }
+  for (int i = 0; i < 5; ++i) {
+    const double t = block_sum(v[i], smem);
+    if (threadIdx.x == 0) header_part[blockIdx.x * 5 + i] = t;
+  }
+  if (class_part == nullptr) return;
+  // K = C: per-class (CE - H) and V, one thread per class over the chunk's rows in order.
+  for (int64_t k = threadIdx.x; k < a.C; k += blockDim.x) {
+    double ce_h = 0.0, var = 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (target_at(a, r) == k) {
+        ce_h += static_cast<double>(rs[3 * R + r]) - static_cast<double>(rs[R + r]);
+        var += static_cast<double>(rs[2 * R + r]);
+      }
+    }
+    class_part[(blockIdx.x * 2) * a.C + k] = ce_h;
+    class_part[(blockIdx.x * 2 + 1) * a.C + k] = var;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+summary_combine_kernel(const double* header_part, const double* hist, const double* class_part,
+                       int64_t n_chunks, int64_t C, double* summary) {
+  __shared__ double smem[kThreads];
+  for (int i = 0; i < 5; ++i) {
+    double v = 0.0;
+    for (int64_t ch = threadIdx.x; ch < n_chunks; ch += blockDim.x) v += header_part[ch * 5 + i];
+    const double t = block_sum(v, smem);
+    if (threadIdx.x == 0) summary[i] = t;
+  }
+  for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
+    summary[SUMMARY_HEADER_SIZE + k] = hist[k];
+    if (class_part != nullptr) {
+      double ce_h = 0.0, var = 0.0;
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        ce_h += class_part[(ch * 2) * C + k];
+        var += class_part[(ch * 2 + 1) * C + k];
+      }
+      summary[SUMMARY_HEADER_SIZE + C + k] = ce_h;
+      summary[SUMMARY_HEADER_SIZE + 2 * C + k] = var;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finalize: one block.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
+  __shared__ double smem[kThreads];
+  const double* S = f.summary;
+  const double* L = f.local;
+  const int64_t C = f.C;
+  const double B = S[0], sum_ce = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double* hist = S + SUMMARY_HEADER_SIZE;
+  const bool ok = B > 0 && n_invalid == 0 && isfinite(sum_ce) && isfinite(sum_h) && isfinite(sum_v);
+  const bool upd = f.update_state && ok;
+  const double Bg = B > 1.0 ? B : 1.0;
+  const double mean_ce = sum_ce / Bg, mean_h = sum_h / Bg;
+  double h_star = nan(""), c = 0.0, coef_stat = 0.0, alpha = 0.0;
+  if (f.kind == 0) {
+    double* counts = f.vec_state;
+    double part = 0.0;
+    for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
+      if (upd) counts[k] += hist[k];
+      part += counts[k];
+    }
+    const double total = block_sum(part, smem);
+    part = 0.0;
+    for (int64_t k = threadIdx.x; k < C; k += blockDim.x) part += entropy_term(counts[k] / total);
+    h_star = block_sum(part, smem);
+    c = read_code(f.s2, f.s2_code);
+    if (upd) {
+      const int64_t n_new = static_cast<int64_t>(read_code(f.s3, f.s3_code)) + 1;
+      c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
+    }
+    __syncthreads();  // every thread has read the old state before thread 0 writes
+    if (upd && threadIdx.x == 0) {
+      write_code(f.s1, f.s1_code, read_code(f.s1, f.s1_code) + B);
+      write_code(f.s2, f.s2_code, c);
+      write_code(f.s3, f.s3_code, read_code(f.s3, f.s3_code) + 1.0);
+    }
+    coef_stat = c;
+  } else if (f.kind == 1) {
+    c = coef_stat = f.hp0;
+  } else {
+    double* ema = f.vec_state;
+    double part = 0.0;
+    for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
+      if (upd) ema[k] = ema_update(ema[k], f.hp0, hist[k] / Bg);
+      part += entropy_term(ema[k] > f.hp1 ? ema[k] : f.hp1);
+    }
+    h_star = block_sum(part, smem);
+    alpha = coef_stat = read_code(f.s1, f.s1_code);
+    c = cct_coef(alpha, mean_h, h_star);
+  }
+
+  // Temperatures, dL/dtau, T stat.
+  acc_t* gi = static_cast<acc_t*>(f.grad_info);
+  const double gs = f.reduction == 1 ? 1.0 / Bg : 1.0;
+  double t_part = 0.0, t0 = 0.0;
+  for (int64_t k = threadIdx.x; k < f.K; k += blockDim.x) {
+    double dT = 0.0;
+    const double T = temperature_at(f.tau, f.tau64, k, f.t_eps, f.t_min, f.t_max, &dT);
+    double g = 0.0;
+    if (f.reduction != 0) {
+      g = f.K == 1 ? grad_tau_value(gs, T, sum_ce - sum_h, c, sum_v, dT)
+                   : grad_tau_value(gs, T, S[SUMMARY_HEADER_SIZE + C + k], c,
+                                    S[SUMMARY_HEADER_SIZE + 2 * C + k], dT);
+    }
+    gi[2 + k] = static_cast<acc_t>(g);
+    t_part += (f.K == 1 ? B : hist[k]) * T;
+    if (k == 0) t0 = T;
+  }
+  const double t_sum = block_sum(t_part, smem);
+  if (threadIdx.x != 0) return;
+
+  const double Bl = L[0], ce_l = L[1], h_l = L[2];
+  const double Blg = Bl > 1.0 ? Bl : 1.0;
+  const double penalty = f.kind == 2 ? cct_penalty(alpha, mean_h, h_star) : 0.0;
+  double loss_mean = f.kind == 2 ? ce_l / Blg + penalty : ce_l / Blg - c * h_l / Blg;
+  double loss_sum = f.kind == 2 ? ce_l + Bl * penalty : ce_l - c * h_l;
+  if (n_invalid > 0) {
+    loss_mean = loss_sum = nan("");
+  } else if (Bl == 0) {
+    loss_mean = loss_sum = 0.0;
+  }
+  if (f.reduction != 0) write_code(f.loss, f.loss_code, f.reduction == 1 ? loss_mean : loss_sum);
+  gi[0] = static_cast<acc_t>(c);
+  gi[1] = static_cast<acc_t>(f.reduction == 1 ? 1.0 / Blg : 1.0);
+  double* st = f.stats;
+  st[0] = f.reduction == 2 ? loss_sum : loss_mean;
+  st[1] = mean_ce;
+  st[2] = mean_h;
+  st[3] = h_star;
+  st[4] = coef_stat;
+  st[5] = f.kind == 2 ? t_sum / Bg : t0;
+  st[6] = upd ? 1.0 : 0.0;
+  st[7] = B;
+  st[8] = n_invalid;
+}
+
+// reduction 'none': loss_r = CE_r - c H_r (0 for rows that are not valid: their stats are 0).
+template <typename acc_t>
+__global__ void loss_rows_kernel(FinalizeArgs f) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= f.R) return;
+  const acc_t* rs = static_cast<const acc_t*>(f.row_stats);
+  const double c = static_cast<double>(static_cast<const acc_t*>(f.grad_info)[0]);
+  const double v = f.summary[4] > 0 ? nan("")
+                                    : static_cast<double>(rs[3 * f.R + r]) -
+                                          c * static_cast<double>(rs[f.R + r]);
+  switch (f.loss_code) {
+    case kSDouble: static_cast<double*>(f.loss)[r] = v; break;
+    case kSFloat: static_cast<float*>(f.loss)[r] = static_cast<float>(v); break;
+    case kSHalf: static_cast<__half*>(f.loss)[r] = __float2half(static_cast<float>(v)); break;
+    default: static_cast<__nv_bfloat16*>(f.loss)[r] = __float2bfloat16(static_cast<float>(v));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one warp per row.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t R = a.N * a.S;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= R) return;
+  const int64_t n = r / a.S, sp = r - n * a.S;
+  scalar_t* g = static_cast<scalar_t*>(a.grad) + n * a.gn + sp * a.gs;
+  const int64_t y = target_at(a, r);
+  if (!target_valid(y, a.C, a.ignore_index)) {
+    for (int64_t j = lane; j < a.C; j += kWarp) g[j * a.gc] = from_acc<scalar_t>(acc_t(0));
+    return;
+  }
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + n * a.sn + sp * a.ss;
+  const acc_t* gi = static_cast<const acc_t*>(a.grad_info);
+  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+  const acc_t* gl = static_cast<const acc_t*>(a.grad_loss);
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
+                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t c = gi[0];
+  const acc_t scale = (a.grad_rows ? gl[r] : gl[0]) * gi[1] * inv_t;
+  const acc_t lse = rs[r], H = rs[R + r];
+  for (int64_t j = lane; j < a.C; j += kWarp) {
+    const acc_t logp = clamp_shift(to_acc(x[j * a.sc]) * inv_t - lse);
+    const acc_t p = exp(logp);
+    g[j * a.gc] = from_acc<scalar_t>(j == y ? grad_logit_target(p, logp, H, c, scale)
+                                            : grad_logit(p, logp, H, c, scale));
+  }
+}
+
+// dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)(CE - H + c V) T' in a fixed
+// order (one block; each thread a fixed stride of rows, then a fixed tree per temperature).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
+  __shared__ double smem[kThreads];
+  const acc_t* gi = static_cast<const acc_t*>(a.grad_info);
+  const acc_t* gl = static_cast<const acc_t*>(a.grad_loss);
+  for (int64_t k = 0; k < a.K; ++k) {
+    double v;
+    if (reduction != 0) {
+      v = static_cast<double>(gl[0]) * static_cast<double>(gi[2 + k]);
+    } else {
+      const int64_t R = a.N * a.S;
+      const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+      const double c = static_cast<double>(gi[0]);
+      double part = 0.0;
+      for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+        const int64_t y = target_at(a, r);
+        if (!target_valid(y, a.C, a.ignore_index) || (a.K != 1 && y != k)) continue;
+        part += static_cast<double>(gl[r]) *
+                tau_row_term(static_cast<double>(rs[3 * R + r]) - static_cast<double>(rs[R + r]), c,
+                             static_cast<double>(rs[2 * R + r]));
+      }
+      const double sum = block_sum(part, smem);
+      double dT = 0.0;
+      const double T = temperature_at(a.tau, a.tau64, k, a.t_eps, a.t_min, a.t_max, &dT);
+      v = grad_tau_value(1.0, T, sum, 0.0, 0.0, dT);
+    }
+    if (threadIdx.x == 0) {
+      if (a.tau64) {
+        static_cast<double*>(grad_tau)[k] = v;
+      } else {
+        static_cast<float*>(grad_tau)[k] = static_cast<float>(v);
+      }
+    }
+  }
+}
+
+int64_t row_blocks(int64_t R) { return (R + kRowsPerBlock - 1) / kRowsPerBlock; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (host).
+// ---------------------------------------------------------------------------------------------
+int64_t summary_workspace_doubles(int64_t R, int64_t C, int64_t K) {
+  const int64_t n_chunks = (R + kChunk - 1) / kChunk;
+  return n_chunks * 5 + C + (K == 1 ? 0 : n_chunks * 2 * C);
+}
+
+// The histogram part of the workspace is zeroed here, on the stream.
+cudaError_t launch_row_stats(const RowArgs& a, double* summary, double* workspace,
+                             cudaStream_t stream) {
+  const int64_t R = a.N * a.S;
+  const int64_t n_chunks = (R + kChunk - 1) / kChunk;
+  double* header_part = workspace;
+  double* hist = workspace + n_chunks * 5;
+  double* class_part = a.K == 1 ? nullptr : hist + a.C;
+  cudaError_t err = cudaMemsetAsync(hist, 0, sizeof(double) * a.C, stream);
+  if (err != cudaSuccess) return err;
+  if (R > 0) {
+    const dim3 grid(static_cast<unsigned>(row_blocks(R)));
+    const dim3 block(kWarp * kRowsPerBlock);
+    switch (a.dtype) {
+      case kF64: row_stats_kernel<double><<<grid, block, 0, stream>>>(a); break;
+      case kF32: row_stats_kernel<float><<<grid, block, 0, stream>>>(a); break;
+      case kBF16: row_stats_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
+      default: row_stats_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+    }
+    if (a.dtype == kF64) {
+      summary_chunk_kernel<double><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
+          a, header_part, hist, class_part);
+    } else {
+      summary_chunk_kernel<float><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
+          a, header_part, hist, class_part);
+    }
+  }
+  summary_combine_kernel<<<1, kThreads, 0, stream>>>(header_part, hist, class_part, n_chunks, a.C,
+                                                    summary);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_finalize(const FinalizeArgs& f, cudaStream_t stream) {
+  if (f.acc64) {
+    finalize_kernel<double><<<1, kThreads, 0, stream>>>(f);
+  } else {
+    finalize_kernel<float><<<1, kThreads, 0, stream>>>(f);
+  }
+  if (f.reduction == 0 && f.R > 0) {
+    const unsigned blocks = static_cast<unsigned>((f.R + kThreads - 1) / kThreads);
+    if (f.acc64) {
+      loss_rows_kernel<double><<<blocks, kThreads, 0, stream>>>(f);
+    } else {
+      loss_rows_kernel<float><<<blocks, kThreads, 0, stream>>>(f);
+    }
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_tau, void* grad_tau,
+                            cudaStream_t stream) {
+  const int64_t R = a.N * a.S;
+  if (R > 0) {
+    const dim3 grid(static_cast<unsigned>(row_blocks(R)));
+    const dim3 block(kWarp * kRowsPerBlock);
+    switch (a.dtype) {
+      case kF64: grad_kernel<double><<<grid, block, 0, stream>>>(a); break;
+      case kF32: grad_kernel<float><<<grid, block, 0, stream>>>(a); break;
+      case kBF16: grad_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
+      default: grad_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+    }
+  }
+  if (compute_grad_tau) {
+    if (a.dtype == kF64) {
+      grad_tau_kernel<double><<<1, kThreads, 0, stream>>>(a, reduction, grad_tau);
+    } else {
+      grad_tau_kernel<float><<<1, kThreads, 0, stream>>>(a, reduction, grad_tau);
+    }
+  }
+  return cudaGetLastError();
+}
+#endif  // MITK_CUDA_API_ONLY
+
+}  // namespace cuda
+}  // namespace mitk
