@@ -89,6 +89,11 @@ def _histogram(safe_y: Tensor, valid: Tensor, num_classes: int) -> Tensor:
     return hist.index_add_(0, safe_y, valid.to(torch.float64))
 
 
+def _assign(dst: Tensor, src: Tensor) -> None:
+    # Through a 1-D view: torch.compile (2.13) drops a copy_ into a 0-dim float64 input.
+    dst.view(-1).copy_(src.reshape(-1))
+
+
 def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
              total_seen: Tensor, lambda_entropy: Tensor, dual_updates: Tensor, *,
              ignore_index: int = -100, reduction: str = "mean",
@@ -120,10 +125,10 @@ def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
         gap = ((h_star - h.detach().double()) / math.log(num_classes)).clamp_min(0.0)
         lam_new = ((lambda_entropy * (n_new - 1) + gap) / n_new).clamp(0.0, 0.5)
         lam = torch.where(do_update, lam_new, lambda_entropy)
-        class_counts.copy_(counts_new)
-        total_seen.copy_(torch.where(do_update, total_seen + count, total_seen))
-        dual_updates.copy_(torch.where(do_update, n_new, dual_updates))
-        lambda_entropy.copy_(lam)
+        _assign(class_counts, counts_new)
+        _assign(total_seen, torch.where(do_update, total_seen + count, total_seen))
+        _assign(dual_updates, torch.where(do_update, n_new, dual_updates))
+        _assign(lambda_entropy, lam)
     entropy_coef = lam.to(ce_rows.dtype)
     loss = _reduce(ce_rows, h_rows, valid, reduction, entropy_coef, targets.shape)
     loss_mean = ce - entropy_coef * h
@@ -171,7 +176,7 @@ def cct_eal_step(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
         do_update = ok & update_state
         freq = hist / count.clamp_min(1)
         ema_new = ema_momentum * label_freq_ema + (1.0 - ema_momentum) * freq
-        label_freq_ema.copy_(torch.where(do_update, ema_new, label_freq_ema))
+        _assign(label_freq_ema, torch.where(do_update, ema_new, label_freq_ema))
         h_star = _entropy(label_freq_ema.clamp_min(entropy_eps))
         t_mean = (hist * t_c.detach().double()).sum() / count.clamp_min(1)
     align = alpha.to(h.dtype) * (h - h_star.to(h.dtype)) ** 2

@@ -93,9 +93,8 @@ def test_gradcheck_through_ops(backend):
     assert torch.autograd.gradcheck(f, (x, tau))
 
 
-@needs_kernels
-def test_compile_fullgraph_matches_eager():
-    backend = KERNEL_BACKENDS[0]
+@pytest.mark.parametrize("backend", cpu_backends()[:2])
+def test_compile_fullgraph_matches_eager(backend):
     torch.manual_seed(2)
     model = torch.nn.Linear(6, 4)
     eager_crit = mitkernels.MiTLoss(4, backend=backend)
