@@ -518,8 +518,9 @@ def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     worst, scale = 0.0, 0.0
     chunk = 1 << 24
     for i in range(0, max(ref.numel(), 1), chunk):
-        r = ref[i:i + chunk].double()
-        g = got[i:i + chunk].to(r.device).double()
+        # On the provider's device: a reference kept on the host travels a chunk at a time.
+        g = got[i:i + chunk].double()
+        r = ref[i:i + chunk].to(g.device).double()
         if r.numel() == 0:
             break
         diff = (g - r).abs()
