@@ -203,15 +203,23 @@ class Timing:
     repeats: Optional[int]  # None: do_bench chose it
 
 
-def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int) -> Timing:
-    """perf_counter around each call, after a warmup; repeats sized to ``target_s`` of calls."""
+def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
+             warm_call_s: Optional[float] = None) -> Timing:
+    """perf_counter around each call, after a warmup; repeats sized to ``target_s`` of calls.
+
+    ``warm_call_s``: the duration of a warm call just made; slow calls then skip the warmup call
+    (a step of seconds needs no more warming, and the sweep its time).
+    """
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise, not the kernel
     try:
-        start = time.perf_counter()
-        fn()
-        estimate = time.perf_counter() - start
+        if warm_call_s is not None and warm_call_s >= 0.05:
+            estimate = warm_call_s
+        else:
+            start = time.perf_counter()
+            fn()
+            estimate = time.perf_counter() - start
         if estimate < 0.02:  # cheap calls: warm caches and the thread pool for a while
             calls, start = 0, time.perf_counter()
             while time.perf_counter() - start < min(0.1, target_s / 4) and calls < 2000:
@@ -597,8 +605,10 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
         # 2. A persistent state for the timed calls (a training run's state); memory of one call.
         state = MiTState(case.shape.c, device=device) if needs_state else None
         step = provider.make(case, state)
+        t0 = time.perf_counter()
         step()
         synchronize(device)
+        warm_call_s = time.perf_counter() - t0
         if cfg.measure_memory:
             if device.type == "cuda":
                 row["peak_extra_mb"] = cuda_peak_extra_bytes(step, device) / 2**20
@@ -609,7 +619,7 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
         if device.type == "cuda":
             timing = time_cuda(step, cfg.rep_ms)
         else:
-            timing = time_cpu(step, cfg.target_s, cfg.min_reps, cfg.max_reps)
+            timing = time_cpu(step, cfg.target_s, cfg.min_reps, cfg.max_reps, warm_call_s)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                    repeats=timing.repeats)
     except Skip as err:
