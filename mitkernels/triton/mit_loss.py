@@ -38,6 +38,8 @@ SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid (ops
 STATS_LEN = 9
 NUM_STATS = tl.constexpr(STATS_LEN)  # len(ops.STATS_FIELDS)
 KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
+# Kernels decorated under TRITON_INTERPRET=1 run on numpy; one conversion needs a workaround there.
+INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +158,21 @@ def _f64(x):
     # A float64 scalar from a float64 argument; under the interpreter the argument is a Python
     # float that tl.cast would round through float32 first.
     return tl.zeros([], tl.float64) + x
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr):
+    """x in an output dtype, rounded to nearest even; 16-bit outputs go through float32."""
+    if dtype == tl.bfloat16:
+        if INTERPRETED:
+            # The interpreter truncates float32 -> bfloat16 (rtne included): round by hand.
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(tl.float32).to(tl.bfloat16)
+    if dtype == tl.float16:
+        return x.to(tl.float32).to(tl.float16)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -508,14 +525,15 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     else:
         mean_form = (loc_ce - coef * loc_h) * inv_loc_bg
         sum_form = loc_ce - coef * loc_h
-    loss = tl.where(reduction == 2, sum_form, mean_form)
-    loss = tl.where(loc_b == 0.0, 0.0, loss)
     is_nan = n_invalid > 0.0
-    loss = tl.where(is_nan, nan, loss)
-    tl.store(loss_ptr, loss, mask=reduction != 0)
+    loss = tl.where(reduction == 2, sum_form, mean_form)
+    loss = tl.where(is_nan, nan, tl.where(loc_b == 0.0, 0.0, loss))
+    tl.store(loss_ptr, _to_dtype(loss, loss_ptr.dtype.element_ty), mask=reduction != 0)
+    # stats report the mean form whatever the reduction (as reference.py does)
+    loss_stat = tl.where(is_nan, nan, tl.where(loc_b == 0.0, 0.0, mean_form))
 
     idx = tl.arange(0, 16)
-    stats = tl.where(idx == 0, loss, tl.where(idx == 1, mean_ce, tl.where(idx == 2, mean_h, tl.where(
+    stats = tl.where(idx == 0, loss_stat, tl.where(idx == 1, mean_ce, tl.where(idx == 2, mean_h, tl.where(
         idx == 3, h_star, tl.where(idx == 4, coef_stat, tl.where(idx == 5, temp_stat, tl.where(
             idx == 6, upd.to(tl.float64), tl.where(idx == 7, big_b, n_invalid))))))))
     tl.store(stats_ptr + idx, stats, mask=idx < NUM_STATS)
@@ -531,7 +549,7 @@ def _none_loss_rows(rs_ptr, loss_ptr, rows, R, coef, is_nan):
     ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
     loss = ce - coef.to(ce.dtype) * ent  # rows that are not valid hold zeros: loss 0
     loss = tl.where(is_nan, _nan_f64().to(ce.dtype), loss)
-    tl.store(loss_ptr + rows, loss, mask=in_range)
+    tl.store(loss_ptr + rows, _to_dtype(loss, loss_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -603,7 +621,7 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
         dx = tl.where(valid[:, None], dx, 0.0)
         tl.store(dx_ptr + (dbase[:, None] + cols64[None, :] * dstride_c),
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                 _to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
     if pid == 0:
         g0 = tl.load(g_ptr).to(tl.float64)
         for k0 in range(0, K, 128):

@@ -1,0 +1,454 @@
+"""The Triton backend against the eager reference (``mitkernels/reference.py``) and golden data.
+
+CPU: the kernels run under ``TRITON_INTERPRET=1``. Triton reads that variable when a kernel is
+decorated (at import), so when this process did not start with it set, ``test_interpreter_suite``
+runs this module again in a subprocess that has it, and the CPU tests here skip. Run them directly
+with ``TRITON_INTERPRET=1 pytest tests/test_triton.py``. CUDA tests skip without a GPU.
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import mitkernels  # noqa: E402
+from mitkernels import ops, reference  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+cpu_only = pytest.mark.skipif(
+    not INTERPRET, reason="runs under TRITON_INTERPRET=1 in test_interpreter_suite's subprocess")
+gpu_only = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
+                              reason="needs a CUDA device (and no interpreter)")
+
+
+def _kernels():
+    from mitkernels.triton import mit_loss
+
+    return mit_loss
+
+
+def test_interpreter_suite():
+    """This module's CPU tests, in a process that starts with TRITON_INTERPRET=1."""
+    if INTERPRET:
+        pytest.skip("already running under the interpreter")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
+         "-W", "ignore::RuntimeWarning"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    tail = (out.stdout + out.stderr)[-6000:]
+    assert out.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers: one step on a backend, everything that comes out of it.
+# ------------------------------------------------------------------------------------------
+def _mit_state(num_classes, tau0, tau_dtype, device="cpu"):
+    state = mitkernels.MiTState(num_classes, dtype=tau_dtype, device=device)
+    with torch.no_grad():
+        state.tau.fill_(tau0)
+    return state
+
+
+def _mit_step(backend, logits, targets, state, reduction="mean", ignore_index=-100):
+    x = logits.detach().clone().requires_grad_(True)
+    state.tau.grad = None
+    loss, stats = mitkernels.mit_loss(x, targets, state, backend=backend, reduction=reduction,
+                                      ignore_index=ignore_index)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64, device=loss.device)
+    (loss.double() * weight.reshape(loss.shape)).sum().backward()
+    return dict(loss=loss.detach(), grad=x.grad, grad_tau=state.tau.grad.clone(),
+                **{f"stat_{k}": v for k, v in stats.items()},
+                **{f"state_{k}": v.clone() for k, v in state.buffers().items()})
+
+
+def _tolerance(dtype):
+    return dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+
+
+def _assert_outputs_close(got, want, dtype, skip=()):
+    tol = _tolerance(dtype)
+    for key, expected in want.items():
+        if key in skip or key not in got:
+            continue
+        actual = got[key]
+        scale = float(expected.double().abs().max()) if expected.numel() else 0.0
+        torch.testing.assert_close(actual.double(), expected.double().to(actual.device),
+                                   atol=tol["atol"] * max(1.0, scale), rtol=tol["rtol"],
+                                   equal_nan=True, msg=lambda m: f"{key}: {m}")
+
+
+def _compare_mit(logits, targets, tau0=0.3, reduction="mean", ignore_index=-100, steps=1):
+    dtype = logits.dtype
+    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    num_classes = logits.shape[1]
+    ref_state = _mit_state(num_classes, tau0, tau_dtype)
+    state = _mit_state(num_classes, tau0, tau_dtype, device=logits.device)
+    for _ in range(steps):
+        want = _mit_step("reference", logits.cpu(), targets.cpu(), ref_state, reduction,
+                         ignore_index)
+        got = _mit_step("triton", logits, targets, state, reduction, ignore_index)
+        _assert_outputs_close(got, want, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU (interpreter)
+# ------------------------------------------------------------------------------------------
+@cpu_only
+@pytest.mark.parametrize("case_index", range(4))
+def test_golden_trajectory(golden_trajectory, case_index):
+    case = golden_trajectory["cases"][case_index]
+    state = _mit_state(case["num_classes"], case["tau0"], torch.float64)
+    for step in case["steps"]:
+        logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
+        state.tau.grad = None
+        loss, stats = mitkernels.mit_loss(logits, torch.tensor(step["targets"]), state,
+                                          backend="triton")
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(step["loss"], abs=1e-10)
+        for key in ("ce", "H", "H_star", "lambda", "T"):
+            assert float(stats[key]) == pytest.approx(step[key], abs=1e-10), key
+        assert float(state.tau.grad) == pytest.approx(step["grad_tau"], abs=1e-10)
+        if "grad_logits" in step:
+            torch.testing.assert_close(logits.grad, torch.tensor(step["grad_logits"],
+                                                                 dtype=torch.float64),
+                                       atol=1e-10, rtol=0)
+
+
+# (C, N): fused one-program path, multi-program persistent path, class-scan path (C > 1024).
+SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3)]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("num_classes,rows", SHAPES, ids=[f"C{c}xN{n}" for c, n in SHAPES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mit_against_reference(num_classes, rows, dtype, reduction):
+    gen = torch.Generator().manual_seed(num_classes * 7 + rows)
+    logits = (torch.randn(rows, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    targets[::5] = -100
+    _compare_mit(logits, targets, reduction=reduction, steps=2)
+
+
+@cpu_only
+def test_layouts_one_row_strided_spatial():
+    gen = torch.Generator().manual_seed(3)
+    spatial = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, 3, 4), generator=gen)
+    targets[0, 1, 2] = -100
+    _compare_mit(spatial, targets)
+    _compare_mit(spatial, targets, reduction="none")
+    channels_last = spatial.contiguous(memory_format=torch.channels_last)
+    _compare_mit(channels_last, targets)
+    _compare_mit(torch.randn(1, 9, generator=gen, dtype=torch.float64), torch.tensor([4]))
+    strided = torch.randn(6, 22, generator=gen, dtype=torch.float64)[:, ::2]
+    _compare_mit(strided, torch.randint(0, 11, (6,), generator=gen))
+    transposed = torch.randn(7, 40, generator=gen, dtype=torch.float64).t()
+    _compare_mit(transposed, torch.randint(0, 7, (40,), generator=gen))
+    _compare_mit(spatial.float(), targets, reduction="sum")
+
+
+@cpu_only
+def test_ignored_rows_and_temperature_edges():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(12, 6, generator=gen, dtype=torch.float64) * 4
+    targets = torch.randint(0, 6, (12,), generator=gen)
+    targets[[0, 5, 11]] = 7  # ignore_index = 7 (> C): ignored, not invalid
+    _compare_mit(logits, targets, ignore_index=7, steps=2)
+    for tau0 in (-12.0, 25.0, 400.0):  # clamp at t_min (dT = 0), softplus threshold, clamp at t_max
+        _compare_mit(logits, targets, tau0=tau0, ignore_index=7)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("num_classes,rows", [(7, 64), (1500, 4)])
+def test_half_inputs_within_eager_error(dtype, num_classes, rows):
+    """Against the float64 reference on the same (rounded) values, the kernels err no more than
+    eager PyTorch run on the half-precision tensor."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(rows, num_classes, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    exact = _mit_step("reference", logits.double(), targets, _mit_state(num_classes, 0.3,
+                                                                          torch.float64))
+    eager = _mit_step("reference", logits, targets, _mit_state(num_classes, 0.3, torch.float32))
+    got = _mit_step("triton", logits, targets, _mit_state(num_classes, 0.3, torch.float32))
+    assert got["grad"].dtype == dtype and got["loss"].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for key in ("grad", "grad_tau"):
+        err_eager = float((eager[key].double() - exact[key]).abs().max())
+        err = float((got[key].double() - exact[key]).abs().max())
+        assert err <= 2 * err_eager + 1e-6, (key, err, err_eager)
+    # The loss is rounded once to the logits' dtype; the stats are float64 from float32 math.
+    assert float(got["loss"]) == pytest.approx(float(exact["loss"]), rel=eps, abs=eps)
+    for key in ("stat_ce", "stat_H", "stat_H_star", "stat_lambda", "stat_T"):
+        assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6), key
+
+
+@cpu_only
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tet_against_reference(reduction):
+    gen = torch.Generator().manual_seed(6)
+    for dtype in (torch.float64, torch.float32):
+        logits = (torch.randn(9, 5, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        targets = torch.tensor([0, 1, 2, 3, -100, 1, 0, 4, 4])
+        want, got = [], []
+        for backend, out in (("reference", want), ("triton", got)):
+            x = logits.clone().requires_grad_(True)
+            fn = reference.tet_loss if backend == "reference" else mitkernels.tet_loss
+            kwargs = {} if backend == "reference" else {"backend": "triton"}
+            loss, stats = fn(x, targets, 0.7, 0.2, reduction=reduction, **kwargs)
+            loss.sum().backward()
+            out.append(dict(loss=loss.detach(), grad=x.grad, ce=stats["ce"], H=stats["H"],
+                            T=stats["T"]))
+        _assert_outputs_close(got[0], want[0], dtype)
+
+
+@cpu_only
+@pytest.mark.parametrize("num_classes,rows", [(5, 40), (5, 3000), (1500, 6)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cct_eal_against_reference(num_classes, rows, reduction, dtype):
+    gen = torch.Generator().manual_seed(num_classes + rows)
+    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tau0 = torch.randn(num_classes, generator=gen, dtype=torch.float64).to(tau_dtype)
+    states = {}
+    for backend in ("reference", "triton"):
+        states[backend] = (tau0.clone().requires_grad_(True),
+                           torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64),
+                           torch.tensor(0.3, dtype=torch.float64))
+    for step in range(2):
+        logits = (torch.randn(rows, num_classes, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        targets = torch.randint(0, num_classes, (rows,), generator=gen)
+        targets[::7] = -100
+        outs = {}
+        for backend, (tau_c, ema, alpha) in states.items():
+            x = logits.clone().requires_grad_(True)
+            tau_c.grad = None
+            if backend == "reference":
+                loss, stats = reference.cct_eal_step(x, targets, tau_c, ema, alpha,
+                                                     reduction=reduction)
+            else:
+                loss, stats = mitkernels.cct_eal_loss(x, targets, tau_c, ema, alpha,
+                                                      reduction=reduction, backend="triton")
+            loss.backward()
+            outs[backend] = dict(loss=loss.detach(), grad=x.grad, grad_tau=tau_c.grad.clone(),
+                                 ema=ema.clone(), **{k: stats[k] for k in
+                                                     ("ce", "H", "H_star", "T_mean", "updated")})
+        _assert_outputs_close(outs["triton"], outs["reference"], dtype)
+
+
+def _forward_op(logits, targets, tau, state, kind=ops.KIND_MIT, hparams=(), reduction=1,
+                update_state=True):
+    return torch.ops.mitkernels.loss_forward_(
+        logits.reshape(logits.shape[0], logits.shape[1], -1), targets, tau, state, kind,
+        list(hparams), 1e-6, 1e-3, 500.0, -100, reduction, update_state, logits.dtype, "triton")
+
+
+def _mit_buffers(num_classes):
+    return [torch.ones(num_classes, dtype=torch.float64), torch.zeros((), dtype=torch.float64),
+            torch.full((), 0.1, dtype=torch.float64), torch.zeros((), dtype=torch.int64)]
+
+
+@cpu_only
+@pytest.mark.parametrize("num_classes,rows", [(4, 10), (4, 5000), (3000, 3)])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_invalid_targets_are_counted_never_indexed(num_classes, rows, per_class):
+    logits = torch.randn(rows, num_classes, dtype=torch.float64)
+    targets = torch.randint(0, num_classes, (rows,))
+    targets[0], targets[-1] = num_classes, -5  # out of range, not ignore_index
+    targets[1] = -100
+    tau = torch.zeros(num_classes if per_class else 1, dtype=torch.float64)
+    state = _mit_buffers(num_classes)
+    before = [t.clone() for t in state]
+    loss, stats, row_stats, grad_info = _forward_op(logits, targets, tau, state)
+    assert math.isnan(float(loss))
+    assert stats[ops.STATS_FIELDS.index("invalid_targets")] == 2
+    assert stats[ops.STATS_FIELDS.index("valid")] == rows - 3
+    assert stats[ops.STATS_FIELDS.index("updated")] == 0
+    for t, b in zip(state, before):
+        assert torch.equal(t, b)
+    assert torch.count_nonzero(row_stats[:, [0, 1, -1]]) == 0
+    rs, summary = torch.ops.mitkernels.row_stats(logits[:, :, None], targets, tau, 1e-6, 1e-3,
+                                                 500.0, -100, "triton")
+    assert summary[4] == 2 and summary[0] == rows - 3
+    none_loss = _forward_op(logits, targets, tau, state, reduction=0)[0]
+    assert torch.isnan(none_loss).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("num_classes,rows", [(3, 300), (4099, 4)])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_row_stats_op(num_classes, rows, per_class):
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(rows, num_classes, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    targets[::4] = -100
+    tau = (torch.rand(num_classes if per_class else 1, generator=gen, dtype=torch.float64) - 0.5)
+    rs, summary = torch.ops.mitkernels.row_stats(logits[:, :, None], targets, tau, 1e-6, 1e-3,
+                                                 500.0, -100, "triton")
+    valid = targets != -100
+    safe = torch.where(valid, targets, 0)
+    temps = reference.temperature(tau)[safe if per_class else torch.zeros_like(safe)]
+    z = logits / temps[:, None]
+    want = reference.row_statistics(z, safe, 1.0)
+    lse = torch.logsumexp(z, dim=1)
+    zero = torch.zeros(())
+    for i, w in enumerate((lse, want["H"], want["V"], want["CE"])):
+        torch.testing.assert_close(rs[i], torch.where(valid, w, zero.double()), atol=1e-10,
+                                   rtol=1e-10)
+    hist = torch.bincount(targets[valid], minlength=num_classes).double()
+    torch.testing.assert_close(summary[5:5 + num_classes], hist)
+    assert summary[0] == valid.sum() and summary[4] == 0
+    for i, w in ((1, want["CE"]), (2, want["H"]), (3, want["V"])):
+        torch.testing.assert_close(summary[i], w[valid].sum(), atol=1e-9, rtol=1e-12)
+    if per_class:
+        ceh = torch.zeros(num_classes, dtype=torch.float64).index_add_(
+            0, targets[valid], (want["CE"] - want["H"])[valid])
+        var = torch.zeros(num_classes, dtype=torch.float64).index_add_(
+            0, targets[valid], want["V"][valid])
+        torch.testing.assert_close(summary[5 + num_classes:5 + 2 * num_classes], ceh)
+        torch.testing.assert_close(summary[5 + 2 * num_classes:], var)
+
+
+@cpu_only
+def test_finalize_reads_global_summary_and_local_loss():
+    """Two identical ranks: the global summary is twice the local one. The state moves as for the
+    doubled batch, the loss is this rank's, and row_scale is 1 / local B."""
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 6, (50,), generator=gen)
+    tau = torch.full((1,), 0.2, dtype=torch.float64)
+    rs, local = torch.ops.mitkernels.row_stats(logits[:, :, None], targets, tau, 1e-6, 1e-3, 500.0,
+                                               -100, "triton")
+    state = _mit_buffers(6)
+    loss, stats, grad_info = torch.ops.mitkernels.finalize_(
+        2 * local, local, rs, tau, state, ops.KIND_MIT, [], 1e-6, 1e-3, 500.0, 1, True,
+        torch.float64, "triton")
+    ref_state = _mit_buffers(6)
+    ref_loss, ref_stats = reference.mit_step(torch.cat([logits, logits]), torch.cat([targets] * 2),
+                                             tau, *ref_state)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    for got, want in zip(state, ref_state):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert float(grad_info[1]) == pytest.approx(1 / 50)
+
+
+@cpu_only
+def test_deterministic_bitwise():
+    gen = torch.Generator().manual_seed(11)
+    for num_classes, rows in ((3, 3000), (2000, 5)):
+        logits = torch.randn(rows, num_classes, generator=gen)
+        targets = torch.randint(0, num_classes, (rows,), generator=gen)
+        runs = [_mit_step("triton", logits, targets, _mit_state(num_classes, 0.1, torch.float32))
+                for _ in range(2)]
+        for key in runs[0]:
+            assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def _count_launches(monkeypatch):
+    counts = {}
+    module = _kernels()
+    for name, kernel in module.KERNELS.items():
+        original = kernel.run
+
+        def run(*args, _name=name, _original=original, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return counts
+
+
+@cpu_only
+def test_small_batch_step_is_one_forward_and_one_backward_launch(monkeypatch):
+    counts = _count_launches(monkeypatch)
+    state = _mit_state(7, 0.3, torch.float32)
+    logits = torch.randn(1024, 7, requires_grad=True)
+    loss, _ = mitkernels.mit_loss(logits, torch.randint(0, 7, (1024,)), state, backend="triton")
+    assert counts == {"_fused_kernel": 1}
+    loss.backward()
+    assert counts == {"_fused_kernel": 1, "_backward_kernel": 1}
+    counts.clear()
+    mitkernels.mit_loss(torch.randn(1025, 7), torch.randint(0, 7, (1025,)), state,
+                        backend="triton")
+    assert counts == {"_rows_kernel": 1, "_summary_kernel": 1, "_finalize_kernel": 1}
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------
+@gpu_only
+@pytest.mark.parametrize("num_classes,rows,dtype", [
+    (7, 1024, torch.float32), (3, 100_000, torch.float32), (1000, 64, torch.float64),
+    (32_000, 16, torch.bfloat16), (131_072, 4, torch.bfloat16), (4099, 8, torch.float16)])
+def test_cuda_against_reference(num_classes, rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, num_classes, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    targets[::9] = -100
+    if dtype in (torch.float16, torch.bfloat16):
+        exact = _mit_step("reference", logits.double(), targets,
+                          _mit_state(num_classes, 0.3, torch.float64))
+        eager = _mit_step("reference", logits, targets, _mit_state(num_classes, 0.3,
+                                                                    torch.float32))
+        got = _mit_step("triton", logits.cuda(), targets.cuda(),
+                        _mit_state(num_classes, 0.3, torch.float32, device="cuda"))
+        for key in ("grad", "grad_tau"):
+            err_eager = float((eager[key].double() - exact[key]).abs().max())
+            err = float((got[key].cpu().double() - exact[key]).abs().max())
+            assert err <= 2 * err_eager + 1e-6, (key, err, err_eager)
+        for key in ("stat_ce", "stat_H", "stat_H_star", "stat_lambda"):
+            assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6)
+    else:
+        _compare_mit(logits.cuda(), targets.cuda(), steps=2)
+
+
+@gpu_only
+def test_cuda_layouts_and_kinds():
+    gen = torch.Generator().manual_seed(12)
+    spatial = torch.randn(2, 19, 8, 8, generator=gen)
+    targets = torch.randint(0, 19, (2, 8, 8), generator=gen)
+    _compare_mit(spatial.cuda(), targets.cuda())
+    _compare_mit(spatial.cuda().contiguous(memory_format=torch.channels_last), targets.cuda(),
+                 reduction="none")
+    tau_c = torch.randn(300, generator=gen)
+    logits = torch.randn(500, 300, generator=gen)
+    tg = torch.randint(0, 300, (500,), generator=gen)
+    outs = []
+    for device in ("cpu", "cuda"):
+        t = tau_c.clone().to(device).requires_grad_(True)
+        ema = torch.full((300,), 1 / 300, dtype=torch.float64, device=device)
+        alpha = torch.tensor(0.3, dtype=torch.float64, device=device)
+        x = logits.clone().to(device).requires_grad_(True)
+        fn = (reference.cct_eal_step if device == "cpu" else
+              lambda *a: mitkernels.cct_eal_loss(*a, backend="triton"))
+        loss, stats = fn(x, tg.to(device), t, ema, alpha)
+        loss.backward()
+        outs.append(dict(loss=loss.detach(), grad=x.grad, grad_tau=t.grad, ema=ema))
+    _assert_outputs_close(outs[1], outs[0], torch.float32)
+
+
+@gpu_only
+def test_cuda_deterministic_and_no_recompile(monkeypatch):
+    module = _kernels()
+    logits = torch.randn(4096, 1000, device="cuda")
+    targets = torch.randint(0, 1000, (4096,), device="cuda")
+    runs = [_mit_step("triton", logits, targets, _mit_state(1000, 0.1, torch.float32, "cuda"))
+            for _ in range(2)]
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    compiled = []
+    for kernel in module.KERNELS.values():
+        original = kernel.compile
+        monkeypatch.setattr(kernel, "compile",
+                            lambda *a, _o=original, **k: compiled.append(1) or _o(*a, **k))
+    _mit_step("triton", logits, targets, _mit_state(1000, 0.7, torch.float32, "cuda"))
+    assert not compiled, "a new temperature compiled a new kernel"
