@@ -127,9 +127,10 @@ SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3)]
 
 
 @cpu_only
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype,reduction", [(torch.float64, "mean"), (torch.float64, "sum"),
+                                             (torch.float64, "none"), (torch.float32, "mean")],
+                         ids=["fp64-mean", "fp64-sum", "fp64-none", "fp32-mean"])
 @pytest.mark.parametrize("num_classes,rows", SHAPES, ids=[f"C{c}xN{n}" for c, n in SHAPES])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mit_against_reference(num_classes, rows, dtype, reduction):
     gen = torch.Generator().manual_seed(num_classes * 7 + rows)
     logits = (torch.randn(rows, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -212,9 +213,9 @@ def test_tet_against_reference(reduction):
 
 
 @cpu_only
-@pytest.mark.parametrize("num_classes,rows", [(5, 40), (5, 3000), (1500, 6)])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("num_classes,rows,reduction,dtype", [
+    (5, 40, "mean", torch.float64), (5, 40, "sum", torch.float32),
+    (5, 3000, "mean", torch.float32), (1500, 6, "sum", torch.float64)])
 def test_cct_eal_against_reference(num_classes, rows, reduction, dtype):
     gen = torch.Generator().manual_seed(num_classes + rows)
     tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
