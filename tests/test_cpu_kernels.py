@@ -528,3 +528,18 @@ def test_build_info():
     assert info["cpu"] is True and isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], list) and info["torch_version"]
     assert info["cpu_kernels"] in info["cpu_kernels_compiled"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_layouts_are_bitwise_equal_to_contiguous(dtype):
+    g = torch.Generator().manual_seed(51)
+    base = torch.randn(4, 37, 6, 5, generator=g).to(dtype)
+    targets = torch.randint(0, 37, (4, 6, 5), generator=g)
+    tau = torch.tensor([0.3])
+    outs = []
+    for x in (base, base.contiguous(memory_format=torch.channels_last),
+              base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        outs.append(ops_step(0, x, targets, tau, mit_state(37)))
+    for other in outs[1:]:
+        for key in ("loss", "stats", "row_stats", "grad", "grad_tau"):
+            assert torch.equal(outs[0][key], other[key]), key

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "../mit_loss_math.h"
 
@@ -219,29 +220,9 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
                            static_cast<acc_t>(x[y]) * inv_t);
 }
 
-// Forward: one row with any class stride, scalar online accumulation.
-template <typename scalar_t, typename acc_t>
-inline RowStats<acc_t> stats_row_strided(const scalar_t* x, int64_t C, int64_t sc, acc_t inv_t,
-                                         int64_t y) {
-  acc_t s(0), A(0), Q(0);
-  acc_t xmax = neg_inf<acc_t>();
-  for (int64_t j = 0; j < C; ++j) {
-    const acc_t xv = static_cast<acc_t>(x[j * sc]);
-    if (xv > xmax || xv != xv) {
-      if (xmax > neg_inf<acc_t>()) {
-        const acc_t d = clamp_shift((xmax - xv) * inv_t);
-        acc_rescale(s, A, Q, d, std::exp(d));
-      }
-      xmax = xv;
-    }
-    if (xmax == neg_inf<acc_t>()) continue;
-    const acc_t d = clamp_shift((xv - xmax) * inv_t);
-    acc_add(s, A, Q, std::exp(d), d);
-  }
-  return row_finish<acc_t>(xmax * inv_t, s, A, Q, static_cast<acc_t>(x[y * sc]) * inv_t);
-}
-
-// Forward over rows [begin, end) with the class stride 1 or any strides.
+// Forward over rows [begin, end). A row whose class stride is not 1 is first gathered into a
+// contiguous buffer (one per range, not per row), so every layout runs the same code and gives
+// the same bits as its contiguous copy.
 template <typename scalar_t>
 void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
@@ -249,6 +230,7 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
   acc_t* rs = static_cast<acc_t*>(a.row_stats);
   const int64_t R = a.N * a.S;
+  std::vector<scalar_t> buf(a.sc == 1 ? 0 : static_cast<size_t>(a.C));
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = load_target(a, r);
     if (!target_valid(y, a.C, a.ignore_index)) {
@@ -259,9 +241,11 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
     const scalar_t* row = x + n * a.sn + sp * a.ss;
     const acc_t inv_t = inv_temp[a.K == 1 ? 0 : y];
-    const RowStats<acc_t> st = a.sc == 1 ? stats_row_contiguous<scalar_t>(row, a.C, inv_t, y)
-                                         : stats_row_strided<scalar_t, acc_t>(row, a.C, a.sc, inv_t, y);
-    write_stats(rs, R, r, st);
+    if (a.sc != 1) {
+      for (int64_t j = 0; j < a.C; ++j) buf[j] = row[j * a.sc];
+      row = buf.data();
+    }
+    write_stats(rs, R, r, stats_row_contiguous<scalar_t>(row, a.C, inv_t, y));
   }
 }
 
@@ -308,17 +292,6 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
 }
 
-template <typename scalar_t, typename acc_t>
-inline void grad_row_strided(const scalar_t* x, int64_t sc, scalar_t* dx, int64_t gc, int64_t C,
-                             acc_t inv_t, acc_t lse, acc_t H, acc_t c, acc_t scale, int64_t y) {
-  for (int64_t j = 0; j < C; ++j) {
-    const acc_t logp = clamp_shift(static_cast<acc_t>(x[j * sc]) * inv_t - lse);
-    const acc_t p = std::exp(logp);
-    dx[j * gc] = static_cast<scalar_t>(j == y ? grad_logit_target(p, logp, H, c, scale)
-                                              : grad_logit(p, logp, H, c, scale));
-  }
-}
-
 template <typename scalar_t>
 void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
@@ -329,6 +302,10 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const acc_t* grad_rows_in = static_cast<const acc_t*>(a.grad_rows);
   const int64_t R = a.N * a.S;
   const acc_t c = static_cast<acc_t>(a.coef);
+  // Strided rows go through contiguous buffers (same code, same bits as a contiguous copy).
+  const bool gather = a.sc != 1 || a.gc != 1;
+  std::vector<scalar_t> xbuf(gather ? static_cast<size_t>(a.C) : 0);
+  std::vector<scalar_t> gbuf(gather ? static_cast<size_t>(a.C) : 0);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = a.S == 1 ? r : r / a.S;
     const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
@@ -343,11 +320,13 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const acc_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<acc_t>(a.grad_scalar);
     const acc_t scale = g_r * static_cast<acc_t>(a.row_scale) * inv_t;
     const acc_t lse = rs[r], H = rs[R + r];
-    if (a.sc == 1 && a.gc == 1) {
+    if (!gather) {
       grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, lse, H, c, scale, y);
-    } else {
-      grad_row_strided<scalar_t, acc_t>(row, a.sc, grow, a.gc, a.C, inv_t, lse, H, c, scale, y);
+      continue;
     }
+    for (int64_t j = 0; j < a.C; ++j) xbuf[j] = row[j * a.sc];
+    grad_row_contiguous<scalar_t>(xbuf.data(), gbuf.data(), a.C, inv_t, lse, H, c, scale, y);
+    for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = gbuf[j];
   }
 }
 
