@@ -55,13 +55,16 @@ reduction, update_state, loss_dtype) -> (loss, stats, grad_info)``
       mean: CEl/max(Bl,1) - c Hl/max(Bl,1)   (CCT: CEl/max(Bl,1) + alpha (mean_H - H*)^2)
       sum:  CEl - c Hl                       (CCT: CEl + Bl alpha (mean_H - H*)^2)
       none: ``[R]``, ``CE_r - c H_r`` for valid rows, 0 otherwise (not defined for CCT).
-      0 when Bl == 0; NaN (every element) when n_invalid > 0.
-  ``stats``: float64 ``[9]`` = ``[loss (mean or sum form), mean_ce, mean_H, H*, lambda|alpha,
+      0 when Bl == 0; NaN (every element) when n_invalid of ``summary`` (all ranks) > 0.
+  ``stats``: float64 ``[9]`` = ``[loss (the mean form, whatever the reduction), mean_ce, mean_H, H*, lambda|alpha,
   T_0 (CCT: T_mean = sum_k hist_k T_k / Bg), updated (0/1), B, n_invalid]``.
   ``grad_info``: acc dtype ``[2 + K]`` = ``[c, row_scale, dL/dtau_0 .. dL/dtau_{K-1}]``;
   ``row_scale = 1/max(Bl,1)`` (mean) or 1 (sum, none); for mean/sum, with ``gs = 1/Bg`` (mean) or 1:
   ``K = 1``: ``dL/dtau = -gs/T (sum CE - sum H + c sum V) T'(tau)``;
   ``K = C``: ``dL/dtau_k = -gs/T_k (sum_{y=k}(CE-H) + c sum_{y=k} V) T'(tau_k)``; zeros for none.
+  Across ranks the temperature gradient is thus that of the global-batch loss on every rank (keep
+  the loss module outside DistributedDataParallel), while ``row_scale`` keeps the logits' gradient
+  local so that DDP's averaging yields the global-batch gradient.
 
 ``loss_forward_(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max, ignore_index,
 reduction, update_state, loss_dtype) -> (loss, stats, row_stats, grad_info)``

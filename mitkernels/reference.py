@@ -186,6 +186,7 @@ def cct_eal_step(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     else:
         loss = ce_rows.sum() + count * align
     loss = torch.where(count > 0, loss, torch.zeros_like(loss))
+    loss_mean = torch.where(count > 0, loss_mean, torch.zeros_like(loss_mean))
     stats = {"loss": loss_mean, "ce": ce, "H": h, "H_pred": h, "H_star": h_star, "alpha_t": alpha,
              "T_mean": t_mean, "updated": do_update, "valid": count}
     return loss, {k: v.detach() for k, v in stats.items()}
