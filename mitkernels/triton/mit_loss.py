@@ -474,7 +474,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         reg = tl.zeros([], tl.float64)
     elif kind == 1:  # TET: fixed lambda
         coef = _f64(hp0)
-        h_star = nan
+        h_star = tl.zeros([], tl.float64)  # no label entropy: 0, never NaN, in the stats
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
     else:  # CCT-EAL: label_freq_ema, alpha; hparams = [ema_momentum, entropy_eps]
