@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   const bool upd = f.update_state && ok;
   const double Bg = B > 1.0 ? B : 1.0;
   const double mean_ce = sum_ce / Bg, mean_h = sum_h / Bg;
-  double h_star = nan(""), c = 0.0, coef_stat = 0.0, alpha = 0.0;
+  double h_star = 0.0, c = 0.0, coef_stat = 0.0, alpha = 0.0;
   if (f.kind == 0) {
     double* counts = f.vec_state;
     double part = 0.0;
