@@ -73,6 +73,13 @@ def triton_interpret() -> bool:
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None when backend ``name`` can run on ``device``, else why not (one sentence)."""
+    return _unavailable_reason(name, device.type, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason(name: str, device_type: str, interpret: bool) -> Optional[str]:
+    # Cached: a tiny batch's whole step costs tens of microseconds, this must not add to it.
+    device = torch.device(device_type)
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
     if name == "reference":
@@ -81,7 +88,7 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         mod = _triton_module()
         if isinstance(mod, ImportError):
             return f"Triton is not importable ({mod})"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+        if device.type == "cuda" or (device.type == "cpu" and interpret):
             return None
         return f"Triton runs on CUDA tensors (on {device.type} tensors only with TRITON_INTERPRET=1)"
     problem = _extension_problem()
@@ -124,6 +131,12 @@ def choose(requested: Optional[str], device: torch.device) -> str:
 
 def get(name: str, device: torch.device):
     """The kernel functions of backend ``name`` ('auto' picks one for ``device``)."""
+    return _get(name, device.type, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _get(name: str, device_type: str, interpret: bool):
+    device = torch.device(device_type)
     if name == "auto":
         name = choose(None, device)
     reason = unavailable_reason(name, device)

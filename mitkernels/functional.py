@@ -32,7 +32,7 @@ STATS_NAMES = {
 # Validation: every check runs before any state tensor is touched.
 # --------------------------------------------------------------------------------------------
 def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: str,
-                  state_tensors: Sequence[Tensor]) -> None:
+                  state_tensors: Sequence[Tensor], check_targets: bool = True) -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(targets, Tensor):
@@ -61,15 +61,26 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         if t.device != logits.device:
             raise ValueError(f"all tensors must be on one device: logits on {logits.device}, "
                              f"found a tensor on {t.device}")
-    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
-        # On the CPU the check costs no synchronisation. On a GPU (and inside a compiled graph,
-        # where a Python branch on a value would break the graph) the kernels mask such rows,
-        # count them (stats['invalid_targets']), return a NaN loss and leave the state untouched.
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
-        if bool(bad.any()):
-            value = int(targets[bad].reshape(-1)[0])
-            raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index "
-                             f"({ignore_index}); found {value}")
+    if check_targets and _checks_targets_eagerly(targets):
+        _raise_on_invalid_targets(targets, num_classes, ignore_index, force=False)
+
+
+def _checks_targets_eagerly(targets: Tensor) -> bool:
+    # On the CPU a check costs no synchronisation. On a GPU (and inside a compiled graph, where a
+    # Python branch on a value would break the graph) the kernels mask such rows, count them
+    # (stats['invalid_targets']), return a NaN loss and leave the state untouched.
+    return targets.device.type == "cpu" and targets.numel() > 0 and \
+        not torch.compiler.is_compiling()
+
+
+def _raise_on_invalid_targets(targets: Tensor, num_classes: int, ignore_index: int,
+                              force: bool) -> None:
+    """ValueError naming the first target outside [0, C) that is not ignore_index."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    if force or bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index "
+                         f"({ignore_index}); found {value}")
 
 
 def _check_temperature(tau: Tensor, expected: int, name: str) -> None:
@@ -125,10 +136,14 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
         loss, stats, grad_info = torch.ops.mitkernels.finalize_(
             summary, local_summary, row_stats, tau_k, state, kind, hparams, *temp_params, red,
             update_state, loss_dtype, backend)
+    if _checks_targets_eagerly(targets) and stats[-1].item() != 0:
+        # The kernels counted invalid targets (and left the state as it was): say which, now,
+        # rather than return a NaN loss. Reading a CPU scalar costs no synchronisation.
+        _raise_on_invalid_targets(flat_targets, logits.shape[1], ignore_index, force=True)
     if torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad):
         loss = torch.ops.mitkernels.loss_with_grad(
-            loss, logits3, flat_targets, tau.reshape(-1), row_stats, grad_info, *temp_params,
-            ignore_index, red, backend)
+            loss, logits3, tau.reshape(-1), flat_targets, row_stats, grad_info,
+            [*temp_params, float(ignore_index)], backend)
     if red == 0:
         loss = loss.view(targets.shape)
     return loss, _stats_dict(stats, kind)
@@ -148,8 +163,13 @@ def _reference_stats(stats: Dict[str, Tensor], kind: int) -> Dict[str, Tensor]:
     return out
 
 
-def _backend_for(backend: Optional[str], device: torch.device, process_group) -> str:
+def _backend_for(backend: Optional[str], device: torch.device, process_group, targets: Tensor,
+                 num_classes: int, ignore_index: int) -> str:
+    """The backend for a call. The eager reference would index with the targets, so it checks
+    them here; the kernels never do, and report invalid ones after their pass."""
     name = _backends.choose(backend, device)
+    if name == "reference" and _checks_targets_eagerly(targets):
+        _raise_on_invalid_targets(targets, num_classes, ignore_index, force=False)
     if process_group is not None and name == "reference":
         raise ValueError("process_group needs a kernel backend (cpu, cuda or triton); the eager "
                          "reference runs on one process")
@@ -185,9 +205,10 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     """
     num_classes = int(state.class_counts.numel())
     buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers])
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers],
+                  check_targets=False)
     _check_temperature(state.tau, 1, "tau")
-    name = _backend_for(backend, logits.device, process_group)
+    name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.mit_step(logits, targets, state.tau, *buffers,
                                          ignore_index=ignore_index, reduction=reduction,
@@ -209,8 +230,9 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
-    name = _backend_for(backend, logits.device, None)
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [],
+                  check_targets=False)
+    name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.tet_loss(logits, targets, temperature, lambda_entropy,
                                          ignore_index=ignore_index, reduction=reduction)
@@ -245,11 +267,11 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
                          "is a batch quantity")
     num_classes = int(label_freq_ema.numel())
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
-                  [tau_c, label_freq_ema, alpha])
+                  [tau_c, label_freq_ema, alpha], check_targets=False)
     _check_temperature(tau_c, num_classes, "tau_c")
     if not 0.0 < float(t_min) <= float(t_max):
         raise ValueError(f"need 0 < T_min <= T_max, got {t_min}, {t_max}")
-    name = _backend_for(backend, logits.device, process_group)
+    name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.cct_eal_step(
             logits, targets, tau_c, label_freq_ema, alpha, ema_momentum=ema_momentum,

@@ -129,10 +129,14 @@ def _public_schema(kernel_schema: str) -> str:
 _lib = torch.library.Library("mitkernels", "DEF")  # noqa: TOR901 - owned by this module
 for _name, _schema in KERNEL_SCHEMAS.items():
     _lib.define(_name + _public_schema(_schema))
+# The differentiable op: forward is a copy of the loss the forward op computed, backward runs
+# loss_backward. ``params`` = [t_eps, t_min, t_max, ignore_index]; mean and sum differ only
+# through grad_info's row_scale, and 'none' is told by the loss's rank. Few, flat arguments on
+# purpose: torch.library's autograd wrapper spends time per argument (and more on tensor lists)
+# on every call, which a 32-row step notices.
 _lib.define(
-    "loss_with_grad(Tensor loss, Tensor logits, Tensor targets, Tensor tau, Tensor row_stats, "
-    "Tensor grad_info, float t_eps, float t_min, float t_max, int ignore_index, int reduction, "
-    "str backend) -> Tensor"
+    "loss_with_grad(Tensor loss, Tensor logits, Tensor tau, Tensor targets, Tensor row_stats, "
+    "Tensor grad_info, float[] params, str backend) -> Tensor"
 )
 
 
@@ -222,24 +226,25 @@ def _loss_with_grad_fake(loss, *rest):
 # Autograd: only loss_with_grad is differentiable; its backward is itself a custom op.
 # --------------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (_, logits, targets, tau, row_stats, grad_info, t_eps, t_min, t_max, ignore_index, reduction,
-     backend) = inputs
-    ctx.save_for_backward(logits, targets, tau, row_stats, grad_info)
-    ctx.params = (t_eps, t_min, t_max, ignore_index, reduction)
+    loss, logits, tau, targets, row_stats, grad_info, params, backend = inputs
+    ctx.save_for_backward(logits, tau, targets, row_stats, grad_info)
+    ctx.params = tuple(params)
+    ctx.reduction = REDUCTIONS["none"] if loss.dim() else REDUCTIONS["mean"]
     ctx.backend = backend
 
 
 def _backward(ctx, grad_loss):
-    logits, targets, tau, row_stats, grad_info = ctx.saved_tensors
-    needs_logits, needs_tau = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    logits, tau, targets, row_stats, grad_info = ctx.saved_tensors
+    needs_logits, needs_tau = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if not (needs_logits or needs_tau):
-        return (None,) * 12
+        return (None,) * 8
+    t_eps, t_min, t_max, ignore_index = ctx.params
     grad_logits, grad_tau = torch.ops.mitkernels.loss_backward(
-        grad_loss.contiguous(), logits, targets, tau, row_stats, grad_info, *ctx.params,
-        needs_tau, ctx.backend,
+        grad_loss.contiguous(), logits, targets, tau, row_stats, grad_info, t_eps, t_min, t_max,
+        int(ignore_index), ctx.reduction, needs_tau, ctx.backend,
     )
-    return (None, grad_logits if needs_logits else None, None, grad_tau if needs_tau else None,
-            None, None, None, None, None, None, None, None)
+    return (None, grad_logits if needs_logits else None, grad_tau if needs_tau else None,
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("mitkernels::loss_with_grad", _backward, setup_context=_setup_context)

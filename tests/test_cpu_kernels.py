@@ -360,8 +360,8 @@ def _op_loss(kind, targets, state_fn, hparams, temp, reduction, update_state):
         loss, stats, rs, gi = torch.ops.mitkernels.loss_forward_(
             x3.detach(), flat_targets(targets), tau.detach(), state_fn(), kind, hparams, *temp,
             -100, reduction, update_state, torch.float64, "cpu")
-        return torch.ops.mitkernels.loss_with_grad(loss, x3, flat_targets(targets), tau, rs, gi,
-                                                   *temp, -100, reduction, "cpu")
+        return torch.ops.mitkernels.loss_with_grad(loss, x3, tau, flat_targets(targets), rs, gi,
+                                                   [*temp, -100.0], "cpu")
     return f
 
 

@@ -70,7 +70,7 @@ def test_opcheck_every_op(backend, kind):
     x = logits.clone().requires_grad_(True)
     t = tau.clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.mitkernels.loss_with_grad.default,
-                          (loss, x, targets, t, row_stats, grad_info, *temp, -100, red, backend))
+                          (loss, x, t, targets, row_stats, grad_info, [*temp, -100.0], backend))
 
 
 @needs_kernels
