@@ -24,4 +24,5 @@ def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
         raise RuntimeError("process_group was given but torch.distributed is not initialized")
     # The functional collective traces into torch.compile graphs and, like dist.all_reduce on a
     # copy, never blocks the host: the result is waited on where it is first used.
-    return funcol.all_reduce(summary, "sum", process_group)
+    # wait_tensor hands a plain tensor to the kernels (a Triton launcher reads its pointer).
+    return funcol.wait_tensor(funcol.all_reduce(summary, "sum", process_group))

@@ -123,27 +123,39 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     red = ops.REDUCTIONS[reduction]
     tau_k = tau.detach().reshape(-1)
     loss_dtype = _loss_dtype(logits)
+    if torch.compiler.is_compiling():
+        # Traced: the registered ops, which carry fake kernels and autograd for the compiler.
+        def call(name, *args):
+            return getattr(torch.ops.mitkernels, name)(*args, backend)
+
+        attach = torch.ops.mitkernels.loss_with_grad
+    else:
+        # Eager: the same kernels, called directly (see ops.EagerLossWithGrad for why).
+        kernels = _backends.get(backend, logits.device)
+
+        def call(name, *args):
+            return getattr(kernels, name)(*args)
+
+        attach = ops.EagerLossWithGrad.apply
     if process_group is None:
-        loss, stats, row_stats, grad_info = torch.ops.mitkernels.loss_forward_(
-            logits3.detach(), flat_targets, tau_k, state, kind, hparams, *temp_params,
-            ignore_index, red, update_state, loss_dtype, backend)
+        loss, stats, row_stats, grad_info = call(
+            "loss_forward_", logits3.detach(), flat_targets, tau_k, state, kind, hparams,
+            *temp_params, ignore_index, red, update_state, loss_dtype)
     else:
         from .distributed import all_reduce_summary
 
-        row_stats, local_summary = torch.ops.mitkernels.row_stats(
-            logits3.detach(), flat_targets, tau_k, *temp_params, ignore_index, backend)
+        row_stats, local_summary = call("row_stats", logits3.detach(), flat_targets, tau_k,
+                                        *temp_params, ignore_index)
         summary = all_reduce_summary(local_summary, process_group)
-        loss, stats, grad_info = torch.ops.mitkernels.finalize_(
-            summary, local_summary, row_stats, tau_k, state, kind, hparams, *temp_params, red,
-            update_state, loss_dtype, backend)
+        loss, stats, grad_info = call("finalize_", summary, local_summary, row_stats, tau_k, state,
+                                      kind, hparams, *temp_params, red, update_state, loss_dtype)
     if _checks_targets_eagerly(targets) and stats[-1].item() != 0:
         # The kernels counted invalid targets (and left the state as it was): say which, now,
         # rather than return a NaN loss. Reading a CPU scalar costs no synchronisation.
         _raise_on_invalid_targets(flat_targets, logits.shape[1], ignore_index, force=True)
     if torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad):
-        loss = torch.ops.mitkernels.loss_with_grad(
-            loss, logits3, tau.reshape(-1), flat_targets, row_stats, grad_info,
-            [*temp_params, float(ignore_index)], backend)
+        loss = attach(loss, logits3, tau.reshape(-1), flat_targets, row_stats, grad_info,
+                      [*temp_params, float(ignore_index)], backend)
     if red == 0:
         loss = loss.view(targets.shape)
     return loss, _stats_dict(stats, kind)

@@ -233,21 +233,47 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_loss):
+def _backward_with(ctx, grad_loss, loss_backward):
     logits, tau, targets, row_stats, grad_info = ctx.saved_tensors
     needs_logits, needs_tau = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if not (needs_logits or needs_tau):
         return (None,) * 8
     t_eps, t_min, t_max, ignore_index = ctx.params
-    grad_logits, grad_tau = torch.ops.mitkernels.loss_backward(
+    grad_logits, grad_tau = loss_backward(
         grad_loss.contiguous(), logits, targets, tau, row_stats, grad_info, t_eps, t_min, t_max,
-        int(ignore_index), ctx.reduction, needs_tau, ctx.backend,
-    )
+        int(ignore_index), ctx.reduction, needs_tau)
     return (None, grad_logits if needs_logits else None, grad_tau if needs_tau else None,
             None, None, None, None, None)
 
 
+def _backward(ctx, grad_loss):
+    return _backward_with(ctx, grad_loss, lambda *args: torch.ops.mitkernels.loss_backward(
+        *args, ctx.backend))
+
+
 torch.library.register_autograd("mitkernels::loss_with_grad", _backward, setup_context=_setup_context)
+
+
+class EagerLossWithGrad(torch.autograd.Function):
+    """``loss_with_grad`` for eager calls: the same context and backward as the registered op,
+    calling the backend's kernels directly.
+
+    torch.library's generic autograd wrapper and the Python routing op cost a few hundred
+    microseconds per step, more than the kernels themselves on a 32-row batch. Eager calls
+    take this path; traced calls (torch.compile) use the registered ops, which the compiler
+    needs. Both run the same kernels on the same arguments.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits, tau, targets, row_stats, grad_info, params, backend):
+        _setup_context(ctx, (loss, logits, tau, targets, row_stats, grad_info, params, backend),
+                       None)
+        ctx.kernels = _backends.get(backend, logits.device)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward_with(ctx, grad_loss, ctx.kernels.loss_backward)
 
 
 def kernel_backend_names() -> List[str]:
