@@ -24,6 +24,17 @@ def golden_calibration():
     return load_json("calibration.json")
 
 
+def check_golden_step(step, loss, stats, grad_logits, grad_tau, tol=1e-10):
+    """One step of a published trajectory: loss, stats and both gradients within ``tol``."""
+    assert float(loss.detach()) == pytest.approx(step["loss"], abs=tol)
+    for key in ("ce", "H", "H_star", "lambda", "T"):
+        assert float(stats[key]) == pytest.approx(step[key], abs=tol), key
+    assert float(grad_tau) == pytest.approx(step["grad_tau"], abs=tol)
+    if "grad_logits" in step:
+        expected = torch.tensor(step["grad_logits"], dtype=torch.float64)
+        torch.testing.assert_close(grad_logits, expected, atol=tol, rtol=0)
+
+
 def cpu_backends():
     """Every backend that runs on CPU tensors here: the reference, the C++ kernels when built,
     Triton only under TRITON_INTERPRET=1."""

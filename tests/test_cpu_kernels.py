@@ -121,28 +121,7 @@ def test_golden_trajectory_through_ops(golden_trajectory, case_index):
             torch.testing.assert_close(out["grad"], expected, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("case_index", range(4))
-def test_golden_trajectory_through_mit_loss(golden_trajectory, case_index):
-    import mitkernels
-
-    case = golden_trajectory["cases"][case_index]
-    state = mitkernels.MiTState(case["num_classes"], dtype=torch.float64)
-    with torch.no_grad():
-        state.tau.fill_(case["tau0"])
-    for step in case["steps"]:
-        logits = torch.tensor(step["logits"], dtype=torch.float64, requires_grad=True)
-        state.tau.grad = None
-        loss, stats = mitkernels.mit_loss(logits, torch.tensor(step["targets"]), state,
-                                          backend="cpu")
-        loss.backward()
-        assert float(loss.detach()) == pytest.approx(step["loss"], abs=1e-10)
-        for key in ("ce", "H", "H_star", "lambda", "T"):
-            assert float(stats[key]) == pytest.approx(step[key], abs=1e-10), key
-        assert float(state.tau.grad) == pytest.approx(step["grad_tau"], abs=1e-10)
-        if "grad_logits" in step:
-            torch.testing.assert_close(logits.grad, torch.tensor(step["grad_logits"],
-                                                                 dtype=torch.float64),
-                                       atol=1e-10, rtol=0)
+# The golden trajectories through mit_loss(backend="cpu") are replayed by test_functional.py.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 import mitkernels  # noqa: E402
 from mitkernels import ops, reference  # noqa: E402
+from conftest import check_golden_step  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,14 +113,7 @@ def test_golden_trajectory(golden_trajectory, case_index):
         loss, stats = mitkernels.mit_loss(logits, torch.tensor(step["targets"]), state,
                                           backend="triton")
         loss.backward()
-        assert float(loss.detach()) == pytest.approx(step["loss"], abs=1e-10)
-        for key in ("ce", "H", "H_star", "lambda", "T"):
-            assert float(stats[key]) == pytest.approx(step[key], abs=1e-10), key
-        assert float(state.tau.grad) == pytest.approx(step["grad_tau"], abs=1e-10)
-        if "grad_logits" in step:
-            torch.testing.assert_close(logits.grad, torch.tensor(step["grad_logits"],
-                                                                 dtype=torch.float64),
-                                       atol=1e-10, rtol=0)
+        check_golden_step(step, loss, stats, logits.grad, state.tau.grad)
 
 
 # (C, N): fused one-program path, multi-program persistent path, class-scan path (C > 1024).
