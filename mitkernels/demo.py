@@ -30,7 +30,6 @@ final temperatures. Writes ``results.json``, ``results.csv`` (one row per run), 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import json
@@ -135,23 +134,6 @@ def make_model(data: Data) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # Losses and test-time probabilities
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def forced_backend(backend: Optional[str]):
-    """Route calls that take no ``backend`` argument (``MiTLoss.calibrate_``) to ``backend``."""
-    if backend is None:
-        yield
-        return
-    old = os.environ.get("MITKERNELS_BACKEND")
-    os.environ["MITKERNELS_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MITKERNELS_BACKEND"]
-        else:
-            os.environ["MITKERNELS_BACKEND"] = old
-
-
 def make_criterion(method: str, num_classes: int, backend: Optional[str]) -> Optional[nn.Module]:
     if method == "CE":
         return None
@@ -244,8 +226,7 @@ def train_one(data: Data, method: str, seed: int, args) -> Dict:
             # The published recipe: T starts at the NLL-optimal temperature of the training logits.
             logits, labels = collect_logits(
                 model, batches(data.x_train, data.y_train, 4 * args.batch_size))
-            with forced_backend(backend):
-                info["T_calibrated"] = float(criterion.calibrate_(logits, labels))
+            info["T_calibrated"] = float(criterion.calibrate_(logits, labels))
         if method == "CCT-EAL":
             criterion.set_progress(epoch / args.epochs)
         use_ce = criterion is None or epoch < pretrain
