@@ -17,9 +17,13 @@ $(VENV)/.installed: requirements-ci.txt pyproject.toml
 
 install: $(VENV)/.installed build
 
-# The extension builds against the pinned torch in the venv (no build isolation, no downloads).
-build: $(VENV)/.installed
+# The extension builds against the pinned torch in the venv (no build isolation, no downloads);
+# an editable install, so only a change to the C++/CUDA sources or setup.py rebuilds it.
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.installed setup.py $(shell find csrc -type f)
 	MAX_JOBS=$(JOBS) $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
