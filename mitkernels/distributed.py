@@ -11,7 +11,6 @@ when the ranks hold equal batches.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -83,8 +83,7 @@ ignore_index, reduction, compute_grad_tau) -> (grad_logits, grad_tau)``
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 from torch import Tensor

@@ -1,6 +1,5 @@
 """Shared fixtures: golden data and the backends this machine can run."""
 import json
-import os
 from pathlib import Path
 
 import pytest

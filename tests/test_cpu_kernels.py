@@ -291,10 +291,10 @@ def test_cct_eal_against_reference(reduction, shape):
     ema0 /= ema0.sum()
     alpha = torch.tensor(0.7, dtype=torch.float64)
     state = [ema0.clone(), alpha.clone()]
+    ema_ref = ema0.clone()
     for _ in range(2):  # two steps: the EMA state carries over
         out = ops_step(2, logits, targets, tau_c, state, hparams=[0.9, 1e-12], temp=CCT_TEMP,
                        reduction=reduction)
-        ema_ref = ema0.clone() if _ == 0 else ema_ref
         x = logits.clone().requires_grad_(True)
         t = tau_c.clone().requires_grad_(True)
         loss, stats = reference.cct_eal_step(x, targets, t, ema_ref, alpha,

@@ -6,7 +6,6 @@ import torch
 
 import mitkernels
 from mitkernels import reference
-from mitkernels.state import initial_buffers
 
 from conftest import check_golden_step, cpu_backends
 

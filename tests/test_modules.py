@@ -1,5 +1,4 @@
 """MiTLoss / TETLoss / CCTEALLoss: the published state-dict format, training vs eval, resumption."""
-import warnings
 
 import pytest
 import torch
