@@ -83,17 +83,15 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
         return _slope_and_curvature(logits, labels, math.exp(u), name)
 
     a, b = math.log(lo), math.log(hi)
-    fa, _ = slope(a)
+    fa, ha = slope(a)
     if fa >= 0:
         return torch.tensor(lo, dtype=torch.float64)
-    fb, _ = slope(b)
+    fb, hb = slope(b)
     if fb <= 0:
         return torch.tensor(hi, dtype=torch.float64)
     # f' < 0 at a and > 0 at b: a minimum lies between. Newton from the better end, falling back to
     # bisection whenever the step leaves the bracket or does not shrink it fast enough.
-    u = a if -fa < fb else b
-    g, h = fa if u == a else fb, 0.0
-    _, h = slope(u)
+    u, g, h = (a, fa, ha) if -fa < fb else (b, fb, hb)
     for _ in range(max_iter):
         step_ok = h > 0
         u_new = u - g / h if step_ok else 0.5 * (a + b)

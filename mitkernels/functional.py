@@ -32,7 +32,9 @@ STATS_NAMES = {
 # Validation: every check runs before any state tensor is touched.
 # --------------------------------------------------------------------------------------------
 def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: str,
-                  state_tensors: Sequence[Tensor], check_targets: bool = True) -> None:
+                  state_tensors: Sequence[Tensor]) -> None:
+    """Every check that needs no pass over the data; the targets' range is checked where the
+    backend is known (``_backend_for`` for the reference, after the pass for the kernels)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(targets, Tensor):
@@ -61,8 +63,6 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         if t.device != logits.device:
             raise ValueError(f"all tensors must be on one device: logits on {logits.device}, "
                              f"found a tensor on {t.device}")
-    if check_targets and _checks_targets_eagerly(targets):
-        _raise_on_invalid_targets(targets, num_classes, ignore_index, force=False)
 
 
 def _checks_targets_eagerly(targets: Tensor) -> bool:
@@ -217,8 +217,7 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     """
     num_classes = int(state.class_counts.numel())
     buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers],
-                  check_targets=False)
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers])
     _check_temperature(state.tau, 1, "tau")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
@@ -242,8 +241,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [],
-                  check_targets=False)
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.tet_loss(logits, targets, temperature, lambda_entropy,
@@ -279,7 +277,7 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
                          "is a batch quantity")
     num_classes = int(label_freq_ema.numel())
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
-                  [tau_c, label_freq_ema, alpha], check_targets=False)
+                  [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")
     if not 0.0 < float(t_min) <= float(t_max):
         raise ValueError(f"need 0 < T_min <= T_max, got {t_min}, {t_max}")
