@@ -83,7 +83,6 @@ ignore_index, reduction, compute_grad_tau) -> (grad_logits, grad_tau)``
 """
 from __future__ import annotations
 
-from typing import List
 
 import torch
 from torch import Tensor
@@ -275,12 +274,7 @@ class EagerLossWithGrad(torch.autograd.Function):
         return _backward_with(ctx, grad_loss, ctx.kernels.loss_backward)
 
 
-def kernel_backend_names() -> List[str]:
-    """The kernel backends (not counting the eager reference) this process can run."""
-    return _backends.available()
-
-
 __all__ = [
     "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS", "STATS_FIELDS",
-    "acc_dtype", "kernel_backend_names", "summary_size",
+    "acc_dtype", "summary_size",
 ]

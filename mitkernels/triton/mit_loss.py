@@ -33,11 +33,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-HEADER = 5
-SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid (ops.SUMMARY_HEADER)
-STATS_LEN = 9
-NUM_STATS = tl.constexpr(STATS_LEN)  # len(ops.STATS_FIELDS)
-KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
+# Absolute: tests/test_triton_aot.py loads this file on its own, outside the package.
+from mitkernels.ops import KIND_MIT, STATS_FIELDS, summary_size
+from mitkernels.ops import SUMMARY_HEADER as HEADER
+
+SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid
+STATS_LEN = len(STATS_FIELDS)
+NUM_STATS = tl.constexpr(STATS_LEN)
 # Kernels decorated under TRITON_INTERPRET=1 run on numpy; one conversion needs a workaround there.
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
@@ -679,10 +681,6 @@ def _program_cap(device: torch.device) -> int:
     return _max_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _summary_width(num_classes: int, num_temperatures: int) -> int:
-    return HEADER + num_classes * (1 if num_temperatures == 1 else 3)
-
-
 def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
     return cfg.local_classes and rows * cfg.block_c <= FUSED_MAX_ELEMENTS
 
@@ -693,7 +691,7 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     per_class = tau.shape[0] > 1
     cfg = row_config(c, logits.dtype)
     row_stats = torch.empty((4, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
-    width = _summary_width(c, tau.shape[0])
+    width = summary_size(c, tau.shape[0])
     summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
     nprog = max(1, min(triton.cdiv(rows, cfg.block_r), _program_cap(logits.device)))
     part_width = width if cfg.local_classes else HEADER
@@ -772,7 +770,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     num_temperatures = tau.shape[0]
     acc = _acc_dtype(logits.dtype)
     rs = torch.empty((4, rows), dtype=acc, device=logits.device)
-    summary = torch.empty((_summary_width(c, num_temperatures),), dtype=torch.float64,
+    summary = torch.empty((summary_size(c, num_temperatures),), dtype=torch.float64,
                           device=logits.device)
     loss, stats, grad_info = _finalize_outputs(rows, logits.device, acc, num_temperatures,
                                                reduction, loss_dtype)
