@@ -9,11 +9,15 @@
 #   build      the extension with the CUDA kernels for the present GPU:
 #              MITKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=<its capability>
 #              pip install --no-build-isolation --no-deps --no-index -e .  (nothing is downloaded;
-#              falls back on `setup.py build_ext --inplace` when pip cannot)
+#              falls back on `setup.py build_ext --inplace` when pip cannot). Skipped when an
+#              extension with CUDA kernels already loads (one built elsewhere for this python and
+#              torch, copied in: device time is scarce).
+#   kernels    python -m benchmarks.gpu_kernels --sweep: each backend's kernels against the copy
+#              bandwidth, the cross-entropy anchors, a tile sweep of the large-C Triton kernels
 #   tests      pytest -m gpu tests/ (the CUDA tests)
+#   bench      python -m benchmarks.bench_mit_loss --full --device cuda (GPU_CHECK_BENCH_ARGS)
 #   fuzz       benchmarks/sanitizer_fuzz.py without a sanitizer (also warms the Triton cache)
 #   sanitizer  the same fuzz under compute-sanitizer --tool memcheck, without the caching allocator
-#   bench      python -m benchmarks.bench_mit_loss --full --device cuda, with the time that is left
 # Everything lands in benchmarks/results/gpu-<gpu>-<time>/ (or under $GPU_CHECK_RESULTS_ROOT).
 # It uses the python, torch and triton already installed, and never resets or reconfigures the GPU
 # (nvidia-smi is only queried).
@@ -21,7 +25,8 @@
 # Environment:
 #   GPU_CHECK_DRY_RUN=1      print the plan and exit 0
 #   GPU_CHECK_BUDGET_S=540   the whole script's wall-clock budget in seconds
-#   GPU_CHECK_SKIP=a,b       stages to skip (env, build, tests, fuzz, sanitizer, bench)
+#   GPU_CHECK_SKIP=a,b       stages to skip (env, build, kernels, tests, bench, fuzz, sanitizer)
+#   GPU_CHECK_KERNELS_ARGS   arguments for benchmarks.gpu_kernels (default: --sweep)
 #   GPU_CHECK_RESULTS_ROOT   parent folder of the results folder (default benchmarks/results)
 #   GPU_CHECK_FUZZ_CASES=16  fuzz cases per backend
 #   GPU_CHECK_BENCH_ARGS     extra arguments for the benchmark (e.g. "--no-compile")
@@ -36,6 +41,7 @@ BUDGET="${GPU_CHECK_BUDGET_S:-540}"
 SKIP=",${GPU_CHECK_SKIP:-},"
 FUZZ_CASES="${GPU_CHECK_FUZZ_CASES:-16}"
 BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:-}"
+KERNELS_ARGS="${GPU_CHECK_KERNELS_ARGS:---sweep}"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 
@@ -75,11 +81,27 @@ JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 SUMMARY=()
 FAILED=0
 
-# stage NAME CAP_SECONDS RESERVE_SECONDS FUNCTION
-# Runs FUNCTION (exported, in a child bash) under `timeout min(CAP, time left - RESERVE)`, its
-# output in $OUT/NAME.log; RESERVE is the time kept for the stages after it.
+# The least time each stage is worth running with: what a stage keeps for the stages after it
+# is the sum of their floors (skipped stages keep nothing).
+declare -A FLOOR=([env]=15 [build]=60 [kernels]=60 [tests]=60 [bench]=75 [fuzz]=30 [sanitizer]=40)
+ORDER=(env build kernels tests bench fuzz sanitizer)
+
+reserve_after() {
+    local after=0 total=0 name
+    for name in "${ORDER[@]}"; do
+        if [ "$after" = 1 ] && [[ "$SKIP" != *",$name,"* ]]; then total=$((total + FLOOR[$name])); fi
+        [ "$name" = "$1" ] && after=1
+    done
+    echo "$total"
+}
+
+# stage NAME CAP_SECONDS FUNCTION
+# Runs FUNCTION (exported, in a child bash) under `timeout min(CAP, time left - reserve)`, its
+# output in $OUT/NAME.log; the reserve is the time kept for the stages after it.
 stage() {
-    local name="$1" cap="$2" reserve="$3" fn="$4"
+    local name="$1" cap="$2" fn="$3"
+    local reserve
+    reserve=$(reserve_after "$name")
     local now total left limit rc t0 t1
     now=$(date +%s)
     total=$((DEADLINE - now))
@@ -148,13 +170,7 @@ EOF
     echo "# pip freeze: pip-freeze.txt"
 }
 
-build_stage() {
-    export MITKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$JOBS"
-    echo "MITKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$JOBS"
-    if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ; then
-        echo "pip install failed: building in place instead"
-        "$PY" setup.py build_ext --inplace || return 1
-    fi
+cuda_extension_loads() {
     "$PY" - <<'EOF'
 import json, sys
 import mitkernels
@@ -162,6 +178,25 @@ info = mitkernels.build_info()
 print(json.dumps(info, indent=1, default=str))
 sys.exit(0 if info.get("cuda") else 1)   # the point of this build: the CUDA kernels
 EOF
+}
+
+build_stage() {
+    if cuda_extension_loads; then
+        echo "an extension with the CUDA kernels loads already: not rebuilding"
+        return 0
+    fi
+    export MITKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$JOBS"
+    echo "MITKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$JOBS"
+    if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ; then
+        echo "pip install failed: building in place instead"
+        "$PY" setup.py build_ext --inplace || return 1
+    fi
+    cuda_extension_loads
+}
+
+kernels_stage() {
+    # shellcheck disable=SC2086
+    "$PY" -m benchmarks.gpu_kernels $KERNELS_ARGS --csv "$OUT/kernels.csv"
 }
 
 tests_stage() {
@@ -193,18 +228,21 @@ sanitizer_stage() {
 }
 
 bench_stage() {
-    local left=$(( DEADLINE - $(date +%s) ))
-    # Start no new case when less than a minute and a half is left: one case (compiles included)
+    local left=$(( DEADLINE - $(date +%s) - RESERVE_AFTER_BENCH ))
+    # Start no new case when less than a minute is left: one case (compiles included)
     # must still finish, and the CSV and plot be written, within the stage's timeout.
-    local budget=$(( left - 90 ))
+    local budget=$(( left - 60 ))
     [ $budget -lt 30 ] && budget=30
     # shellcheck disable=SC2086
     "$PY" -m benchmarks.bench_mit_loss --full --device cuda --out-dir "$OUT" --budget-s "$budget" $BENCH_ARGS
 }
 
 # --- run --------------------------------------------------------------------------------------
-export -f env_stage build_stage tests_stage fuzz_stage sanitizer_stage bench_stage
-export REPO PY OUT GPU_NAME ARCH JOBS SANITIZER FUZZ_CASES BENCH_ARGS DEADLINE PATH
+export -f env_stage cuda_extension_loads build_stage kernels_stage tests_stage fuzz_stage \
+    sanitizer_stage bench_stage
+RESERVE_AFTER_BENCH=$(reserve_after bench)
+export REPO PY OUT GPU_NAME ARCH JOBS SANITIZER FUZZ_CASES BENCH_ARGS KERNELS_ARGS DEADLINE PATH \
+    RESERVE_AFTER_BENCH
 if [ "$DRY" = "1" ]; then
     echo "gpu-check (dry run): GPU '$GPU_NAME' -> results folder $OUT"
     echo "python: $PY   arch: $ARCH   jobs: $JOBS   budget: ${BUDGET}s   sanitizer: ${SANITIZER:-not found}"
@@ -217,16 +255,19 @@ else
     echo "gpu-check: $GPU_NAME (capability $ARCH) -> $OUT (budget ${BUDGET}s)"
 fi
 
-# Caps (s) and what each keeps for the stages after it: the benchmark gets what is left.
-stage env        45   480 env_stage
-stage build      240  240 build_stage
-stage tests      120  180 tests_stage
-stage fuzz       60   150 fuzz_stage
-stage sanitizer  120  120 sanitizer_stage
-stage bench      600  5   bench_stage
+# Caps (s), in ORDER. Measurements come before the checks that only a failure makes
+# interesting; the sanitizer gets what is left.
+stage env        45  env_stage
+stage build      240 build_stage
+stage kernels    150 kernels_stage
+stage tests      150 tests_stage
+stage bench      300 bench_stage
+stage fuzz       45  fuzz_stage
+stage sanitizer  120 sanitizer_stage
 
 if [ "$DRY" = "1" ]; then
-    echo "results: $OUT/{env,build,tests,fuzz,sanitizer,bench}.log, nvidia-smi-q.txt, pip-freeze.txt,"
+    echo "results: $OUT/{env,build,kernels,tests,bench,fuzz,sanitizer}.log, nvidia-smi-q.txt,"
+    echo "         pip-freeze.txt, kernels.csv,"
     echo "         pytest-gpu.xml,"
     echo "         memcheck-report.txt, cuda_<gpu>_<time>.csv/.png, latest_cuda.csv/.png, summary.txt"
     exit 0

@@ -53,3 +53,12 @@ def cuda_backends():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def gpu_test(condition: bool, reason: str):
+    """A GPU test: marked ``gpu`` (``pytest -m gpu``, what ``make gpu-check`` runs) and skipped
+    unless ``condition`` holds."""
+    def mark(fn):
+        return pytest.mark.gpu(pytest.mark.skipif(not condition, reason=reason)(fn))
+
+    return mark

@@ -13,6 +13,8 @@ import torch
 from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
 
+from conftest import gpu_test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
 
@@ -60,7 +62,7 @@ def test_cu_compiles(path, arch, tmp_path):
 # ----------------------------------------------------------------------------------------------
 has_cuda_ops = torch.cuda.is_available() and \
     _backends.unavailable_reason("cuda", torch.device("cuda")) is None
-needs_cuda_ops = pytest.mark.skipif(not has_cuda_ops, reason="needs a GPU and the CUDA kernels")
+needs_cuda_ops = gpu_test(has_cuda_ops, "needs a GPU and the CUDA kernels")
 MIT_TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 
 

@@ -29,8 +29,9 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
-ROW_KERNELS = ("_rows_kernel", "_fused_kernel", "_backward_kernel")
-STREAMING_KERNELS = ("_rows_kernel", "_backward_kernel")  # the ones that read every logit
+ROW_KERNELS = ("_rows_kernel", "_forward_kernel", "_fused_kernel", "_backward_kernel")
+# The ones that read every logit of a large batch:
+STREAMING_KERNELS = ("_rows_kernel", "_forward_kernel", "_backward_kernel")
 FUSED_SPILL_LIMIT = 64  # bytes: the fused kernel's one-program finalize epilogue (see report)
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64"}
@@ -63,6 +64,8 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "*" + logits
         elif name in ("tg_ptr", "st3_ptr"):
             sig[name] = "*i64"
+        elif name in ("hist_ptr", "ibuf_ptr"):
+            sig[name] = "*i32"
         elif name in ("tau_ptr", "gt_ptr"):
             sig[name] = "*fp32"
         elif name in ("rs_ptr", "gi_ptr"):
@@ -83,7 +86,7 @@ def _specialized(name: str, constexprs: dict) -> dict:
         extra = dict(S=1, stride_c=1, stride_s=1)
         if name == "_backward_kernel":
             extra.update(dstride_c=1, dstride_s=1)
-        if name != "_rows_kernel" and not constexprs.get("PER_CLASS", False):
+        if name in ("_fused_kernel", "_backward_kernel") and not constexprs.get("PER_CLASS", False):
             extra["K"] = 1
         return dict(constexprs, **extra)
     return dict(constexprs)
@@ -233,8 +236,14 @@ def test_sweep_matches_launcher_choice():
         for c in (2, 3, 5, 8, 9, 100, 1000, 1024, 1025, 4099, 8192, 8193, 131072, 262144):
             cfg = module.row_config(c, dtype)
             for per_class in (False, True):
-                ce = module.rows_constexprs(cfg, per_class)
+                ce = dict(module.rows_constexprs(cfg, per_class),
+                          ATOMIC_HIST=module.atomic_hist(per_class))
                 assert ("_rows_kernel", dtype, tuple(sorted(ce.items())), cfg.num_warps) in swept
+                ce = module.summary_constexprs(cfg, per_class)
+                assert ("_summary_kernel", dtype, tuple(sorted(ce.items())),
+                        module.SUMMARY_WARPS) in swept
+            ce = module.forward_constexprs(cfg)
+            assert ("_forward_kernel", dtype, tuple(sorted(ce.items())), cfg.num_warps) in swept
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ update on the device without a host synchronisation.
 Kernels (all launches are asynchronous; nothing reads a tensor value on the host):
 
 * ``_rows_kernel``: per-row ``lse, H, V, CE`` and per-program partial sums (persistent programs,
-  each walking row tiles in a fixed order, so the partial sums are bitwise reproducible).
-* ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; for large C it
-  also builds the class histogram (and per-class sums) by scanning targets, no float atomics.
+  each walking row tiles in a fixed order, so the partial sums are bitwise reproducible); the
+  class histogram by integer atomics (exact in any order) when there is one temperature.
+* ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
+  per-class sums for large C come from a scan of the targets (no float atomics).
 * ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
+* ``_forward_kernel``: ``loss_forward_`` with one temperature in one launch: the rows of
+  ``_rows_kernel``, then the program that finishes last sums the partials and finalizes.
 * ``_fused_kernel``: ``_rows_kernel`` + summary + finalize in one program, for batches that fit.
 * ``_none_loss_kernel``: the per-row loss of ``reduction='none'`` once ``c`` is known.
 * ``_backward_kernel``: gradient of the logits; program 0 writes ``grad_tau`` for mean/sum.
@@ -25,6 +28,7 @@ exactly that list for sm_80 and sm_90).
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -42,6 +46,9 @@ STATS_LEN = len(STATS_FIELDS)
 NUM_STATS = tl.constexpr(STATS_LEN)
 # Kernels decorated under TRITON_INTERPRET=1 run on numpy; one conversion needs a workaround there.
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# tl.fdiv(..., approx=True) (div.approx.f32) is recent (Triton 3.9 has it, 3.6 not); older ones
+# get the same seed through inline PTX.
+FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,11 +104,17 @@ ROW_TABLE_FP64 = (
     RowConfig(8192, 1024, 1, 8),
     RowConfig(None, 2048, 1, 8),
 )
+# Rows wider than a column block: 1 = one reduction a block against the previous max, the next
+# block's load in flight (_wide_row_stats); 0 = max first, then the sums (four reductions).
+WIDE_ALGO = 1
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
 SUMMARY_BLOCK_W, SUMMARY_BLOCK_N, SUMMARY_WARPS = 32, 32, 4
 FINALIZE_BLOCK, FINALIZE_WARPS = 1024, 4
+# The last program of _forward_kernel: partial rows a step, and classes a step in its finalize
+# (smaller than FINALIZE_BLOCK: the finalize shares the registers of the streaming loop's kernel).
+FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
 NONE_LOSS_BLOCK, NONE_LOSS_WARPS = 1024, 4
 GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -115,13 +128,29 @@ def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
     raise AssertionError("ROW_TABLE ends with an unbounded row")
 
 
+def _wide_algo(cfg: RowConfig) -> int:
+    return 0 if cfg.local_classes else WIDE_ALGO
+
+
 def rows_constexprs(cfg: RowConfig, per_class: bool) -> dict:
     return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
-                PER_CLASS=per_class)
+                PER_CLASS=per_class, WIDE_ALGO=_wide_algo(cfg))
 
 
-def summary_constexprs(scan: bool) -> dict:
-    return dict(SCAN=scan, BLOCK_N=SUMMARY_BLOCK_N, BLOCK_W=SUMMARY_BLOCK_W)
+def atomic_hist(per_class: bool) -> bool:
+    """One temperature: the rows kernel counts the class histogram with integer atomics. The
+    per-class float sums of CCT-EAL stay in the partials (or are scanned), for determinism."""
+    return not per_class
+
+
+def summary_constexprs(cfg: RowConfig, per_class: bool) -> dict:
+    return dict(SCAN=not cfg.local_classes and per_class, HIST=atomic_hist(per_class),
+                BLOCK_N=SUMMARY_BLOCK_N, BLOCK_W=SUMMARY_BLOCK_W)
+
+
+def forward_constexprs(cfg: RowConfig) -> dict:
+    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
+                BLOCK_K=FORWARD_BLOCK_K, BLOCK_P=FORWARD_BLOCK_P, WIDE_ALGO=_wide_algo(cfg))
 
 
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
@@ -131,15 +160,16 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
         for cfg in table:
             for per_class in (False, True):
                 ce = rows_constexprs(cfg, per_class)
-                yield "_rows_kernel", dtype, ce, cfg.num_warps
+                yield ("_rows_kernel", dtype, dict(ce, ATOMIC_HIST=atomic_hist(per_class)),
+                       cfg.num_warps)
+                yield "_summary_kernel", dtype, summary_constexprs(cfg, per_class), SUMMARY_WARPS
                 if cfg.local_classes:
                     yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FINALIZE_BLOCK), cfg.num_warps
+            yield "_forward_kernel", dtype, forward_constexprs(cfg), cfg.num_warps
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
                                                   PER_CLASS=False), cfg.num_warps
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
                                                   PER_CLASS=True), cfg.num_warps
-        for scan in (False, True):
-            yield "_summary_kernel", dtype, summary_constexprs(scan), SUMMARY_WARPS
         yield "_finalize_kernel", dtype, dict(BLOCK_K=FINALIZE_BLOCK), FINALIZE_WARPS
         yield "_none_loss_kernel", dtype, dict(BLOCK=NONE_LOSS_BLOCK), NONE_LOSS_WARPS
         yield "_grad_tau_none_kernel", dtype, dict(BLOCK_N=GRAD_TAU_BLOCK_N,
@@ -185,7 +215,13 @@ def _recip(x):
     around it; div.approx.f32 (2 ulp, |x| in [2^-126, 2^126]) seeds Newton steps instead: one for
     float32, two for float64 (to about 1 ulp). Every divisor here lies far inside that range.
     """
-    r = tl.fdiv(1.0, x.to(tl.float32), approx=True).to(x.dtype)
+    if INTERPRETED:
+        r = (1.0 / x.to(tl.float32)).to(x.dtype)
+    elif FDIV_APPROX:
+        r = tl.fdiv(1.0, x.to(tl.float32), approx=True).to(x.dtype)
+    else:  # Triton before 3.7 has no approx division: the same seed through inline PTX
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x.to(tl.float32)],
+                                      dtype=tl.float32, is_pure=True, pack=1).to(x.dtype)
     r = r * (2.0 - x * r)
     if x.dtype == tl.float64:
         r = r * (2.0 - x * r)
@@ -246,11 +282,127 @@ def _row_bases(rows, S, stride_n, stride_s):
 
 
 @triton.jit
-def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
-                ignore_index, t_eps, t_min, t_max,
+def _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """(m, s, A, Q) of rows that fit one column block: one load, row reductions."""
+    cols = tl.arange(0, BLOCK_C)
+    mask = in_range[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c), mask=mask,
+                other=float("-inf"))
+    z = x.to(ACC) * inv_temp[:, None]
+    m = tl.max(z, axis=1)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    w = z - shift[:, None]
+    e = tl.exp(w)
+    w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+    return m, tl.sum(e, axis=1), tl.sum(e * w, axis=1), tl.sum(e * w * w, axis=1)
+
+
+@triton.jit
+def _max_and_sums(m0, s0, a0, q0, m1, s1, a1, q1):
+    return tl.maximum(m0, m1), s0 + s1, a0 + a1, q0 + q1
+
+
+@triton.jit
+def _shifted_sums(z, ref):
+    """Row max of z and (s, A, Q) of z relative to ``ref``, in one reduction (one barrier)."""
+    w = z - ref[:, None]
+    e = tl.exp(w)
+    w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+    ew = e * w
+    if INTERPRETED:
+        # The same sums; the interpreter runs a tuple reduction's combine in Python, element by
+        # element (minutes for the test suite), its numpy reductions at once.
+        return tl.max(z, axis=1), tl.sum(e, axis=1), tl.sum(ew, axis=1), tl.sum(ew * w, axis=1)
+    return tl.reduce((z, e, ew, ew * w), axis=1, combine_fn=_max_and_sums)
+
+
+@triton.jit
+def _move_reference(old, new, s, a, q):
+    """Accumulators relative to ``old`` made relative to ``new`` >= old (KERNEL_MATH s.2):
+    d = old - new <= 0, f = e^d: s' = f s, A' = f (A + d s), Q' = f (Q + 2 d A + d^2 s)."""
+    d = old - new
+    f = tl.exp(d)
+    return f * s, f * (a + d * s), f * (q + 2.0 * d * a + d * d * s)
+
+
+@triton.jit
+def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr, WIDE_ALGO: tl.constexpr):
+    """(m, s, A, Q) of rows wider than a column block, online over the blocks; s, A, Q are
+    relative to the returned reference m.
+
+    WIDE_ALGO 1: after the first block, the exponentials of a block are taken relative to the
+    max of the blocks before, so the block's max, s, A and Q come out of one reduction (one
+    barrier); only a block that raises the max is summed again (rarely, after the first few).
+    The next block's load is issued before the current one is reduced.
+    WIDE_ALGO 0: block max first, then s, A, Q relative to it (four reductions a block).
+    """
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    a = tl.zeros([BLOCK_R], ACC)
+    q = tl.zeros([BLOCK_R], ACC)
+    if WIDE_ALGO == 1:
+        cols = tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
+                    mask=in_range[:, None] & (cols < C)[None, :], other=float("-inf"))
+        nxt = BLOCK_C + cols
+        x_next = tl.load(x_ptr + (base[:, None] + nxt.to(tl.int64)[None, :] * stride_c),
+                         mask=in_range[:, None] & (nxt < C)[None, :], other=float("-inf"))
+        z = x.to(ACC) * inv_temp[:, None]
+        m = tl.max(z, axis=1)
+        block_max, s, a, q = _shifted_sums(z, tl.where(m == float("-inf"), 0.0, m))
+        x = x_next
+        for c0 in range(BLOCK_C, C, BLOCK_C):
+            nxt = c0 + BLOCK_C + cols
+            x_next = tl.load(x_ptr + (base[:, None] + nxt.to(tl.int64)[None, :] * stride_c),
+                             mask=in_range[:, None] & (nxt < C)[None, :], other=float("-inf"))
+            z = x.to(ACC) * inv_temp[:, None]
+            ref = tl.where(m == float("-inf"), 0.0, m)
+            block_max, bs, ba, bq = _shifted_sums(z, ref)
+            if tl.max((block_max > m).to(tl.int32), axis=0) > 0:
+                # The max grew: this block again, relative to the new max (summing terms above
+                # the reference and moving them down would cancel digits), the sums so far
+                # moved up to it (d <= 0 and every w <= 0: no cancellation).
+                m = tl.maximum(m, block_max)
+                new_ref = tl.where(m == float("-inf"), 0.0, m)
+                block_max, bs, ba, bq = _shifted_sums(z, new_ref)
+                s, a, q = _move_reference(ref, new_ref, s, a, q)
+            s += bs
+            a += ba
+            q += bq
+            x = x_next
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = in_range[:, None] & (cols < C)[None, :]
+            x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
+                        mask=mask, other=float("-inf"))
+            z = x.to(ACC) * inv_temp[:, None]
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            # Rows with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+            w = z - shift[:, None]
+            e = tl.exp(w)
+            w = tl.where(e > 0.0, w, 0.0)
+            s += tl.sum(e, axis=1)
+            a += tl.sum(e * w, axis=1)
+            q += tl.sum(e * w * w, axis=1)
+            m = m_new
+    return m, s, a, q
+
+
+@triton.jit
+def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c,
+                stride_s, ignore_index, t_eps, t_min, t_max,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                PER_CLASS: tl.constexpr):
-    """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned."""
+                PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
+    """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned.
+
+    ATOMIC_HIST without LOCAL_CLASSES: the valid rows are counted per class into the int32
+    ``hist_ptr`` here, one integer atomic a row (exact in any order).
+    """
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
@@ -258,36 +410,16 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
     inv_temp = _recip(temp)
     base = _row_bases(rows, S, stride_n, stride_s)
 
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    a = tl.zeros([BLOCK_R], ACC)
-    q = tl.zeros([BLOCK_R], ACC)
-    z_y = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = in_range[:, None] & (cols < C)[None, :]
-        ptrs = x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c)
-        x = tl.load(ptrs, mask=mask, other=float("-inf"))
-        z = x.to(ACC) * inv_temp[:, None]
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # Rows with no finite logit yet keep m = -inf: shift by 0 there, and s = A = Q = 0 so the
-        # rescale is a no-op (avoids inf - inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = tl.where(m == float("-inf"), 0.0, m - shift)
-        f = tl.exp(d)
-        # Moving the reference point from m to m' (KERNEL_MATH s.2): d = m - m' <= 0, f = e^d.
-        q = f * (q + 2.0 * d * a + d * d * s)
-        a = f * (a + d * s)
-        s = f * s
-        w = z - shift[:, None]
-        e = tl.exp(w)
-        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
-        s += tl.sum(e, axis=1)
-        a += tl.sum(e * w, axis=1)
-        q += tl.sum(e * w * w, axis=1)
-        hit = (cols[None, :] == y_safe[:, None]) & mask
-        z_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m = m_new
+    # The target's logit, gathered (one element a row) rather than picked out of every block.
+    x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
+    z_y = x_y.to(ACC) * inv_temp
+
+    if LOCAL_CLASSES:
+        m, s, a, q = _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R, BLOCK_C,
+                                  ACC)
+    else:
+        m, s, a, q = _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R,
+                                     BLOCK_C, ACC, WIDE_ALGO)
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
@@ -319,6 +451,9 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
             class_ceh = tl.zeros([BLOCK_C], ACC)
             class_v = tl.zeros([BLOCK_C], ACC)
     else:
+        if ATOMIC_HIST:
+            tl.atomic_add(hist_ptr + y_safe, tl.full([BLOCK_R], 1, tl.int32), mask=valid,
+                          sem="relaxed")
         hist = tl.zeros([BLOCK_C], tl.int32)
         class_ceh = tl.zeros([BLOCK_C], ACC)
         class_v = tl.zeros([BLOCK_C], ACC)
@@ -326,14 +461,17 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_
 
 
 @triton.jit
-def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
+def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-               PER_CLASS: tl.constexpr):
+               PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
     """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
 
-    Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]`` and, with LOCAL_CLASSES,
-    ``hist[C]`` (+ ``sum_{y=k}(CE - H)[C], sum_{y=k} V[C]`` with PER_CLASS): the summary layout.
+    Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
+    and not ATOMIC_HIST ``hist[C]`` (+ ``sum_{y=k}(CE - H)[C], sum_{y=k} V[C]`` with PER_CLASS):
+    the summary layout. ATOMIC_HIST counts the classes into the int32 ``hist_ptr`` instead (with
+    LOCAL_CLASSES one atomic per class a program, else one a row): integer sums are exact in any
+    order, and the partials stay five numbers wide.
     """
     num_tiles = tl.cdiv(R, BLOCK_R)
     acc_b = tl.zeros([], tl.float64)
@@ -346,8 +484,9 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
     acc_cv = tl.zeros([BLOCK_C], tl.float64)
     for tile in range(pid, num_tiles, nprog):
         b, inv, ce, h, v, hist, ceh, cv = _tile_stats(
-            x_ptr, tg_ptr, tau_ptr, rs_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
-            ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS)
+            x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
+            ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS,
+            ATOMIC_HIST, WIDE_ALGO)
         acc_b += b.to(tl.float64)
         acc_inv += inv.to(tl.float64)
         acc_ce += ce.to(tl.float64)
@@ -359,7 +498,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
                 acc_ceh += ceh.to(tl.float64)
                 acc_cv += cv.to(tl.float64)
     width = SUMMARY_HEADER
-    if LOCAL_CLASSES:
+    if LOCAL_CLASSES and not ATOMIC_HIST:
         if PER_CLASS:
             width += 3 * C
         else:
@@ -369,7 +508,11 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
     header = tl.where(idx == 0, acc_b, tl.where(idx == 1, acc_ce, tl.where(
         idx == 2, acc_h, tl.where(idx == 3, acc_v, acc_inv))))
     tl.store(out + idx, header, mask=idx < SUMMARY_HEADER)
-    if LOCAL_CLASSES:
+    if LOCAL_CLASSES and ATOMIC_HIST:
+        classes = tl.arange(0, BLOCK_C)
+        tl.atomic_add(hist_ptr + classes, acc_hist.to(tl.int32),
+                      mask=(classes < C) & (acc_hist > 0.0), sem="relaxed")
+    if LOCAL_CLASSES and not ATOMIC_HIST:
         classes = tl.arange(0, BLOCK_C)
         cmask = classes < C
         tl.store(out + SUMMARY_HEADER + classes, acc_hist, mask=cmask)
@@ -379,20 +522,22 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, pid, nprog, R, C, S,
 
 
 @triton.jit
-def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, R, C, S, stride_n, stride_c, stride_s,
-                 ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, R, C, S, stride_n, stride_c,
+                 stride_s, ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                 PER_CLASS: tl.constexpr):
-    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, tl.program_id(0), tl.num_programs(0),
-               R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
-               BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS)
+                 PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, tl.program_id(0),
+               tl.num_programs(0), R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps,
+               t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST, WIDE_ALGO)
 
 
 @triton.jit
-def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, sum_ptr, R, C, W, ignore_index,
-                    SCAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """summary[w] for a block of w: the P partial rows summed in order; with SCAN the class
-    columns (w >= 5) come from one ordered pass over the targets and row statistics instead."""
+def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, hist_ptr, sum_ptr, R, C, W, ignore_index,
+                    SCAN: tl.constexpr, HIST: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_W: tl.constexpr):
+    """summary[w] for a block of w: the P partial rows summed in order. The class columns (w >= 5)
+    of a large C come from the int32 histogram the rows kernel counted (HIST), or, with per-class
+    sums (SCAN, CCT-EAL), from one ordered pass over the targets and row statistics."""
     cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_W], tl.float64)
     from_parts = cols < WP
@@ -401,6 +546,9 @@ def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, sum_ptr, R, C, W, ignore_in
         vals = tl.load(part_ptr + parts[:, None] * WP + cols[None, :],
                        mask=(parts < P)[:, None] & from_parts[None, :], other=0.0)
         acc += tl.sum(vals, axis=0)
+    if HIST:
+        hist_cols = (cols >= SUMMARY_HEADER) & (cols < W)
+        acc += tl.load(hist_ptr + (cols - SUMMARY_HEADER), mask=hist_cols, other=0).to(tl.float64)
     if SCAN:
         k = cols - SUMMARY_HEADER
         which = k // C  # 0: hist, 1: sum (CE - H), 2: sum V
@@ -576,11 +724,11 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
                   ignore_index, kind, hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
                   t_min: tl.float64, t_max: tl.float64, update_state, reduction,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr):
+                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_ALGO: tl.constexpr):
     """The whole forward of a batch that fits one program: rows, summary, finalize, one launch."""
-    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, 0, 1, R, C, S, stride_n, stride_c,
-               stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES,
-               PER_CLASS)
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, sum_ptr, 0, 1, R, C, S, stride_n,
+               stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
+               LOCAL_CLASSES, PER_CLASS, False, WIDE_ALGO)
     tl.debug_barrier()  # the summary and row statistics written above are read below
     coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
                                   loss_ptr, stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min,
@@ -588,6 +736,50 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
     if reduction == 0:
         for r0 in range(0, R, BLOCK_K):
             _none_loss_rows(rs_ptr, loss_ptr, r0 + tl.arange(0, BLOCK_K), R, coef, is_nan)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr, st0_ptr, st1_ptr,
+                    st2_ptr, st3_ptr, loss_ptr, stats_ptr, gi_ptr, R, C, S, stride_n, stride_c,
+                    stride_s, ignore_index, kind, hp0: tl.float64, hp1: tl.float64,
+                    t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
+                    reduction, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    LOCAL_CLASSES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                    WIDE_ALGO: tl.constexpr):
+    """The forward of one temperature (MiT, TET) in one launch of many programs.
+
+    Each program writes its partial sums and counts its classes into ``ibuf[1:]`` (int32, zeroed
+    by the launcher); then takes a ticket from ``ibuf[0]``. The program that draws the last
+    ticket sees every partial (acquire/release on the ticket), adds them up in program order
+    (bitwise the same every run), writes the summary and runs the finalize: the rows, summary
+    and finalize kernels of ``row_stats`` + ``finalize_`` without their two extra launches.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + 1, pid, nprog, R, C, S,
+               stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
+               LOCAL_CLASSES, False, True, WIDE_ALGO)
+    tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
+    ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == nprog - 1:
+        idx = tl.arange(0, 8)
+        acc = tl.zeros([8], tl.float64)
+        for p0 in range(0, nprog, BLOCK_P):
+            parts = p0 + tl.arange(0, BLOCK_P)
+            vals = tl.load(part_ptr + parts[:, None] * SUMMARY_HEADER + idx[None, :],
+                           mask=(parts < nprog)[:, None] & (idx < SUMMARY_HEADER)[None, :],
+                           other=0.0, cache_modifier=".cg")
+            acc += tl.sum(vals, axis=0)
+        tl.store(sum_ptr + idx, acc, mask=idx < SUMMARY_HEADER)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            hist = tl.load(ibuf_ptr + 1 + k, mask=k < C, other=0, cache_modifier=".cg")
+            tl.store(sum_ptr + SUMMARY_HEADER + k, hist.to(tl.float64), mask=k < C)
+        tl.debug_barrier()  # the summary written above is read below
+        _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                       stats_ptr, gi_ptr, C, 1, kind, hp0, hp1, t_eps, t_min, t_max,
+                       update_state, reduction, BLOCK_K)
 
 
 @triton.jit
@@ -681,6 +873,10 @@ def _program_cap(device: torch.device) -> int:
     return _max_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _num_programs(cfg: RowConfig, rows: int, device: torch.device) -> int:
+    return max(1, min(triton.cdiv(rows, cfg.block_r), _program_cap(device)))
+
+
 def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
     return cfg.local_classes and rows * cfg.block_c <= FUSED_MAX_ELEMENTS
 
@@ -693,15 +889,18 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     row_stats = torch.empty((4, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
     width = summary_size(c, tau.shape[0])
     summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
-    nprog = max(1, min(triton.cdiv(rows, cfg.block_r), _program_cap(logits.device)))
-    part_width = width if cfg.local_classes else HEADER
+    nprog = _num_programs(cfg, rows, logits.device)
+    counting = atomic_hist(per_class)
+    part_width = width if cfg.local_classes and not counting else HEADER
     partials = torch.empty((nprog, part_width), dtype=torch.float64, device=logits.device)
+    hist = torch.zeros((c if counting else 1,), dtype=torch.int32, device=logits.device)
     _rows_kernel[(nprog,)](
-        logits, targets, tau, row_stats, partials, rows, c, s, *logits.stride(), ignore_index,
-        t_eps, t_min, t_max, **rows_constexprs(cfg, per_class), num_warps=cfg.num_warps)
+        logits, targets, tau, row_stats, partials, hist, rows, c, s, *logits.stride(),
+        ignore_index, t_eps, t_min, t_max, **rows_constexprs(cfg, per_class),
+        ATOMIC_HIST=counting, num_warps=cfg.num_warps)
     _summary_kernel[(triton.cdiv(width, SUMMARY_BLOCK_W),)](
-        partials, nprog, part_width, row_stats, targets, summary, rows, c, width, ignore_index,
-        **summary_constexprs(not cfg.local_classes), num_warps=SUMMARY_WARPS)
+        partials, nprog, part_width, row_stats, targets, hist, summary, rows, c, width,
+        ignore_index, **summary_constexprs(cfg, per_class), num_warps=SUMMARY_WARPS)
     return row_stats, summary
 
 
@@ -762,12 +961,15 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     n, c, s = logits.shape
     rows = n * s
     cfg = row_config(c, logits.dtype)
+    num_temperatures = tau.shape[0]
     if not _fits_one_program(cfg, rows):
+        if num_temperatures == 1:
+            return _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min,
+                                   t_max, ignore_index, reduction, update_state, loss_dtype, cfg)
         rs, summary = _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
         loss, stats, grad_info = finalize_(summary, None, rs, tau, state, kind, hparams, t_eps,
                                            t_min, t_max, reduction, update_state, loss_dtype)
         return loss, stats, rs, grad_info
-    num_temperatures = tau.shape[0]
     acc = _acc_dtype(logits.dtype)
     rs = torch.empty((4, rows), dtype=acc, device=logits.device)
     summary = torch.empty((summary_size(c, num_temperatures),), dtype=torch.float64,
@@ -781,6 +983,32 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
         *logits.stride(), num_temperatures, ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
         int(bool(update_state)), reduction, **rows_constexprs(cfg, num_temperatures > 1),
         BLOCK_K=FINALIZE_BLOCK, num_warps=cfg.num_warps)
+    return loss, stats, rs, grad_info
+
+
+def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max, ignore_index,
+                    reduction, update_state, loss_dtype, cfg):
+    """loss_forward_ with one temperature in one launch of _forward_kernel (plus the zeroing of
+    its counters, and the per-row loss of reduction='none')."""
+    n, c, s = logits.shape
+    rows = n * s
+    device = logits.device
+    acc = _acc_dtype(logits.dtype)
+    nprog = _num_programs(cfg, rows, device)
+    rs = torch.empty((4, rows), dtype=acc, device=device)
+    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
+    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
+    summary = torch.empty((summary_size(c, 1),), dtype=torch.float64, device=device)
+    loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
+    st = _state_pointers(state, kind, summary)
+    hp0, hp1 = _hparams(hparams)
+    _forward_kernel[(nprog,)](
+        logits, targets, tau, rs, partials, ibuf, summary, *st, loss, stats, grad_info, rows, c, s,
+        *logits.stride(), ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
+        int(bool(update_state)), reduction, **forward_constexprs(cfg), num_warps=cfg.num_warps)
+    if reduction == 0 and rows > 0:
+        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
+            rs, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK, num_warps=NONE_LOSS_WARPS)
     return loss, stats, rs, grad_info
 
 
@@ -816,6 +1044,7 @@ KERNELS = {
     "_finalize_kernel": _finalize_kernel,
     "_none_loss_kernel": _none_loss_kernel,
     "_fused_kernel": _fused_kernel,
+    "_forward_kernel": _forward_kernel,
     "_backward_kernel": _backward_kernel,
     "_grad_tau_none_kernel": _grad_tau_none_kernel,
 }

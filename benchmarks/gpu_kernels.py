@@ -1,0 +1,309 @@
+"""Per-kernel GPU timings of the MiT ops, with a tile sweep of the streaming Triton kernels.
+
+``python -m benchmarks.gpu_kernels [--shapes 4096x32000,...] [--dtypes fp32,bf16] [--sweep]``
+
+Where ``bench_mit_loss`` times whole training steps (Python, autograd and state update included)
+against eager and compiled PyTorch, this times the kernels of each backend on their own, so that
+each one can be held against the bandwidth it could reach:
+
+* ``copy``        ``out.copy_(x)``: 1 read + 1 write of the logits, the measured ceiling;
+* ``<b>.fwd``     ``loss_forward_`` of backend ``b`` (rows, summary, finalize): 1 read;
+* ``<b>.bwd``     ``loss_backward``: 1 read + 1 write;
+* ``<b>.step``    both, back to back: the loss's 2 reads + 1 write (KERNEL_MATH s.5);
+* ``ce.eager`` / ``ce.compiled`` / ``ce.liger``  plain cross-entropy forward + gradient
+  (``torch.autograd.grad``, no accumulation), the anchors a fused loss should match.
+
+``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
+retimes the Triton forward (both ``WIDE_ALGO``) and backward kernels for other tiles of the
+large-C row of ``ROW_TABLE`` (the launchers read both at call time). Times: ``triton.testing.do_bench`` medians (L2
+flushed between calls). Prints a table; ``--csv`` writes it too.
+
+``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
+the CPU: a Triton launch, allocations, each backend's ops and whole training steps at 256x5.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mitkernels import _backends, reference
+from mitkernels.state import initial_buffers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
+SWEEP_TILES = ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16))
+WIDE_ALGOS = (0, 1)  # mitkernels.triton.mit_loss.WIDE_ALGO: how a wide row is reduced
+
+
+DEVICE = torch.device("cuda")
+
+
+def bench(fn: Callable, rep_ms: int) -> float:
+    if DEVICE.type != "cuda":  # --dry-run: one call, to exercise the code paths
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+class Case:
+    def __init__(self, n: int, c: int, dtype: torch.dtype, seed: int = 0):
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        self.n, self.c, self.dtype = n, c, dtype
+        self.x = (torch.randn(n, c, device=DEVICE, generator=gen) * 3).to(dtype)
+        self.x3 = self.x.view(n, c, 1)
+        self.y = torch.randint(0, c, (n,), device=DEVICE, generator=gen)
+        self.tau = torch.tensor([0.3], device=DEVICE)
+        self.nbytes = self.x.numel() * self.x.element_size()
+
+    def state(self) -> List[torch.Tensor]:
+        return [t.to(DEVICE) for t in initial_buffers(self.c).values()]
+
+
+def _op_fns(kernels, case: Case):
+    state = case.state()
+
+    def fwd():
+        # update_state=False: the same work as a training step, and the state stays put.
+        return kernels.loss_forward_(case.x3, case.y, case.tau, state, 0, [], *TEMP, -100, 1,
+                                     False, torch.float32)
+
+    _, _, rs, gi = fwd()
+    g = torch.ones((), device=DEVICE)
+
+    def bwd():
+        return kernels.loss_backward(g, case.x3, case.y, case.tau, rs, gi, *TEMP, -100, 1, True)
+
+    def step():
+        _, _, rs2, gi2 = fwd()
+        return kernels.loss_backward(g, case.x3, case.y, case.tau, rs2, gi2, *TEMP, -100, 1, True)
+
+    return fwd, bwd, step
+
+
+def _ce_fns(case: Case):
+    x = case.x.detach().requires_grad_(True)
+    y = case.y
+    fns = {"ce.eager": lambda: torch.autograd.grad(F.cross_entropy(x, y), x)}
+    if DEVICE.type == "cuda":
+        compiled = torch.compile(F.cross_entropy, dynamic=False)
+        fns["ce.compiled"] = lambda: torch.autograd.grad(compiled(x, y), x)
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+        fns["ce.liger"] = lambda: torch.autograd.grad(liger(x, y), x)
+    except Exception:  # noqa: BLE001 - not installed here
+        pass
+    return fns
+
+
+@dataclasses.dataclass
+class Row:
+    shape: str
+    dtype: str
+    what: str
+    ms: float
+    traffic: float  # units of the logits' size
+    gbps: float = 0.0
+    frac: float = 0.0
+    note: str = ""
+
+
+def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: bool) -> List[Row]:
+    rows: List[Row] = []
+    shape = f"{case.n}x{case.c}"
+    buf = torch.empty_like(case.x)
+    copy_ms = bench(lambda: buf.copy_(case.x), rep_ms)
+    copy_gbps = 2 * case.nbytes / copy_ms / 1e6
+    rows.append(Row(shape, dtype_name, "copy", copy_ms, 2.0))
+
+    def add(what, fn, traffic, note=""):
+        try:
+            ms = bench(fn, rep_ms)
+        except Exception as err:  # noqa: BLE001 - record and go on
+            rows.append(Row(shape, dtype_name, what, float("nan"), traffic,
+                            note=f"{type(err).__name__}: {err}"[:120]))
+            return None
+        rows.append(Row(shape, dtype_name, what, ms, traffic, note=note))
+        return ms
+
+    for backend in ("triton", "cuda"):
+        if _backends.unavailable_reason(backend, case.x.device) is not None:
+            continue
+        fwd, bwd, step = _op_fns(_backends.get(backend, case.x.device), case)
+        add(f"{backend}.fwd", fwd, 1.0)
+        add(f"{backend}.bwd", bwd, 2.0)
+        add(f"{backend}.step", step, 3.0)
+    if with_ce:
+        for what, fn in _ce_fns(case).items():
+            add(what, fn, 3.0)
+    if sweep:
+        from mitkernels.triton import mit_loss as tk
+
+        saved, saved_algo = tk.ROW_TABLE, tk.WIDE_ALGO
+        kernels = _backends.get("triton", case.x.device)
+        try:
+            for block_c, warps in SWEEP_TILES:
+                tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps),)
+                if tk.row_config(case.c, case.dtype).max_classes is not None:
+                    break  # C is not in the large-C row: the sweep does not apply
+                for algo in WIDE_ALGOS:
+                    tk.WIDE_ALGO = algo
+                    fwd, bwd, _ = _op_fns(kernels, case)
+                    add(f"sweep.fwd.a{algo}.c{block_c}w{warps}", fwd, 1.0)
+                add(f"sweep.bwd.c{block_c}w{warps}", bwd, 2.0)
+        finally:
+            tk.ROW_TABLE, tk.WIDE_ALGO = saved, saved_algo
+    for r in rows:
+        if r.ms == r.ms and r.ms > 0:
+            r.gbps = r.traffic * case.nbytes / r.ms / 1e6
+            r.frac = r.gbps / copy_gbps
+    return rows
+
+
+def _host_us(fn: Callable, calls: int = 300) -> float:
+    """Microseconds a call, for calls issued back to back and synchronised once: the host's cost
+    whenever it exceeds the device's."""
+    import time
+
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+    for _ in range(20 if DEVICE.type == "cuda" else 1):
+        fn()
+    sync()
+    calls = calls if DEVICE.type == "cuda" else 2
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
+    import mitkernels
+    from mitkernels.state import MiTState
+    from mitkernels.triton import mit_loss as tk
+
+    case = Case(n, c, torch.float32)
+    lines = []
+
+    def add(what, fn):
+        try:
+            lines.append(f"{what:>40} {_host_us(fn):9.1f} us")
+        except Exception as err:  # noqa: BLE001 - record and go on
+            lines.append(f"{what:>40}   failed: {type(err).__name__}: {err}"[:160])
+        print(lines[-1], flush=True)
+
+    small = torch.empty(16, device=DEVICE)
+    add("torch.empty(16)", lambda: torch.empty(16, device=DEVICE))
+    add("torch.zeros(16)", lambda: torch.zeros(16, device=DEVICE))
+    add("x.add_(1) (one ATen launch)", lambda: small.add_(1))
+    rs = torch.zeros(4, 16, device=DEVICE)
+    gi = torch.zeros(3, device=DEVICE)
+    st = torch.zeros(9, dtype=torch.float64, device=DEVICE)
+    out = torch.empty(16, device=DEVICE)
+    add("triton launch, 6 args (_none_loss_kernel)",
+        lambda: tk._none_loss_kernel[(1,)](rs, gi, st, out, 16, BLOCK=tk.NONE_LOSS_BLOCK,
+                                           num_warps=tk.NONE_LOSS_WARPS))
+    for backend in ("triton", "cuda"):
+        if _backends.unavailable_reason(backend, DEVICE) is not None:
+            continue
+        fwd, bwd, step = _op_fns(_backends.get(backend, DEVICE), case)
+        add(f"{backend}.loss_forward_ {n}x{c}", fwd)
+        add(f"{backend}.loss_backward {n}x{c}", bwd)
+        state = MiTState(c, device=DEVICE)
+        x = case.x.detach().requires_grad_(True)
+
+        def train_step(backend=backend, state=state, x=x):
+            loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
+            return torch.autograd.grad(loss, (x, state.tau))
+
+        add(f"{backend} mit_loss + grad {n}x{c}", train_step)
+        add(f"{backend} mit_loss, no grad {n}x{c}",
+            lambda backend=backend, state=state: mitkernels.mit_loss(case.x, case.y, state,
+                                                                     backend=backend))
+    xg = case.x.detach().requires_grad_(True)
+    add(f"F.cross_entropy + grad {n}x{c}",
+        lambda: torch.autograd.grad(F.cross_entropy(xg, case.y), xg))
+    if _backends.unavailable_reason("triton", DEVICE) is None:
+        # Where the host time of a Triton step goes (Python functions; C++ time shows as the
+        # builtin methods that call it).
+        import cProfile
+        import pstats
+
+        state = MiTState(c, device=DEVICE)
+        x = case.x.detach().requires_grad_(True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            loss, _ = mitkernels.mit_loss(x, case.y, state, backend="triton")
+            torch.autograd.grad(loss, (x, state.tau))
+        prof.disable()
+        print("# cProfile of 200 triton steps (mit_loss + grad), by own time:", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kernels", description=__doc__)
+    p.add_argument("--shapes", default="4096x32000,1024x1000,256x5")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy anchors")
+    p.add_argument("--csv", help="write the table here too")
+    p.add_argument("--overhead", action="store_true", help="also the host time per call")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU tensors, one call each (with TRITON_INTERPRET=1): checks the script")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    global DEVICE
+    args = parse_args(argv)
+    if args.dry_run:
+        DEVICE = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("gpu_kernels: no CUDA device", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "CPU dry run"
+    print(f"# {name}, torch {torch.__version__}", flush=True)
+    if args.overhead:
+        print("# host time per call (back to back, one synchronisation)", flush=True)
+        launch_overhead()
+    header = f"{'shape':>12} {'dtype':>5} {'what':>22} {'ms':>9} {'GB/s':>8} {'frac':>6}  note"
+    print(header, flush=True)
+    all_rows: List[Row] = []
+    for text in args.shapes.split(","):
+        n, c = (int(v) for v in text.lower().split("x"))
+        for dtype_name in args.dtypes.split(","):
+            case = Case(n, c, DTYPES[dtype_name])
+            rows = run_case(case, dtype_name, args.rep_ms, args.sweep, not args.no_ce)
+            for r in rows:
+                print(f"{r.shape:>12} {r.dtype:>5} {r.what:>22} {r.ms:9.4f} {r.gbps:8.0f} "
+                      f"{r.frac:6.3f}  {r.note}", flush=True)
+            all_rows += rows
+            del case
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([fld.name for fld in dataclasses.fields(Row)])
+            for r in all_rows:
+                writer.writerow(dataclasses.astuple(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
