@@ -7,6 +7,7 @@ runs ``mitkernels/reference.py`` instead.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -114,16 +115,34 @@ def _stats_dict(stats: Tensor, kind: int) -> Dict[str, Tensor]:
     return {name: value for name, value in zip(STATS_NAMES[kind], stats.unbind()) if name}
 
 
+# Backends whose eager step is the C++ op loss_step_ (ops.EAGER_SCHEMAS).
+_STEP_BACKENDS = ("cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_step_op():
+    # The overload itself: the packet's Python call and lookup cost a few microseconds a step.
+    return torch.ops.mitkernels_C.loss_step_.default
+
+
 def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor],
              hparams: List[float], temp_params: Tuple[float, float, float], ignore_index: int,
              reduction: str, update_state: bool, backend: str,
              process_group=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """One forward op (or row_stats, all-reduce, finalize_ across ranks), then autograd."""
-    logits3, flat_targets = _canonical(logits, targets)
     red = ops.REDUCTIONS[reduction]
-    tau_k = tau.detach().reshape(-1)
     loss_dtype = _loss_dtype(logits)
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if backend in _STEP_BACKENDS and process_group is None and not compiling:
+        # Eager C++ kernels: one op does the views, the step, the invalid-target error and the
+        # autograd node (csrc/loss_step.cpp); the engine runs its backward without Python.
+        # (_backend_for found the backend available, so the extension is loaded.)
+        loss, entries = _loss_step_op()(logits, targets, tau, state, kind, hparams, *temp_params,
+                                        ignore_index, red, update_state, loss_dtype)
+        return loss, {name: value for name, value in zip(STATS_NAMES[kind], entries) if name}
+    logits3, flat_targets = _canonical(logits, targets)
+    tau_k = tau.detach().reshape(-1)
+    if compiling:
         # Traced: the registered ops, which carry fake kernels and autograd for the compiler.
         def call(name, *args):
             return getattr(torch.ops.mitkernels, name)(*args, backend)
