@@ -111,7 +111,7 @@ def _extensions():
         link.append("-fopenmp")
     defines = [("MITKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/mit_loss_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/loss_step.cpp", "csrc/cpu/mit_loss_cpu.cpp"]
     avx2 = _env_switch("MITKERNELS_CPU_AVX2")
     is_gcc = not windows and sys.platform != "darwin"
     if avx2 is not False and platform.machine().lower() in ("x86_64", "amd64") and is_gcc:

@@ -1,7 +1,8 @@
 // The mitkernels_C operator library (schemas only: the CPU and CUDA files add their kernels)
 // and the Python module mitkernels._C, whose import loads them.
 //
-// The schema strings are mitkernels/ops.py's KERNEL_SCHEMAS, verbatim (tests/test_ops.py checks).
+// The schema strings are mitkernels/ops.py's KERNEL_SCHEMAS and EAGER_SCHEMAS, verbatim
+// (tests/test_ops.py checks).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -44,6 +45,11 @@ TORCH_LIBRARY(mitkernels_C, m) {
       "loss_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor tau, Tensor row_stats, "
       "Tensor grad_info, float t_eps, float t_min, float t_max, int ignore_index, int reduction, "
       "bool compute_grad_tau) -> (Tensor, Tensor)");
+  // The eager step in one call, differentiable (csrc/loss_step.cpp has its kernels).
+  m.def(
+      "loss_step_(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, int kind, "
+      "float[] hparams, float t_eps, float t_min, float t_max, int ignore_index, int reduction, "
+      "bool update_state, ScalarType loss_dtype) -> (Tensor, Tensor[])");
 }
 
 // Meta kernels: shapes and dtypes only, so FakeTensor / torch.compile / opcheck can trace the
@@ -95,6 +101,16 @@ std::tuple<Tensor, Tensor> loss_backward_meta(const Tensor&, const Tensor& logit
   return {at::empty_like(logits), at::empty_symint({tau.sym_numel()}, tau.options())};
 }
 
+std::tuple<Tensor, std::vector<Tensor>> loss_step_meta(
+    const Tensor& logits, const Tensor& targets, const Tensor&, at::TensorList, int64_t,
+    at::ArrayRef<double>, double, double, double, int64_t, int64_t reduction, bool,
+    at::ScalarType loss_dtype) {
+  const auto opts = logits.options();
+  Tensor loss = reduction == 0 ? at::empty_symint(targets.sym_sizes(), opts.dtype(loss_dtype))
+                               : at::empty({}, opts.dtype(loss_dtype));
+  return {loss, at::empty({9}, opts.dtype(at::kDouble)).unbind()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mitkernels_C, Meta, m) {
@@ -102,6 +118,7 @@ TORCH_LIBRARY_IMPL(mitkernels_C, Meta, m) {
   m.impl("finalize_", &finalize_meta);
   m.impl("loss_forward_", &loss_forward_meta);
   m.impl("loss_backward", &loss_backward_meta);
+  m.impl("loss_step_", &loss_step_meta);
 }
 
 namespace {

@@ -73,7 +73,8 @@ def triton_interpret() -> bool:
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None when backend ``name`` can run on ``device``, else why not (one sentence)."""
-    return _unavailable_reason(name, device.type, triton_interpret())
+    # Only Triton's answer depends on TRITON_INTERPRET: the others skip the environment read.
+    return _unavailable_reason(name, device.type, name == "triton" and triton_interpret())
 
 
 @functools.lru_cache(maxsize=None)

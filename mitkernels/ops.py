@@ -119,6 +119,23 @@ KERNEL_SCHEMAS = {
 }
 
 
+# Ops that the C++ library registers beside the kernels, for eager calls only (no public op, no
+# Triton version: torch.compile traces the four kernels above). ``loss_step_`` is one eager step:
+# the canonical views of ``functional.py``, ``loss_forward_``, on CPU the ValueError for invalid
+# targets, and a C++ autograd node whose backward runs ``loss_backward`` (csrc/loss_step.cpp).
+# ``logits`` ``[N, C, d1, ..]``, ``targets`` ``[N, d1, ..]`` (any integer dtype), ``tau`` ``K``
+# values in any shape (the one that takes the gradient); the rest as ``loss_forward_``. Returns
+# ``(loss, stats)``: ``loss`` ``[]``, or shaped like ``targets`` for reduction 'none'; ``stats``
+# the 9 entries of ``loss_forward_``'s stats as 0-dim float64 tensors (the stats dict's values).
+EAGER_SCHEMAS = {
+    "loss_step_": (
+        "(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, int kind, float[] hparams, "
+        "float t_eps, float t_min, float t_max, int ignore_index, int reduction, bool update_state, "
+        "ScalarType loss_dtype) -> (Tensor, Tensor[])"
+    ),
+}
+
+
 def _public_schema(kernel_schema: str) -> str:
     args, ret = kernel_schema.rsplit(") ->", 1)
     return f"{args}, str backend) ->{ret}"
@@ -275,6 +292,6 @@ class EagerLossWithGrad(torch.autograd.Function):
 
 
 __all__ = [
-    "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS", "STATS_FIELDS",
-    "acc_dtype", "summary_size",
+    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
+    "STATS_FIELDS", "acc_dtype", "summary_size",
 ]

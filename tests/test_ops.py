@@ -27,6 +27,10 @@ def test_compiled_library_registers_the_same_schemas():
         public = str(getattr(torch.ops.mitkernels, name).default._schema)
         assert compiled.replace("mitkernels_C::", "") == \
             public.replace("mitkernels::", "").replace(", str backend)", ")"), name
+    for name, schema in ops.EAGER_SCHEMAS.items():
+        compiled = str(getattr(torch.ops.mitkernels_C, name).default._schema)
+        expected = str(torch._C.parse_schema(f"mitkernels_C::{name}{schema}"))
+        assert compiled == expected, name
 
 
 def _op_args(kind, backend, dtype=torch.float64, reduction=1, n=6, c=4, s=1):
@@ -140,3 +144,91 @@ def test_autocast_bf16_computes_in_float32(backend):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     loss.backward()
     assert model.weight.grad is not None and model.weight.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# loss_step_: the eager step of the C++ backends (views, forward, C++ autograd node).
+# ------------------------------------------------------------------------------------------
+needs_cpu_kernels = pytest.mark.skipif(
+    _backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension not built")
+
+
+def _step_args(kind, reduction, spatial=False):
+    logits, targets, tau, state, kind, hparams, temp, red = _op_args(
+        kind, "cpu", reduction=reduction, n=4 if spatial else 6, s=3 if spatial else 1)
+    n, c, s = logits.shape
+    if spatial:  # [N, C, 3] as the [N, C, 3, 1] a segmentation model gives, targets [N, 3, 1]
+        logits, targets = logits.reshape(n, c, s, 1), targets.reshape(n, s, 1)
+    else:
+        logits = logits.reshape(n, c)
+    if kind == ops.KIND_MIT:
+        tau = tau.reshape(())  # MiTState.tau is 0-dim
+    return logits, targets, tau, state, kind, hparams, temp, red
+
+
+STEP_CASES = [(ops.KIND_MIT, 1, False), (ops.KIND_MIT, 0, True), (ops.KIND_MIT, 2, True),
+              (ops.KIND_TET, 0, False), (ops.KIND_CCT, 1, False), (ops.KIND_CCT, 2, True)]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind,reduction,spatial", STEP_CASES)
+def test_opcheck_loss_step(kind, reduction, spatial):
+    logits, targets, tau, state, kind, hparams, temp, red = _step_args(kind, reduction, spatial)
+    x = logits.clone().requires_grad_(True)
+    t = tau.clone().requires_grad_(kind != ops.KIND_TET)
+    torch.library.opcheck(torch.ops.mitkernels_C.loss_step_.default,
+                          (x, targets, t, state, kind, hparams, *temp, -100, red, True, x.dtype))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind,reduction,spatial", STEP_CASES)
+def test_gradcheck_loss_step(kind, reduction, spatial):
+    # update_state=False: the coefficient is read from the state, so finite differences see the
+    # same function as the analytic gradient (it is a constant for autograd).
+    logits, targets, tau, state, kind, hparams, temp, red = _step_args(kind, reduction, spatial)
+    targets.view(-1)[2] = -100
+    if kind == ops.KIND_MIT:
+        state[2].fill_(0.3)  # lambda, so that the entropy term takes part
+    x = logits.clone().requires_grad_(True)
+    t = tau.to(torch.float64).requires_grad_(kind != ops.KIND_TET)
+
+    def f(x, t):
+        loss, _ = torch.ops.mitkernels_C.loss_step_(x, targets, t, state, kind, hparams, *temp,
+                                                    -100, red, False, x.dtype)
+        return loss
+
+    assert torch.autograd.gradcheck(f, (x, t))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_step_in_inference_mode_matches_reference(reduction):
+    # Below autograd the op takes its CompositeExplicitAutograd kernel: same values, no graph.
+    torch.manual_seed(4)
+    logits, targets = torch.randn(7, 4, 2, dtype=torch.float64), torch.randint(0, 4, (7, 2))
+    kernel_state, ref_state = mitkernels.MiTState(4), mitkernels.MiTState(4)
+    with torch.inference_mode():
+        loss, stats = mitkernels.mit_loss(logits, targets, kernel_state, backend="cpu",
+                                          reduction=reduction)
+    ref_loss, ref_stats = mitkernels.mit_loss(logits, targets, ref_state, backend="reference",
+                                              reduction=reduction)
+    assert not loss.requires_grad and loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss, ref_loss.detach())
+    for key in ("ce", "H", "H_star", "lambda", "T", "valid"):
+        torch.testing.assert_close(stats[key], ref_stats[key], msg=key)
+    torch.testing.assert_close(kernel_state.class_counts, ref_state.class_counts)
+
+
+@needs_cpu_kernels
+def test_loss_step_sees_logits_changed_in_place_before_backward():
+    # The node saves the logits themselves, so autograd's version check catches a change that
+    # would make the gradient wrong.
+    logits = torch.randn(5, 3, requires_grad=True)
+    x = logits * 1.0
+    loss, _ = mitkernels.mit_loss(x, torch.tensor([0, 1, 2, 0, 1]), mitkernels.MiTState(3),
+                                  backend="cpu")
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

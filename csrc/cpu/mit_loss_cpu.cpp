@@ -364,6 +364,7 @@ void grad_range(const RowArgs& a, int64_t begin, int64_t end) { grad_fn(a.dtype)
 #ifndef MITK_CPU_KERNELS_ONLY
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <cstdlib>
 #include <cstring>
@@ -448,6 +449,45 @@ int dtype_code(at::ScalarType t) {
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Outputs come straight from the CPU allocator, not through a dispatched at::empty / zeros /
+// .to(): on a 32-row batch each dispatched op costs about as much as the rows' math, and a
+// step makes a dozen of them.
+Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype);
+}
+
+// An empty tensor with the layout empty_like would give (the same strides when `like` is
+// non-overlapping and dense, else contiguous).
+Tensor empty_cpu_like(const Tensor& like) {
+  if (like.is_non_overlapping_and_dense()) {
+    return at::detail::empty_strided_cpu(like.sizes(), like.strides(), like.scalar_type());
+  }
+  return empty_cpu(like.sizes(), like.scalar_type());
+}
+
+// Element i of a floating tensor's data, as double / from double (float64, float32, bfloat16,
+// float16: the dtypes a loss, grad_info or gradient can have).
+double load_as_double(const void* p, at::ScalarType t, int64_t i) {
+  switch (t) {
+    case at::kDouble: return static_cast<const double*>(p)[i];
+    case at::kFloat: return static_cast<const float*>(p)[i];
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: TORCH_CHECK(false, "mitkernels: unexpected dtype ", t);
+  }
+  return 0.0;
+}
+
+void store_from_double(void* p, at::ScalarType t, int64_t i, double v) {
+  switch (t) {
+    case at::kDouble: static_cast<double*>(p)[i] = v; break;
+    case at::kFloat: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p)[i] = static_cast<float>(v); break;
+    case at::kHalf: static_cast<c10::Half*>(p)[i] = static_cast<float>(v); break;
+    default: TORCH_CHECK(false, "mitkernels: unexpected dtype ", t);
+  }
+}
 
 double read_scalar(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -605,35 +645,40 @@ void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t 
   }
 }
 
-std::tuple<Tensor, Tensor> row_stats_impl(const Tensor& logits, const Tensor& targets_in,
-                                          const Tensor& tau_in, double t_eps, double t_min,
-                                          double t_max, int64_t ignore_index, const char* op) {
+// The summary of row_stats_impl: a host vector, since loss_forward_ only reads it.
+using Summary = std::vector<double>;
+
+Tensor row_stats_impl(const Tensor& logits, const Tensor& targets_in, const Tensor& tau_in,
+                      double t_eps, double t_min, double t_max, int64_t ignore_index,
+                      const char* op, Summary& summary) {
   const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
   const bool acc64 = logits.scalar_type() == at::kDouble;
-  Tensor rs = at::empty({4, sh.R}, logits.options().dtype(acc_type(logits.scalar_type())));
-  Tensor summary = at::empty({SUMMARY_HEADER_SIZE + (sh.K == 1 ? sh.C : 3 * sh.C)},
-                             logits.options().dtype(at::kDouble));
+  Tensor rs = empty_cpu({4, sh.R}, acc_type(logits.scalar_type()));
+  summary.resize(static_cast<size_t>(SUMMARY_HEADER_SIZE + (sh.K == 1 ? sh.C : 3 * sh.C)));
   RowArgs a = row_args(logits, targets, sh, ignore_index);
   InvTemps inv;
   a.inv_temp = inv.fill(tau, acc64, t_eps, t_min, t_max);
   a.row_stats = rs.mutable_data_ptr();
   run_rows(kernels().stats, a, sh.R, sh.C);
   if (acc64) {
-    summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K,
-                      summary.mutable_data_ptr<double>());
+    summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K, summary.data());
   } else {
-    summarize<float>(a, rs.const_data_ptr<float>(), sh.R, sh.C, sh.K,
-                     summary.mutable_data_ptr<double>());
+    summarize<float>(a, rs.const_data_ptr<float>(), sh.R, sh.C, sh.K, summary.data());
   }
-  return {rs, summary};
+  return rs;
 }
 
 std::tuple<Tensor, Tensor> row_stats_cpu(const Tensor& logits, const Tensor& targets,
                                          const Tensor& tau, double t_eps, double t_min,
                                          double t_max, int64_t ignore_index) {
-  return row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index, "row_stats");
+  Summary summary;
+  Tensor rs = row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index, "row_stats",
+                             summary);
+  Tensor out = empty_cpu({static_cast<int64_t>(summary.size())}, at::kDouble);
+  std::copy(summary.begin(), summary.end(), out.mutable_data_ptr<double>());
+  return {rs, out};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,15 +703,13 @@ void check_state_scalar(const Tensor& t, const char* what) {
               t.scalar_type());
 }
 
+// The finalize_ math on host summaries: S (all ranks) and L (this rank's) of `size` entries.
 std::tuple<Tensor, Tensor, Tensor> finalize_impl(
-    const Tensor& summary_in, const std::optional<Tensor>& local_in, const Tensor& row_stats,
-    const Tensor& tau_in, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
-    double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
-    at::ScalarType loss_dtype) {
-  const char* op = "finalize_";
-  check_cpu(summary_in, op, "summary");
-  check_cpu(row_stats, op, "row_stats");
-  check_cpu(tau_in, op, "tau");
+    const double* S, const double* L, int64_t size, const Tensor& row_stats, const Tensor& tau_in,
+    at::TensorList state, int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min,
+    double t_max, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  check_cpu(row_stats, "finalize_", "row_stats");
+  check_cpu(tau_in, "finalize_", "tau");
   TORCH_CHECK(kind == kMiT || kind == kTET || kind == kCCT,
               "mitkernels_C::finalize_: kind must be 0 (MiT), 1 (TET) or 2 (CCT-EAL), got ", kind);
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
@@ -674,9 +717,6 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
               reduction);
   TORCH_CHECK(!(kind == kCCT && reduction == 0),
               "mitkernels_C::finalize_: reduction 'none' is not defined for CCT-EAL");
-  TORCH_CHECK(summary_in.scalar_type() == at::kDouble && summary_in.dim() == 1,
-              "mitkernels_C::finalize_: summary must be a float64 vector, got ",
-              summary_in.scalar_type(), " ", summary_in.sizes());
   TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
                   (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
               "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
@@ -687,25 +727,11 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating, got ",
               loss_dtype);
   const int64_t K = tau_in.numel();
-  const int64_t size = summary_in.numel();
   const int64_t C = K == 1 ? size - SUMMARY_HEADER_SIZE : K;
   TORCH_CHECK(C >= 1 && size == SUMMARY_HEADER_SIZE + (K == 1 ? C : 3 * C),
               "mitkernels_C::finalize_: summary has ", size, " entries, which fits neither [5 + C] ",
               "(one temperature) nor [5 + 3C] with C = K = ", K);
-  const Tensor summary = summary_in.contiguous();
-  Tensor local;
-  if (local_in.has_value()) {
-    check_cpu(*local_in, op, "local_summary");
-    TORCH_CHECK(local_in->scalar_type() == at::kDouble && local_in->numel() == size,
-                "mitkernels_C::finalize_: local_summary must be float64 like summary ([", size,
-                "]), got ", local_in->scalar_type(), " ", local_in->sizes());
-    local = local_in->contiguous();
-  } else {
-    local = summary;
-  }
   const Tensor tau = tau_in.contiguous();
-  const double* S = summary.const_data_ptr<double>();
-  const double* L = local.const_data_ptr<double>();
   // State checks before anything is written.
   if (kind == kMiT) {
     TORCH_CHECK(state.size() == 4, "mitkernels_C::finalize_: MiT state is [class_counts, ",
@@ -782,23 +808,27 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   const int64_t R = row_stats.size(1);
   Tensor loss;
   if (reduction == 0) {
-    const Tensor rs = row_stats.contiguous().to(at::kDouble);
-    const double* lse_h = rs.const_data_ptr<double>();
-    Tensor l64 = at::empty({R}, summary.options());
-    double* lp = l64.mutable_data_ptr<double>();
+    // Per row in float64, rounded once to the loss dtype.
+    const Tensor rs = row_stats.contiguous();
+    const void* rp = rs.const_data_ptr();
+    const at::ScalarType rt = rs.scalar_type();
+    loss = empty_cpu({R}, loss_dtype);
+    void* lp = loss.mutable_data_ptr();
     for (int64_t r = 0; r < R; ++r) {
-      lp[r] = n_invalid > 0 ? nan : lse_h[3 * R + r] - c * lse_h[R + r];
+      const double v = n_invalid > 0 ? nan
+                                     : load_as_double(rp, rt, 3 * R + r) -
+                                           c * load_as_double(rp, rt, R + r);
+      store_from_double(lp, loss_dtype, r, v);
     }
-    loss = l64.to(loss_dtype);
   } else {
-    loss = at::scalar_tensor(reduction == 1 ? loss_mean : loss_sum,
-                             summary.options().dtype(loss_dtype));
+    loss = empty_cpu({}, loss_dtype);
+    store_from_double(loss.mutable_data_ptr(), loss_dtype, 0,
+                      reduction == 1 ? loss_mean : loss_sum);
   }
 
   // Temperatures and dL/dtau.
   const at::ScalarType acc = row_stats.scalar_type();
-  Tensor grad_info = at::zeros({2 + K}, summary.options().dtype(at::kDouble));
-  double* gi = grad_info.mutable_data_ptr<double>();
+  c10::SmallVector<double, 8> gi(static_cast<size_t>(2 + K), 0.0);
   gi[0] = c;
   gi[1] = reduction == 1 ? 1.0 / Blg : 1.0;
   const double gs = reduction == 1 ? 1.0 / Bg : 1.0;
@@ -821,9 +851,10 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     }
     if (kind == kCCT) t_stat = t_sum / Bg;
   }
-  if (acc != at::kDouble) grad_info = grad_info.to(acc);
+  Tensor grad_info = empty_cpu({2 + K}, acc);
+  for (int64_t i = 0; i < 2 + K; ++i) store_from_double(grad_info.mutable_data_ptr(), acc, i, gi[i]);
 
-  Tensor stats = at::empty({STATS_SIZE}, summary.options());
+  Tensor stats = empty_cpu({STATS_SIZE}, at::kDouble);
   double* st = stats.mutable_data_ptr<double>();
   st[0] = reduction == 2 ? loss_sum : loss_mean;
   st[1] = mean_ce;
@@ -838,23 +869,40 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
 }
 
 std::tuple<Tensor, Tensor, Tensor> finalize_cpu(
-    const Tensor& summary, const std::optional<Tensor>& local_summary, const Tensor& row_stats,
+    const Tensor& summary_in, const std::optional<Tensor>& local_in, const Tensor& row_stats,
     const Tensor& tau, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
     double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
     at::ScalarType loss_dtype) {
-  return finalize_impl(summary, local_summary, row_stats, tau, state, kind, hparams, t_eps, t_min,
-                       t_max, reduction, update_state, loss_dtype);
+  const char* op = "finalize_";
+  check_cpu(summary_in, op, "summary");
+  TORCH_CHECK(summary_in.scalar_type() == at::kDouble && summary_in.dim() == 1,
+              "mitkernels_C::finalize_: summary must be a float64 vector, got ",
+              summary_in.scalar_type(), " ", summary_in.sizes());
+  const int64_t size = summary_in.numel();
+  const Tensor summary = summary_in.contiguous();
+  Tensor local = summary;
+  if (local_in.has_value()) {
+    check_cpu(*local_in, op, "local_summary");
+    TORCH_CHECK(local_in->scalar_type() == at::kDouble && local_in->numel() == size,
+                "mitkernels_C::finalize_: local_summary must be float64 like summary ([", size,
+                "]), got ", local_in->scalar_type(), " ", local_in->sizes());
+    local = local_in->contiguous();
+  }
+  return finalize_impl(summary.const_data_ptr<double>(), local.const_data_ptr<double>(), size,
+                       row_stats, tau, state, kind, hparams, t_eps, t_min, t_max, reduction,
+                       update_state, loss_dtype);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_cpu(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
-  auto [rs, summary] =
-      row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index, "loss_forward_");
+  Summary summary;
+  Tensor rs = row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index,
+                             "loss_forward_", summary);
   auto [loss, stats, grad_info] =
-      finalize_impl(summary, std::nullopt, rs, tau, state, kind, hparams, t_eps, t_min, t_max,
-                    reduction, update_state, loss_dtype);
+      finalize_impl(summary.data(), summary.data(), static_cast<int64_t>(summary.size()), rs, tau,
+                    state, kind, hparams, t_eps, t_min, t_max, reduction, update_state, loss_dtype);
   return {loss, stats, rs, grad_info};
 }
 
@@ -896,10 +944,13 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
   const Tensor rs = row_stats_in.contiguous();
-  const Tensor gi = grad_info_in.to(at::kDouble).contiguous();
-  const double* gip = gi.const_data_ptr<double>();
+  const Tensor gi_t = grad_info_in.contiguous();
+  c10::SmallVector<double, 8> gip(static_cast<size_t>(2 + sh.K));
+  for (int64_t i = 0; i < 2 + sh.K; ++i) {
+    gip[i] = load_as_double(gi_t.const_data_ptr(), gi_t.scalar_type(), i);
+  }
 
-  Tensor grad = at::empty_like(logits);
+  Tensor grad = empty_cpu_like(logits);
   advise_huge_pages(grad);
   RowArgs a = row_args(logits, targets, sh, ignore_index);
   InvTemps inv;
@@ -916,13 +967,12 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
     g_rows = grad_loss.reshape({sh.R}).to(acc).contiguous();
     a.grad_rows = g_rows.const_data_ptr();
   } else {
-    a.grad_scalar = read_scalar(grad_loss.contiguous());
+    a.grad_scalar = load_as_double(grad_loss.const_data_ptr(), grad_loss.scalar_type(), 0);
   }
   run_rows(kernels().grad, a, sh.R, sh.C);
 
-  Tensor grad_tau = at::zeros({sh.K}, tau.options());
+  std::vector<double> gt(static_cast<size_t>(sh.K), 0.0);
   if (compute_grad_tau) {
-    std::vector<double> gt(static_cast<size_t>(sh.K), 0.0);
     if (reduction != 0) {
       for (int64_t k = 0; k < sh.K; ++k) gt[k] = a.grad_scalar * gip[2 + k];
     } else {
@@ -943,13 +993,10 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
         gt[k] = grad_tau_value(1.0, T, gt[k], 0.0, 0.0, dT);
       }
     }
-    for (int64_t k = 0; k < sh.K; ++k) {
-      if (tau.scalar_type() == at::kDouble) {
-        grad_tau.mutable_data_ptr<double>()[k] = gt[k];
-      } else {
-        grad_tau.mutable_data_ptr<float>()[k] = static_cast<float>(gt[k]);
-      }
-    }
+  }
+  Tensor grad_tau = empty_cpu({sh.K}, tau.scalar_type());
+  for (int64_t k = 0; k < sh.K; ++k) {
+    store_from_double(grad_tau.mutable_data_ptr(), tau.scalar_type(), k, gt[k]);
   }
   return {grad, grad_tau};
 }

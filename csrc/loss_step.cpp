@@ -1,0 +1,219 @@
+// mitkernels_C::loss_step_: an eager training step in one call, with a C++ autograd node.
+//
+// The four kernel ops of the contract (mitkernels/ops.py) serve torch.compile and every backend.
+// An eager step through them pays Python for the canonical views, the invalid-target check, a
+// Python autograd.Function and its Python backward: on a 32 x 5 batch that was ten times the
+// kernels' own time. This op does the same work in C++: the [N, C, S] / [R] / [K] views,
+// loss_forward_ (whatever the device: it is called through the dispatcher), on CPU the
+// ValueError for invalid targets, and a torch::autograd::Function whose backward calls
+// loss_backward, so the autograd engine runs the backward without entering Python.
+//
+// Registered for the Autograd key (device-agnostic) and, for calls below autograd (inference
+// mode), CompositeExplicitAutograd; ops.cpp holds the schema and the Meta kernel.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "mit_loss_math.h"
+
+namespace mitk {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The step's arguments that autograd neither differentiates nor needs to see.
+struct StepArgs {
+  const Tensor& targets;
+  at::TensorList state;
+  int64_t kind;
+  at::ArrayRef<double> hparams;
+  double t_eps, t_min, t_max;
+  int64_t ignore_index, reduction;
+  bool update_state;
+  at::ScalarType loss_dtype;
+};
+
+// The canonical inputs of the op contract: [N, C, S] logits, [R] int32/int64 targets, [K] tau.
+// Views whenever the layout allows (made below autograd, so they carry no view tracking).
+struct Canonical {
+  Tensor logits, targets, tau;
+};
+
+// Tensors seen under tracing and opcheck (fake, functional, Python subclasses) carry one of
+// these keys; their sizes may be symbolic and their data unreadable.
+constexpr c10::DispatchKeySet kWrapperKeys({c10::DispatchKey::Python,
+                                            c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::Functionalize});
+
+bool is_plain(const Tensor& t) {
+  const c10::Device device = t.device();
+  return (device.is_cpu() || device.is_cuda()) && !t.key_set().has_any(kWrapperKeys) &&
+         t.layout() == at::kStrided;
+}
+
+Canonical canonical(const Tensor& logits, const Tensor& targets, const Tensor& tau) {
+  TORCH_CHECK_VALUE(logits.dim() >= 2, "logits must be [N, C] or [N, C, d1, ...], got shape ",
+                    logits.sizes());
+  Canonical out{logits, targets, tau};
+  // Inputs already in their canonical form are used as they are (each reshape is a dispatch).
+  if (logits.dim() != 3) {
+    c10::SymInt s = 1;
+    for (int64_t d = 2; d < logits.dim(); ++d) s *= logits.sym_size(d);
+    out.logits = logits.reshape_symint({logits.sym_size(0), logits.sym_size(1), s});
+  }
+  if (targets.dim() != 1) out.targets = targets.reshape({-1});
+  if (out.targets.scalar_type() != at::kLong && out.targets.scalar_type() != at::kInt) {
+    out.targets = out.targets.to(at::kLong);
+  }
+  out.targets = out.targets.contiguous();
+  if (tau.dim() != 1) out.tau = tau.reshape({-1});
+  return out;
+}
+
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+const auto& loss_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mitkernels_C::loss_forward_", "")
+          .typed<ForwardOut(const Tensor&, const Tensor&, const Tensor&, at::TensorList, int64_t,
+                            at::ArrayRef<double>, double, double, double, int64_t, int64_t, bool,
+                            at::ScalarType)>();
+  return op;
+}
+
+const auto& loss_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mitkernels_C::loss_backward", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                            const Tensor&, const Tensor&, const Tensor&, double,
+                                            double, double, int64_t, int64_t, bool)>();
+  return op;
+}
+
+// The kernels counted invalid targets and left the state as it was. On the CPU, reading the
+// count costs no synchronisation: say which target, now, rather than return a NaN loss (the
+// same message as functional.py's check for the reference backend).
+void raise_on_invalid_targets(const Tensor& flat, const Tensor& stats, const Tensor& logits,
+                              int64_t ignore_index) {
+  if (!flat.is_cpu() || !is_plain(flat) || !is_plain(stats) || flat.numel() == 0) return;
+  const int64_t num_classes = logits.size(1);
+  const double n_invalid = stats.const_data_ptr<double>()[STATS_SIZE - 1];
+  if (n_invalid == 0) return;
+  const int64_t R = flat.numel();
+  int64_t value = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t y = flat.scalar_type() == at::kLong ? flat.const_data_ptr<int64_t>()[r]
+                                                      : flat.const_data_ptr<int32_t>()[r];
+    if (target_invalid(y, num_classes, ignore_index)) {
+      value = y;
+      break;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "targets must lie in [0, ", num_classes, ") or equal ignore_index (",
+                    ignore_index, "); found ", value);
+}
+
+struct StepOut {
+  Tensor loss, stats, row_stats, grad_info;
+};
+
+StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Canonical in = canonical(logits, a.targets, tau);
+  StepOut out;
+  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op().call(
+      in.logits, in.targets, in.tau, a.state, a.kind, a.hparams, a.t_eps, a.t_min, a.t_max,
+      a.ignore_index, a.reduction, a.update_state, a.loss_dtype);
+  raise_on_invalid_targets(in.targets, out.stats, in.logits, a.ignore_index);
+  if (a.reduction == 0) out.loss = out.loss.view_symint(a.targets.sym_sizes());
+  return out;
+}
+
+// Differentiable inputs: logits (edge 0) and tau (edge 1); the rest rides in StepArgs.
+struct LossStep : public torch::autograd::Function<LossStep> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
+                               const StepArgs& a) {
+    StepOut out = step_forward(logits, tau, a);
+    // The stats output never takes a gradient: no zeros for it in backward.
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({out.stats});
+    // The original inputs are saved (their version counters catch in-place changes before
+    // backward); backward rebuilds the canonical views from them.
+    ctx->save_for_backward({logits, tau, a.targets, out.row_stats, out.grad_info});
+    ctx->saved_data["t"] = c10::IValue(std::vector<double>{a.t_eps, a.t_min, a.t_max});
+    ctx->saved_data["i"] = c10::IValue(std::vector<int64_t>{a.ignore_index, a.reduction});
+    return {out.loss, out.stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& grad_loss = grads[0];
+    const bool needs_logits = ctx->needs_input_grad(0), needs_tau = ctx->needs_input_grad(1);
+    if (!grad_loss.defined() || !(needs_logits || needs_tau)) return {Tensor(), Tensor(), Tensor()};
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &logits = saved[0], &tau = saved[1];
+    const auto t = ctx->saved_data["t"].toDoubleVector();
+    const auto i = ctx->saved_data["i"].toIntVector();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Canonical in = canonical(logits, saved[2], tau);
+    auto [grad_logits, grad_tau] =
+        loss_backward_op().call(grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0],
+                                t[1], t[2], i[0], i[1], needs_tau);
+    return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
+            needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
+  }
+};
+
+// The stats vector as its entries, 0-dim tensors on its storage (the values of the Python stats
+// dict). For a plain CPU or CUDA tensor they are made here without the dispatcher: nine
+// dispatched views cost more than the 32-row kernels. Other tensors take unbind.
+std::vector<Tensor> stats_entries(const Tensor& stats) {
+  if (!is_plain(stats) || stats.dim() != 1) return stats.unbind();
+  std::vector<Tensor> out;
+  out.reserve(static_cast<size_t>(stats.size(0)));
+  for (int64_t i = 0; i < stats.size(0); ++i) {
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(stats.storage()),
+                                                     stats.key_set(), stats.dtype());
+    impl->set_sizes_and_strides(c10::IntArrayRef{}, c10::IntArrayRef{},
+                                stats.storage_offset() + i * stats.stride(0));
+    out.emplace_back(std::move(impl));
+  }
+  return out;
+}
+
+std::tuple<Tensor, std::vector<Tensor>> loss_step_autograd(
+    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
+    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
+    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
+                   ignore_index, reduction, update_state, loss_dtype};
+  variable_list out = LossStep::apply(logits, tau, a);
+  return {out[0], stats_entries(out[1])};
+}
+
+std::tuple<Tensor, std::vector<Tensor>> loss_step_forward_only(
+    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
+    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
+    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
+                   ignore_index, reduction, update_state, loss_dtype};
+  StepOut out = step_forward(logits, tau, a);
+  return {out.loss, stats_entries(out.stats)};
+}
+
+}  // namespace
+}  // namespace mitk
+
+TORCH_LIBRARY_IMPL(mitkernels_C, Autograd, m) {
+  m.impl("loss_step_", &mitk::loss_step_autograd);
+}
+
+TORCH_LIBRARY_IMPL(mitkernels_C, CompositeExplicitAutograd, m) {
+  m.impl("loss_step_", &mitk::loss_step_forward_only);
+}
