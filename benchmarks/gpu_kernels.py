@@ -37,7 +37,7 @@ from mitkernels.state import initial_buffers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
-SWEEP_TILES = ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16))
+SWEEP_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
 WIDE_ALGOS = (0, 1)  # mitkernels.triton.mit_loss.WIDE_ALGO: how a wide row is reduced
 
 

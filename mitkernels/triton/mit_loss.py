@@ -86,7 +86,7 @@ ROW_TABLE = (
     RowConfig(256, 256, 4, 4),
     RowConfig(512, 512, 2, 4),
     RowConfig(1024, 1024, 1, 4),
-    RowConfig(8192, 2048, 1, 8),
+    RowConfig(8192, 2048, 1, 4),
     RowConfig(None, 4096, 1, 8),
 )
 # float64 logits: half the rows (twice the registers per element).
