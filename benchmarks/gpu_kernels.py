@@ -14,8 +14,8 @@ each one can be held against the bandwidth it could reach:
   (``torch.autograd.grad``, no accumulation), the anchors a fused loss should match.
 
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
-retimes the Triton forward (both ``WIDE_ALGO``) and backward kernels for other tiles of the
-large-C row of ``ROW_TABLE`` (the launchers read both at call time). Times: ``triton.testing.do_bench`` medians (L2
+retimes the Triton forward and backward kernels for other tiles of the large-C row of
+``ROW_TABLE`` (the launchers read the table at call time). Times: ``triton.testing.do_bench`` medians (L2
 flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
@@ -38,7 +38,6 @@ from mitkernels.state import initial_buffers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 SWEEP_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
-WIDE_ALGOS = (0, 1)  # mitkernels.triton.mit_loss.WIDE_ALGO: how a wide row is reduced
 
 
 DEVICE = torch.device("cuda")
@@ -151,20 +150,18 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
     if sweep:
         from mitkernels.triton import mit_loss as tk
 
-        saved, saved_algo = tk.ROW_TABLE, tk.WIDE_ALGO
+        saved = tk.ROW_TABLE
         kernels = _backends.get("triton", case.x.device)
         try:
             for block_c, warps in SWEEP_TILES:
                 tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps),)
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
-                for algo in WIDE_ALGOS:
-                    tk.WIDE_ALGO = algo
-                    fwd, bwd, _ = _op_fns(kernels, case)
-                    add(f"sweep.fwd.a{algo}.c{block_c}w{warps}", fwd, 1.0)
+                fwd, bwd, _ = _op_fns(kernels, case)
+                add(f"sweep.fwd.c{block_c}w{warps}", fwd, 1.0)
                 add(f"sweep.bwd.c{block_c}w{warps}", bwd, 2.0)
         finally:
-            tk.ROW_TABLE, tk.WIDE_ALGO = saved, saved_algo
+            tk.ROW_TABLE = saved
     for r in rows:
         if r.ms == r.ms and r.ms > 0:
             r.gbps = r.traffic * case.nbytes / r.ms / 1e6

@@ -14,8 +14,8 @@ Kernels (all launches are asynchronous; nothing reads a tensor value on the host
 * ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
   per-class sums for large C come from a scan of the targets (no float atomics).
 * ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
-* ``_forward_kernel``: ``loss_forward_`` with one temperature in one launch: the rows of
-  ``_rows_kernel``, then the program that finishes last sums the partials and finalizes.
+* ``_forward_kernel``: ``loss_forward_`` with one temperature and C <= 1024 in one launch: the rows
+  of ``_rows_kernel``, then the program that finishes last sums the partials and finalizes.
 * ``_fused_kernel``: ``_rows_kernel`` + summary + finalize in one program, for batches that fit.
 * ``_none_loss_kernel``: the per-row loss of ``reduction='none'`` once ``c`` is known.
 * ``_backward_kernel``: gradient of the logits; program 0 writes ``grad_tau`` for mean/sum.
@@ -87,7 +87,10 @@ ROW_TABLE = (
     RowConfig(512, 512, 2, 4),
     RowConfig(1024, 1024, 1, 4),
     RowConfig(8192, 2048, 1, 4),
-    RowConfig(None, 4096, 1, 8),
+    # 8192 x 8 warps: of the tiles measured on an H200 (benchmarks/results/gpu-nvidia-h200-*/
+    # kernels.csv), the fastest forward at 4096 x 32000 and 16384 x 131072 in fp32 and bf16, or
+    # within 2% of it; the backward within 3% of the best.
+    RowConfig(None, 8192, 1, 8),
 )
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
@@ -104,9 +107,6 @@ ROW_TABLE_FP64 = (
     RowConfig(8192, 1024, 1, 8),
     RowConfig(None, 2048, 1, 8),
 )
-# Rows wider than a column block: 1 = one reduction a block against the previous max, the next
-# block's load in flight (_wide_row_stats); 0 = max first, then the sums (four reductions).
-WIDE_ALGO = 1
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
@@ -128,13 +128,9 @@ def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
     raise AssertionError("ROW_TABLE ends with an unbounded row")
 
 
-def _wide_algo(cfg: RowConfig) -> int:
-    return 0 if cfg.local_classes else WIDE_ALGO
-
-
 def rows_constexprs(cfg: RowConfig, per_class: bool) -> dict:
     return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
-                PER_CLASS=per_class, WIDE_ALGO=_wide_algo(cfg))
+                PER_CLASS=per_class)
 
 
 def atomic_hist(per_class: bool) -> bool:
@@ -150,7 +146,7 @@ def summary_constexprs(cfg: RowConfig, per_class: bool) -> dict:
 
 def forward_constexprs(cfg: RowConfig) -> dict:
     return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
-                BLOCK_K=FORWARD_BLOCK_K, BLOCK_P=FORWARD_BLOCK_P, WIDE_ALGO=_wide_algo(cfg))
+                BLOCK_K=FORWARD_BLOCK_K, BLOCK_P=FORWARD_BLOCK_P)
 
 
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
@@ -165,7 +161,8 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
                 yield "_summary_kernel", dtype, summary_constexprs(cfg, per_class), SUMMARY_WARPS
                 if cfg.local_classes:
                     yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FINALIZE_BLOCK), cfg.num_warps
-            yield "_forward_kernel", dtype, forward_constexprs(cfg), cfg.num_warps
+            if cfg.local_classes:
+                yield "_forward_kernel", dtype, forward_constexprs(cfg), cfg.num_warps
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
                                                   PER_CLASS=False), cfg.num_warps
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
@@ -299,25 +296,6 @@ def _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.const
 
 
 @triton.jit
-def _max_and_sums(m0, s0, a0, q0, m1, s1, a1, q1):
-    return tl.maximum(m0, m1), s0 + s1, a0 + a1, q0 + q1
-
-
-@triton.jit
-def _shifted_sums(z, ref):
-    """Row max of z and (s, A, Q) of z relative to ``ref``, in one reduction (one barrier)."""
-    w = z - ref[:, None]
-    e = tl.exp(w)
-    w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
-    ew = e * w
-    if INTERPRETED:
-        # The same sums; the interpreter runs a tuple reduction's combine in Python, element by
-        # element (minutes for the test suite), its numpy reductions at once.
-        return tl.max(z, axis=1), tl.sum(e, axis=1), tl.sum(ew, axis=1), tl.sum(ew * w, axis=1)
-    return tl.reduce((z, e, ew, ew * w), axis=1, combine_fn=_max_and_sums)
-
-
-@triton.jit
 def _move_reference(old, new, s, a, q):
     """Accumulators relative to ``old`` made relative to ``new`` >= old (KERNEL_MATH s.2):
     d = old - new <= 0, f = e^d: s' = f s, A' = f (A + d s), Q' = f (Q + 2 d A + d^2 s)."""
@@ -328,68 +306,35 @@ def _move_reference(old, new, s, a, q):
 
 @triton.jit
 def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.constexpr,
-                    BLOCK_C: tl.constexpr, ACC: tl.constexpr, WIDE_ALGO: tl.constexpr):
-    """(m, s, A, Q) of rows wider than a column block, online over the blocks; s, A, Q are
-    relative to the returned reference m.
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """(m, s, A, Q) of rows wider than a column block, online over the blocks: each block's max
+    first, then its s, A, Q relative to the running max (KERNEL_MATH s.2).
 
-    WIDE_ALGO 1: after the first block, the exponentials of a block are taken relative to the
-    max of the blocks before, so the block's max, s, A and Q come out of one reduction (one
-    barrier); only a block that raises the max is summed again (rarely, after the first few).
-    The next block's load is issued before the current one is reduced.
-    WIDE_ALGO 0: block max first, then s, A, Q relative to it (four reductions a block).
+    (Measured on an H200 against a variant that reduces a block once against the previous max and
+    keeps the next block's load in flight: no faster, so the simpler form stays;
+    benchmarks/results/gpu-nvidia-h200-20261126-034852/kernels.csv, rows sweep.fwd.a0/a1.)
     """
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
     a = tl.zeros([BLOCK_R], ACC)
     q = tl.zeros([BLOCK_R], ACC)
-    if WIDE_ALGO == 1:
-        cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
-                    mask=in_range[:, None] & (cols < C)[None, :], other=float("-inf"))
-        nxt = BLOCK_C + cols
-        x_next = tl.load(x_ptr + (base[:, None] + nxt.to(tl.int64)[None, :] * stride_c),
-                         mask=in_range[:, None] & (nxt < C)[None, :], other=float("-inf"))
+                    mask=mask, other=float("-inf"))
         z = x.to(ACC) * inv_temp[:, None]
-        m = tl.max(z, axis=1)
-        block_max, s, a, q = _shifted_sums(z, tl.where(m == float("-inf"), 0.0, m))
-        x = x_next
-        for c0 in range(BLOCK_C, C, BLOCK_C):
-            nxt = c0 + BLOCK_C + cols
-            x_next = tl.load(x_ptr + (base[:, None] + nxt.to(tl.int64)[None, :] * stride_c),
-                             mask=in_range[:, None] & (nxt < C)[None, :], other=float("-inf"))
-            z = x.to(ACC) * inv_temp[:, None]
-            ref = tl.where(m == float("-inf"), 0.0, m)
-            block_max, bs, ba, bq = _shifted_sums(z, ref)
-            if tl.max((block_max > m).to(tl.int32), axis=0) > 0:
-                # The max grew: this block again, relative to the new max (summing terms above
-                # the reference and moving them down would cancel digits), the sums so far
-                # moved up to it (d <= 0 and every w <= 0: no cancellation).
-                m = tl.maximum(m, block_max)
-                new_ref = tl.where(m == float("-inf"), 0.0, m)
-                block_max, bs, ba, bq = _shifted_sums(z, new_ref)
-                s, a, q = _move_reference(ref, new_ref, s, a, q)
-            s += bs
-            a += ba
-            q += bq
-            x = x_next
-    else:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = in_range[:, None] & (cols < C)[None, :]
-            x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
-                        mask=mask, other=float("-inf"))
-            z = x.to(ACC) * inv_temp[:, None]
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            # Rows with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-            w = z - shift[:, None]
-            e = tl.exp(w)
-            w = tl.where(e > 0.0, w, 0.0)
-            s += tl.sum(e, axis=1)
-            a += tl.sum(e * w, axis=1)
-            q += tl.sum(e * w * w, axis=1)
-            m = m_new
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # Rows with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+        w = z - shift[:, None]
+        e = tl.exp(w)
+        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+        s += tl.sum(e, axis=1)
+        a += tl.sum(e * w, axis=1)
+        q += tl.sum(e * w * w, axis=1)
+        m = m_new
     return m, s, a, q
 
 
@@ -397,7 +342,7 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.co
 def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c,
                 stride_s, ignore_index, t_eps, t_min, t_max,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
+                PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned.
 
     ATOMIC_HIST without LOCAL_CLASSES: the valid rows are counted per class into the int32
@@ -419,7 +364,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
                                   ACC)
     else:
         m, s, a, q = _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R,
-                                     BLOCK_C, ACC, WIDE_ALGO)
+                                     BLOCK_C, ACC)
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
@@ -464,7 +409,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
 def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-               PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
+               PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
 
     Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
@@ -486,7 +431,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
         b, inv, ce, h, v, hist, ceh, cv = _tile_stats(
             x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
             ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS,
-            ATOMIC_HIST, WIDE_ALGO)
+            ATOMIC_HIST)
         acc_b += b.to(tl.float64)
         acc_inv += inv.to(tl.float64)
         acc_ce += ce.to(tl.float64)
@@ -525,10 +470,10 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
 def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, R, C, S, stride_n, stride_c,
                  stride_s, ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                 PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr, WIDE_ALGO: tl.constexpr):
+                 PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, tl.program_id(0),
                tl.num_programs(0), R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps,
-               t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST, WIDE_ALGO)
+               t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST)
 
 
 @triton.jit
@@ -724,11 +669,11 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
                   ignore_index, kind, hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
                   t_min: tl.float64, t_max: tl.float64, update_state, reduction,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr, WIDE_ALGO: tl.constexpr):
+                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward of a batch that fits one program: rows, summary, finalize, one launch."""
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, sum_ptr, 0, 1, R, C, S, stride_n,
                stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
-               LOCAL_CLASSES, PER_CLASS, False, WIDE_ALGO)
+               LOCAL_CLASSES, PER_CLASS, False)
     tl.debug_barrier()  # the summary and row statistics written above are read below
     coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
                                   loss_ptr, stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min,
@@ -744,21 +689,25 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
                     stride_s, ignore_index, kind, hp0: tl.float64, hp1: tl.float64,
                     t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
                     reduction, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    LOCAL_CLASSES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                    WIDE_ALGO: tl.constexpr):
-    """The forward of one temperature (MiT, TET) in one launch of many programs.
+                    LOCAL_CLASSES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The forward of one temperature (MiT, TET) and C <= 1024 in one launch of many programs.
 
     Each program writes its partial sums and counts its classes into ``ibuf[1:]`` (int32, zeroed
     by the launcher); then takes a ticket from ``ibuf[0]``. The program that draws the last
     ticket sees every partial (acquire/release on the ticket), adds them up in program order
     (bitwise the same every run), writes the summary and runs the finalize: the rows, summary
     and finalize kernels of ``row_stats`` + ``finalize_`` without their two extra launches.
+
+    Only for classes that fit one column block: the last program's walk over the classes is
+    serial, and for C = 32000 it cost about 0.1 ms on an H200 (forward 0.38-0.41 ms in one launch
+    against 0.27-0.29 ms in three: benchmarks/results/gpu-nvidia-h200-*/kernels.csv), more than
+    the two launches it saves.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + 1, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
-               LOCAL_CLASSES, False, True, WIDE_ALGO)
+               LOCAL_CLASSES, False, True)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
     ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
@@ -963,7 +912,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     cfg = row_config(c, logits.dtype)
     num_temperatures = tau.shape[0]
     if not _fits_one_program(cfg, rows):
-        if num_temperatures == 1:
+        if num_temperatures == 1 and cfg.local_classes:
             return _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min,
                                    t_max, ignore_index, reduction, update_state, loss_dtype, cfg)
         rs, summary = _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
@@ -988,8 +937,8 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
 
 def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max, ignore_index,
                     reduction, update_state, loss_dtype, cfg):
-    """loss_forward_ with one temperature in one launch of _forward_kernel (plus the zeroing of
-    its counters, and the per-row loss of reduction='none')."""
+    """loss_forward_ with one temperature and C <= 1024 in one launch of _forward_kernel (plus the
+    zeroing of its counters, and the per-row loss of reduction='none')."""
     n, c, s = logits.shape
     rows = n * s
     device = logits.device
