@@ -242,8 +242,10 @@ def test_sweep_matches_launcher_choice():
                 ce = module.summary_constexprs(cfg, per_class)
                 assert ("_summary_kernel", dtype, tuple(sorted(ce.items())),
                         module.SUMMARY_WARPS) in swept
-            ce = module.forward_constexprs(cfg)
-            assert ("_forward_kernel", dtype, tuple(sorted(ce.items())), cfg.num_warps) in swept
+            if cfg.local_classes:  # the single-launch forward serves C <= 1024
+                ce = module.forward_constexprs(cfg)
+                assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
+                        cfg.num_warps) in swept
 
 
 if __name__ == "__main__":
