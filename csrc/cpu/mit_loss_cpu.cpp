@@ -164,8 +164,10 @@ inline void write_zero_stats(acc_t* rs, int64_t R, int64_t r) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one row with class stride 1. Blocks of U vectors: the block max raises the running
-// max (rescaling the lane accumulators, KERNEL_MATH s.2), then one exp per element.
+// Forward: one row with class stride 1, in two passes: the row's max (NaN wins, as in
+// at::vec::maximum), then, with the row in L1/L2, one exp per element relative to it in blocks
+// of U vectors. The single-pass online form (a horizontal max and a branch per block, rescaling
+// the lane accumulators as the max grows) took 0.60 ms of a 1024 x 1000 fp32 forward on 2 cores.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
@@ -178,8 +180,27 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
   const Vec vninf(neg_inf<acc_t>());
   const Vec vmin(static_cast<acc_t>(kMinShift));
   const Vec vinv(inv_t);
+  acc_t xmax;
+  {
+    Vec m0(vninf), m1(vninf);
+    int64_t j = 0;
+    for (; j + 2 * W <= C; j += 2 * W) {
+      m0 = at::vec::maximum(m0, IO::load(x + j));
+      m1 = at::vec::maximum(m1, IO::load(x + j + W));
+    }
+    for (; j < C; j += W) {
+      const int64_t rem = C - j;
+      m0 = at::vec::maximum(m0, rem >= W ? IO::load(x + j)
+                                         : Vec::set(vninf, IO::load(x + j, rem), rem));
+    }
+    xmax = hmax(at::vec::maximum(m0, m1));
+  }
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
-  acc_t xmax = neg_inf<acc_t>();
+  if (xmax == neg_inf<acc_t>()) {  // every logit -inf: nothing to add
+    return row_finish<acc_t>(xmax * inv_t, acc_t(0), acc_t(0), acc_t(0),
+                             static_cast<acc_t>(x[y]) * inv_t);
+  }
+  const Vec vm(xmax);
   for (int64_t j0 = 0; j0 < C; j0 += U * W) {
     Vec v[U];
     if (j0 + U * W <= C) {
@@ -191,19 +212,8 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
                         : (rem > 0 ? Vec::set(vninf, IO::load(x + j0 + u * W, rem), rem) : vninf);
       }
     }
-    const acc_t bmax =
-        hmax(at::vec::maximum(at::vec::maximum(v[0], v[1]), at::vec::maximum(v[2], v[3])));
-    if (bmax > xmax || bmax != bmax) {
-      if (xmax > neg_inf<acc_t>()) {
-        const acc_t d = clamp_shift((xmax - bmax) * inv_t);
-        acc_rescale(s, A, Q, Vec(d), Vec(std::exp(d)));
-      }
-      xmax = bmax;
-    }
-    if (xmax == neg_inf<acc_t>()) continue;  // all -inf so far: nothing to add
     // The block's terms are summed as a tree first: shorter add chains, and each lane's
     // running sums take C / (U W) terms instead of C / W (less fp32 rounding growth).
-    const Vec vm(xmax);
     Vec bs[U], bA[U], bQ[U];
     for (int64_t u = 0; u < U; ++u) {
       const Vec d = at::vec::clamp_min((v[u] - vm) * vinv, vmin);  // NaN stays NaN
