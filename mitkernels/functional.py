@@ -123,8 +123,9 @@ def _loss_dtype(logits: Tensor) -> torch.dtype:
     return logits.dtype
 
 
-def _stats_dict(stats: Tensor, kind: int) -> Dict[str, Tensor]:
-    return {name: value for name, value in zip(STATS_NAMES[kind], stats.unbind()) if name}
+def _stats_dict(entries: Sequence[Tensor], kind: int) -> Dict[str, Tensor]:
+    """The stats dict from the stats tensor's entries (0-dim tensors, in STATS_FIELDS order)."""
+    return {name: value for name, value in zip(STATS_NAMES[kind], entries) if name}
 
 
 # Backends whose eager step is the C++ op loss_step_ (ops.EAGER_SCHEMAS).
@@ -153,7 +154,7 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
         # (_backend_for found the backend available, so the extension is loaded.)
         loss, entries = _loss_step_op()(logits, targets, tau, state, kind, hparams, *temp_params,
                                         ignore_index, red, update_state, loss_dtype)
-        return loss, {name: value for name, value in zip(STATS_NAMES[kind], entries) if name}
+        return loss, _stats_dict(entries, kind)
     logits3, flat_targets = _canonical(logits, targets)
     tau_k = tau.detach().reshape(-1)
     if compiling:
@@ -191,7 +192,7 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
                       [*temp_params, float(ignore_index)], backend)
     if red == 0:
         loss = loss.view(targets.shape)
-    return loss, _stats_dict(stats, kind)
+    return loss, _stats_dict(stats.unbind(), kind)
 
 
 def _reference_result(logits: Tensor, loss: Tensor, stats: Dict[str, Tensor],
