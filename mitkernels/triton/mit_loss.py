@@ -145,8 +145,9 @@ def summary_constexprs(cfg: RowConfig, per_class: bool) -> dict:
 
 
 def forward_constexprs(cfg: RowConfig) -> dict:
-    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
-                BLOCK_K=FORWARD_BLOCK_K, BLOCK_P=FORWARD_BLOCK_P)
+    """_forward_kernel's tile; only configurations with ``cfg.local_classes`` launch it."""
+    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_K=FORWARD_BLOCK_K,
+                BLOCK_P=FORWARD_BLOCK_P)
 
 
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
@@ -359,6 +360,8 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
     z_y = x_y.to(ACC) * inv_temp
 
+    # Rows that fit one block take the one-pass form: the online loop run once leaves ptxas
+    # spilling in the multi-row tiles (bf16 C = 64..512 on sm_80/sm_90, tests/test_triton_aot.py).
     if LOCAL_CLASSES:
         m, s, a, q = _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R, BLOCK_C,
                                   ACC)
@@ -689,7 +692,7 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
                     stride_s, ignore_index, kind, hp0: tl.float64, hp1: tl.float64,
                     t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
                     reduction, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    LOCAL_CLASSES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """The forward of one temperature (MiT, TET) and C <= 1024 in one launch of many programs.
 
     Each program writes its partial sums and counts its classes into ``ibuf[1:]`` (int32, zeroed
@@ -707,7 +710,7 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     nprog = tl.num_programs(0)
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + 1, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
-               LOCAL_CLASSES, False, True)
+               True, False, True)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
     ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
@@ -880,6 +883,15 @@ def _finalize_outputs(rows: int, device, acc: torch.dtype, num_temperatures: int
     return loss, stats, grad_info
 
 
+def _launch_none_loss(row_stats: Tensor, grad_info: Tensor, stats: Tensor, loss: Tensor) -> None:
+    """reduction='none': the per-row loss once the finalize has written c (grad_info[0])."""
+    rows = row_stats.shape[1]
+    if rows > 0:
+        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
+            row_stats, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK,
+            num_warps=NONE_LOSS_WARPS)
+
+
 def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tensor, tau: Tensor,
               state: List[Tensor], kind: int, hparams: List[float], t_eps: float, t_min: float,
               t_max: float, reduction: int, update_state: bool,
@@ -896,10 +908,8 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
         summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures, kind,
         hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
         BLOCK_K=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS)
-    if reduction == 0 and rows > 0:
-        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
-            row_stats, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK,
-            num_warps=NONE_LOSS_WARPS)
+    if reduction == 0:
+        _launch_none_loss(row_stats, grad_info, stats, loss)
     return loss, stats, grad_info
 
 
@@ -955,9 +965,8 @@ def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_
         logits, targets, tau, rs, partials, ibuf, summary, *st, loss, stats, grad_info, rows, c, s,
         *logits.stride(), ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
         int(bool(update_state)), reduction, **forward_constexprs(cfg), num_warps=cfg.num_warps)
-    if reduction == 0 and rows > 0:
-        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
-            rs, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK, num_warps=NONE_LOSS_WARPS)
+    if reduction == 0:
+        _launch_none_loss(rs, grad_info, stats, loss)
     return loss, stats, rs, grad_info
 
 
