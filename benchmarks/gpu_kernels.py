@@ -32,10 +32,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_mit_loss import DTYPES, time_cuda
 from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 SWEEP_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
 
@@ -50,9 +50,7 @@ def bench(fn: Callable, rep_ms: int) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+    return time_cuda(fn, rep_ms).median_ms
 
 
 class Case:
