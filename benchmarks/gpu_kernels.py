@@ -37,7 +37,9 @@ from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
 
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
-SWEEP_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+# (columns, warps, lanes) of the large-C row; lanes: the per-lane form of _lane_row_stats.
+SWEEP_TILES = ((8192, 8, False), (4096, 4, True), (4096, 8, True), (8192, 8, True),
+               (16384, 8, True), (8192, 16, True), (16384, 16, True))
 
 
 DEVICE = torch.device("cuda")
@@ -86,6 +88,22 @@ def _op_fns(kernels, case: Case):
         return kernels.loss_backward(g, case.x3, case.y, case.tau, rs2, gi2, *TEMP, -100, 1, True)
 
     return fwd, bwd, step
+
+
+def _forward_parts(kernels, case: Case):
+    """The forward's launches in two parts: row statistics (rows + summary kernels, for C > 1024
+    or CCT-EAL) and the finalize, so that the fixed cost of the finalize shows on its own."""
+    state = case.state()
+    rs, summary = kernels.row_stats(case.x3, case.y, case.tau, *TEMP, -100)
+
+    def rows():
+        return kernels.row_stats(case.x3, case.y, case.tau, *TEMP, -100)
+
+    def finalize():
+        return kernels.finalize_(summary, None, rs, case.tau, state, 0, [], *TEMP, 1, False,
+                                 torch.float32)
+
+    return rows, finalize
 
 
 def _ce_fns(case: Case):
@@ -142,6 +160,10 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         add(f"{backend}.fwd", fwd, 1.0)
         add(f"{backend}.bwd", bwd, 2.0)
         add(f"{backend}.step", step, 3.0)
+        if backend == "triton":
+            rows_fn, finalize_fn = _forward_parts(_backends.get(backend, case.x.device), case)
+            add("triton.fwd.row_stats", rows_fn, 1.0)
+            add("triton.fwd.finalize", finalize_fn, 0.0)
     if with_ce:
         for what, fn in _ce_fns(case).items():
             add(what, fn, 3.0)
@@ -151,13 +173,14 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         saved = tk.ROW_TABLE
         kernels = _backends.get("triton", case.x.device)
         try:
-            for block_c, warps in SWEEP_TILES:
-                tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps),)
+            for block_c, warps, lanes in SWEEP_TILES:
+                tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps, lanes),)
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
                 fwd, bwd, _ = _op_fns(kernels, case)
-                add(f"sweep.fwd.c{block_c}w{warps}", fwd, 1.0)
-                add(f"sweep.bwd.c{block_c}w{warps}", bwd, 2.0)
+                tag = f"c{block_c}w{warps}" + ("l" if lanes else "")
+                add(f"sweep.fwd.{tag}", fwd, 1.0)
+                add(f"sweep.bwd.{tag}", bwd, 2.0)
         finally:
             tk.ROW_TABLE = saved
     for r in rows:

@@ -117,8 +117,9 @@ def test_golden_trajectory(golden_trajectory, case_index):
         check_golden_step(step, loss, stats, logits.grad, state.tau.grad)
 
 
-# (C, N): fused one-program path, multi-program persistent path, class-scan path (C > 1024).
-SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3)]
+# (C, N): fused one-program path, multi-program persistent path, class-scan path (C > 1024),
+# per-lane wide rows (C > 8192).
+SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3), (9000, 3)]
 
 
 @cpu_only
@@ -150,6 +151,22 @@ def test_layouts_one_row_strided_spatial():
     transposed = torch.randn(7, 40, generator=gen, dtype=torch.float64).t()
     _compare_mit(transposed, torch.randint(0, 7, (40,), generator=gen))
     _compare_mit(spatial.float(), targets, reduction="sum")
+
+
+@cpu_only
+@pytest.mark.parametrize("num_classes", [4099, 9000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_wide_rows_with_masked_spans(num_classes, dtype):
+    """Spans of -1e30 (masked classes) as long as a column block: accumulators that move from
+    such a maximum to a real one scale by exp(-huge) = 0 and must not turn d^2 = inf into NaN."""
+    gen = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(4, num_classes, generator=gen, dtype=torch.float64).to(dtype)
+    targets = torch.tensor([num_classes - 1, 3, 0, 7])
+    logits[0, : num_classes - 500] = -1e30
+    logits[1, 100:] = -1e30
+    logits[1, 3] = 2.0
+    logits[2, 1::2] = -1e30
+    _compare_mit(logits, targets, steps=2)
 
 
 @cpu_only

@@ -66,6 +66,16 @@ class RowConfig:
     block_c: int
     block_r: int
     num_warps: int
+    lanes: bool = False
+
+    def lane_width(self, dtype: torch.dtype) -> int:
+        """Wide rows with ``lanes``: the column block as a [block_c / L, L] tile, L the columns
+        one pass of the program's threads loads 16 bytes each of, so that the reduction over
+        the first axis stays inside each thread. 0: the row-block form (``_wide_row_stats``)."""
+        if not self.lanes:
+            return 0
+        per_thread = 16 // torch.empty((), dtype=dtype).element_size()
+        return min(self.block_c, per_thread * 32 * self.num_warps)
 
     @property
     def local_classes(self) -> bool:
@@ -90,7 +100,7 @@ ROW_TABLE = (
     # 8192 x 8 warps: of the tiles measured on an H200 (benchmarks/results/gpu-nvidia-h200-*/
     # kernels.csv), the fastest forward at 4096 x 32000 and 16384 x 131072 in fp32 and bf16, or
     # within 2% of it; the backward within 3% of the best.
-    RowConfig(None, 8192, 1, 8),
+    RowConfig(None, 8192, 1, 8, lanes=True),
 )
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
@@ -105,13 +115,20 @@ ROW_TABLE_FP64 = (
     RowConfig(512, 512, 1, 4),
     RowConfig(1024, 1024, 1, 8),
     RowConfig(8192, 1024, 1, 8),
-    RowConfig(None, 2048, 1, 8),
+    RowConfig(None, 2048, 1, 8, lanes=True),
 )
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
-SUMMARY_BLOCK_W, SUMMARY_BLOCK_N, SUMMARY_WARPS = 32, 32, 4
-FINALIZE_BLOCK, FINALIZE_WARPS = 1024, 4
+# Summary tiles: partials are 5 columns wide unless a program keeps its classes (then 5 + C or
+# 5 + 3C), so the common case sums up to 8 * SMs partial rows of 5 columns: tall steps, few of
+# them (each step waits on its loads). The target scan of CCT-EAL keeps square tiles.
+SUMMARY_TILE, SUMMARY_SCAN_TILE, SUMMARY_WARPS = (256, 8), (32, 32), 4
+# The finalize walks the classes in one program, serially: wide steps keep the walk short at
+# large C (8 steps at C = 32000). The fused kernel's walk shares the registers of its row tile
+# and covers at most FUSED_MAX_ELEMENTS classes: its own, narrower step.
+FINALIZE_BLOCK, FINALIZE_WARPS = 4096, 8
+FUSED_BLOCK_K = 1024
 # The last program of _forward_kernel: partial rows a step, and classes a step in its finalize
 # (smaller than FINALIZE_BLOCK: the finalize shares the registers of the streaming loop's kernel).
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
@@ -128,9 +145,9 @@ def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
     raise AssertionError("ROW_TABLE ends with an unbounded row")
 
 
-def rows_constexprs(cfg: RowConfig, per_class: bool) -> dict:
-    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, LOCAL_CLASSES=cfg.local_classes,
-                PER_CLASS=per_class)
+def rows_constexprs(cfg: RowConfig, per_class: bool, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_L=cfg.lane_width(dtype),
+                LOCAL_CLASSES=cfg.local_classes, PER_CLASS=per_class)
 
 
 def atomic_hist(per_class: bool) -> bool:
@@ -140,8 +157,9 @@ def atomic_hist(per_class: bool) -> bool:
 
 
 def summary_constexprs(cfg: RowConfig, per_class: bool) -> dict:
-    return dict(SCAN=not cfg.local_classes and per_class, HIST=atomic_hist(per_class),
-                BLOCK_N=SUMMARY_BLOCK_N, BLOCK_W=SUMMARY_BLOCK_W)
+    scan = not cfg.local_classes and per_class
+    block_n, block_w = SUMMARY_SCAN_TILE if scan else SUMMARY_TILE
+    return dict(SCAN=scan, HIST=atomic_hist(per_class), BLOCK_N=block_n, BLOCK_W=block_w)
 
 
 def forward_constexprs(cfg: RowConfig) -> dict:
@@ -156,12 +174,12 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
         table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
         for cfg in table:
             for per_class in (False, True):
-                ce = rows_constexprs(cfg, per_class)
+                ce = rows_constexprs(cfg, per_class, dtype)
                 yield ("_rows_kernel", dtype, dict(ce, ATOMIC_HIST=atomic_hist(per_class)),
                        cfg.num_warps)
                 yield "_summary_kernel", dtype, summary_constexprs(cfg, per_class), SUMMARY_WARPS
                 if cfg.local_classes:
-                    yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FINALIZE_BLOCK), cfg.num_warps
+                    yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FUSED_BLOCK_K), cfg.num_warps
             if cfg.local_classes:
                 yield "_forward_kernel", dtype, forward_constexprs(cfg), cfg.num_warps
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
@@ -302,7 +320,9 @@ def _move_reference(old, new, s, a, q):
     d = old - new <= 0, f = e^d: s' = f s, A' = f (A + d s), Q' = f (Q + 2 d A + d^2 s)."""
     d = old - new
     f = tl.exp(d)
-    return f * s, f * (a + d * s), f * (q + 2.0 * d * a + d * d * s)
+    # f = 0 (old far below new, e.g. a span of logits masked with -1e30): 0, not 0 * inf from d^2
+    return f * s, tl.where(f > 0.0, f * (a + d * s), 0.0), tl.where(
+        f > 0.0, f * (q + 2.0 * d * a + d * d * s), 0.0)
 
 
 @triton.jit
@@ -340,10 +360,57 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.co
 
 
 @triton.jit
+def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp, C, stride_c,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                    ACC: tl.constexpr):
+    """(m, s, A, Q) of one row (BLOCK_R = 1) wider than a column block, with no reduction across
+    threads inside the loop: each of the BLOCK_L lanes keeps its own online accumulators, fed a
+    [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside each thread (the
+    lane width is the columns the threads load 16 bytes each of: RowConfig.lane_width). The
+    lanes are merged once, at the end of the row (KERNEL_MATH s.2, the same merge).
+
+    Why: the row-block form (``_wide_row_stats``) reduces across all warps four times a block,
+    with no load in flight meanwhile; this one leaves the warps free to run ahead.
+    """
+    BLOCK_U: tl.constexpr = BLOCK_C // BLOCK_L
+    # BLOCK_R = 1: the row's scalars (row < R: the callers walk tiles below cdiv(R, 1)). The
+    # base from the row index, not from the caller's [1] tensor, so that the compiler still sees
+    # the stride's alignment and vectorizes the loads.
+    row_base = _row_bases(row, S, stride_n, stride_s)
+    it = tl.sum(inv_temp, axis=0)
+    offs = tl.arange(0, BLOCK_U)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    m = tl.full([BLOCK_L], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_L], ACC)
+    a = tl.zeros([BLOCK_L], ACC)
+    q = tl.zeros([BLOCK_L], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        x = tl.load(x_ptr + (row_base + cols.to(tl.int64) * stride_c), mask=cols < C,
+                    other=float("-inf"))
+        z = x.to(ACC) * it
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # Lanes with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+        w = z - shift[None, :]
+        e = tl.exp(w)
+        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+        s += tl.sum(e, axis=0)
+        a += tl.sum(e * w, axis=0)
+        q += tl.sum(e * w * w, axis=0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    shift = tl.where(m_row == float("-inf"), 0.0, m_row)
+    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+    one = tl.zeros([BLOCK_R], ACC)
+    return one + m_row, one + tl.sum(s, axis=0), one + tl.sum(a, axis=0), one + tl.sum(q, axis=0)
+
+
+@triton.jit
 def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c,
                 stride_s, ignore_index, t_eps, t_min, t_max,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned.
 
     ATOMIC_HIST without LOCAL_CLASSES: the valid rows are counted per class into the int32
@@ -365,6 +432,9 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     if LOCAL_CLASSES:
         m, s, a, q = _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R, BLOCK_C,
                                   ACC)
+    elif BLOCK_L > 0:
+        m, s, a, q = _lane_row_stats(x_ptr, tile, S, stride_n, stride_s, inv_temp, C,
+                                     stride_c, BLOCK_R, BLOCK_C, BLOCK_L, ACC)
     else:
         m, s, a, q = _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R,
                                      BLOCK_C, ACC)
@@ -411,8 +481,8 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
 @triton.jit
 def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-               PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+               LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
 
     Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
@@ -433,8 +503,8 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
     for tile in range(pid, num_tiles, nprog):
         b, inv, ce, h, v, hist, ceh, cv = _tile_stats(
             x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
-            ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS,
-            ATOMIC_HIST)
+            ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES,
+            PER_CLASS, ATOMIC_HIST)
         acc_b += b.to(tl.float64)
         acc_inv += inv.to(tl.float64)
         acc_ce += ce.to(tl.float64)
@@ -472,11 +542,11 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
 @triton.jit
 def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, R, C, S, stride_n, stride_c,
                  stride_s, ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                 PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                 LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, tl.program_id(0),
                tl.num_programs(0), R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps,
-               t_min, t_max, BLOCK_R, BLOCK_C, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST)
+               t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST)
 
 
 @triton.jit
@@ -486,10 +556,11 @@ def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, hist_ptr, sum_ptr, R, C, W,
     """summary[w] for a block of w: the P partial rows summed in order. The class columns (w >= 5)
     of a large C come from the int32 histogram the rows kernel counted (HIST), or, with per-class
     sums (SCAN, CCT-EAL), from one ordered pass over the targets and row statistics."""
-    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col0 = tl.program_id(0) * BLOCK_W
+    cols = col0 + tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_W], tl.float64)
     from_parts = cols < WP
-    for p0 in range(0, P, BLOCK_N):
+    for p0 in range(0, tl.where(col0 < WP, P, 0), BLOCK_N):  # no walk for columns past them
         parts = p0 + tl.arange(0, BLOCK_N)
         vals = tl.load(part_ptr + parts[:, None] * WP + cols[None, :],
                        mask=(parts < P)[:, None] & from_parts[None, :], other=0.0)
@@ -540,24 +611,24 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     nan = _nan_f64()
 
     if kind == 0:  # MiT: counts, total_seen, lambda_entropy, dual_updates
+        # One walk over the classes: H* = -sum p log p = log(n) - sum(c log c) / n for the new
+        # counts c and n = sum c (float64; the cancellation costs about 1e-15 of log n), so the
+        # counts are read once and not again after n is known: the walk is a serial loop in one
+        # program, each step waiting on its loads.
         total = tl.zeros([], tl.float64)
+        clogc = tl.zeros([], tl.float64)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < C
             cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
             cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
             total += tl.sum(cnt, axis=0)
-        inv_total = _recip(total)
-        ent = tl.zeros([], tl.float64)
-        for k0 in range(0, C, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            km = k < C
-            cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
-            cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
-            prob = cnt * inv_total
-            ent -= tl.sum(tl.where(prob > 0.0, prob * tl.log(tl.where(prob > 0.0, prob, 1.0)),
-                                   0.0), axis=0)
+            clogc += tl.sum(tl.where(cnt > 0.0, cnt * tl.log(tl.where(cnt > 0.0, cnt, 1.0)), 0.0),
+                            axis=0)
             tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
+        # n = 0 (a state of zeros, nothing counted): H* = 0, as the two-pass form gave
+        ent = tl.where(total > 0.0,
+                       tl.log(tl.where(total > 0.0, total, 1.0)) - clogc * _recip(total), 0.0)
         h_star = ent
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
@@ -671,11 +742,11 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
                   loss_ptr, stats_ptr, gi_ptr, R, C, S, stride_n, stride_c, stride_s, K,
                   ignore_index, kind, hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
                   t_min: tl.float64, t_max: tl.float64, update_state, reduction,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOCAL_CLASSES: tl.constexpr,
-                  PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                  LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward of a batch that fits one program: rows, summary, finalize, one launch."""
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, sum_ptr, 0, 1, R, C, S, stride_n,
-               stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
+               stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L,
                LOCAL_CLASSES, PER_CLASS, False)
     tl.debug_barrier()  # the summary and row statistics written above are read below
     coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
@@ -710,7 +781,7 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     nprog = tl.num_programs(0)
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + 1, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
-               True, False, True)
+               0, True, False, True)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
     ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
@@ -848,11 +919,12 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     hist = torch.zeros((c if counting else 1,), dtype=torch.int32, device=logits.device)
     _rows_kernel[(nprog,)](
         logits, targets, tau, row_stats, partials, hist, rows, c, s, *logits.stride(),
-        ignore_index, t_eps, t_min, t_max, **rows_constexprs(cfg, per_class),
+        ignore_index, t_eps, t_min, t_max, **rows_constexprs(cfg, per_class, logits.dtype),
         ATOMIC_HIST=counting, num_warps=cfg.num_warps)
-    _summary_kernel[(triton.cdiv(width, SUMMARY_BLOCK_W),)](
+    summary_ce = summary_constexprs(cfg, per_class)
+    _summary_kernel[(triton.cdiv(width, summary_ce["BLOCK_W"]),)](
         partials, nprog, part_width, row_stats, targets, hist, summary, rows, c, width,
-        ignore_index, **summary_constexprs(cfg, per_class), num_warps=SUMMARY_WARPS)
+        ignore_index, **summary_ce, num_warps=SUMMARY_WARPS)
     return row_stats, summary
 
 
@@ -940,8 +1012,9 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     _fused_kernel[(1,)](
         logits, targets, tau, rs, summary, *st, loss, stats, grad_info, rows, c, s,
         *logits.stride(), num_temperatures, ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
-        int(bool(update_state)), reduction, **rows_constexprs(cfg, num_temperatures > 1),
-        BLOCK_K=FINALIZE_BLOCK, num_warps=cfg.num_warps)
+        int(bool(update_state)), reduction,
+        **rows_constexprs(cfg, num_temperatures > 1, logits.dtype),
+        BLOCK_K=FUSED_BLOCK_K, num_warps=cfg.num_warps)
     return loss, stats, rs, grad_info
 
 
