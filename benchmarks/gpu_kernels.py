@@ -38,8 +38,7 @@ from mitkernels.state import initial_buffers
 
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 # (columns, warps, lanes) of the large-C row; lanes: the per-lane form of _lane_row_stats.
-SWEEP_TILES = ((8192, 8, False), (4096, 4, True), (4096, 8, True), (8192, 8, True),
-               (16384, 8, True), (8192, 16, True), (16384, 16, True))
+SWEEP_TILES = ((8192, 8, False), (8192, 8, True), (16384, 8, True), (32768, 16, True))
 
 
 DEVICE = torch.device("cuda")

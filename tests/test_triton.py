@@ -271,7 +271,7 @@ def _mit_buffers(num_classes):
 
 
 @cpu_only
-@pytest.mark.parametrize("num_classes,rows", [(4, 10), (4, 5000), (3000, 3)])
+@pytest.mark.parametrize("num_classes,rows", [(4, 10), (4, 5000), (3000, 3), (5000, 3)])
 @pytest.mark.parametrize("per_class", [False, True])
 def test_invalid_targets_are_counted_never_indexed(num_classes, rows, per_class):
     logits = torch.randn(rows, num_classes, dtype=torch.float64)

@@ -68,7 +68,7 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = "*" + logits
         elif name in ("tg_ptr", "st3_ptr"):
             sig[name] = "*i64"
-        elif name in ("hist_ptr", "ibuf_ptr"):
+        elif name in ("hist_ptr", "ibuf_ptr", "ticket_ptr"):
             sig[name] = "*i32"
         elif name in ("tau_ptr", "gt_ptr"):
             sig[name] = "*fp32"

@@ -14,6 +14,8 @@ Kernels (all launches are asynchronous; nothing reads a tensor value on the host
 * ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
   per-class sums for large C come from a scan of the targets (no float atomics).
 * ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
+* ``_finalize_classes_kernel``: the same for MiT with many classes: the class walk spread over
+  programs, the last one (by ticket) finishing.
 * ``_forward_kernel``: ``loss_forward_`` with one temperature and C <= 1024 in one launch: the rows
   of ``_rows_kernel``, then the program that finishes last sums the partials and finalizes.
 * ``_fused_kernel``: ``_rows_kernel`` + summary + finalize in one program, for batches that fit.
@@ -97,10 +99,11 @@ ROW_TABLE = (
     RowConfig(512, 512, 2, 4),
     RowConfig(1024, 1024, 1, 4),
     RowConfig(8192, 2048, 1, 4),
-    # 8192 x 8 warps: of the tiles measured on an H200 (benchmarks/results/gpu-nvidia-h200-*/
-    # kernels.csv), the fastest forward at 4096 x 32000 and 16384 x 131072 in fp32 and bf16, or
-    # within 2% of it; the backward within 3% of the best.
-    RowConfig(None, 8192, 1, 8, lanes=True),
+    # 16384 x 8 warps, per-lane: of the tiles measured on an H200 (kernels.csv of
+    # benchmarks/results/gpu-nvidia-h200-20261126-055026), the fastest forward at 4096 x 32000
+    # and 16384 x 131072 in fp32 and bf16 (2-8% ahead of the row-block form at 8192 x 8, which
+    # led the earlier sweeps); the backward within 2% of the best.
+    RowConfig(None, 16384, 1, 8, lanes=True),
 )
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
@@ -129,6 +132,9 @@ SUMMARY_TILE, SUMMARY_SCAN_TILE, SUMMARY_WARPS = (256, 8), (32, 32), 4
 # and covers at most FUSED_MAX_ELEMENTS classes: its own, narrower step.
 FINALIZE_BLOCK, FINALIZE_WARPS = 4096, 8
 FUSED_BLOCK_K = 1024
+# MiT with more classes than one finalize step: the classes in blocks, one program each
+# (_finalize_classes_kernel); the last program's finalize steps BLOCK_K at 4 warps.
+CLASS_BLOCK, CLASS_BLOCK_K, CLASS_WARPS = 1024, 1024, 4
 # The last program of _forward_kernel: partial rows a step, and classes a step in its finalize
 # (smaller than FINALIZE_BLOCK: the finalize shares the registers of the streaming loop's kernel).
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
@@ -187,6 +193,8 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
                                                   PER_CLASS=True), cfg.num_warps
         yield "_finalize_kernel", dtype, dict(BLOCK_K=FINALIZE_BLOCK), FINALIZE_WARPS
+        yield ("_finalize_classes_kernel", dtype, dict(BLOCK_K=CLASS_BLOCK_K,
+                                                      CLASS_BLOCK=CLASS_BLOCK), CLASS_WARPS)
         yield "_none_loss_kernel", dtype, dict(BLOCK=NONE_LOSS_BLOCK), NONE_LOSS_WARPS
         yield "_grad_tau_none_kernel", dtype, dict(BLOCK_N=GRAD_TAU_BLOCK_N,
                                                    BLOCK_K=GRAD_TAU_BLOCK_K), GRAD_TAU_WARPS
@@ -298,38 +306,50 @@ def _row_bases(rows, S, stride_n, stride_s):
 
 
 @triton.jit
-def _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.constexpr,
+def _exp2_terms(z2, shift2):
+    """e = 2^w and w = z2 - shift2, in the base-2 units of the row statistics.
+
+    w is floored at -1e4, where e is 0 anyway: -inf logits (padding, masked classes) then give
+    e w = e w^2 = 0 instead of 0 * inf, in one max that keeps NaN (a NaN logit still poisons its
+    row). exp2 of a base-2 argument spares the multiply by log2(e) inside exp: one instruction
+    less an element, in kernels that are instruction-bound for 16-bit logits.
+    """
+    w = tl.maximum(z2 - shift2, -1.0e4, propagate_nan=tl.PropagateNan.ALL)
+    return tl.exp2(w), w
+
+
+@triton.jit
+def _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                  BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """(m, s, A, Q) of rows that fit one column block: one load, row reductions."""
+    """(m, s, A, Q) in base-2 units of rows that fit one column block: one load, row reductions."""
     cols = tl.arange(0, BLOCK_C)
     mask = in_range[:, None] & (cols < C)[None, :]
     x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c), mask=mask,
                 other=float("-inf"))
-    z = x.to(ACC) * inv_temp[:, None]
+    z = x.to(ACC) * inv_temp2[:, None]
     m = tl.max(z, axis=1)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    w = z - shift[:, None]
-    e = tl.exp(w)
-    w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+    e, w = _exp2_terms(z, shift[:, None])
     return m, tl.sum(e, axis=1), tl.sum(e * w, axis=1), tl.sum(e * w * w, axis=1)
 
 
 @triton.jit
 def _move_reference(old, new, s, a, q):
-    """Accumulators relative to ``old`` made relative to ``new`` >= old (KERNEL_MATH s.2):
-    d = old - new <= 0, f = e^d: s' = f s, A' = f (A + d s), Q' = f (Q + 2 d A + d^2 s)."""
+    """Accumulators relative to ``old`` made relative to ``new`` >= old (KERNEL_MATH s.2), in the
+    base-2 units of the row statistics: d = old - new <= 0, f = 2^d: s' = f s, A' = f (A + d s),
+    Q' = f (Q + 2 d A + d^2 s) (the algebra holds in any base whose exponential weighs e)."""
     d = old - new
-    f = tl.exp(d)
+    f = tl.exp2(d)
     # f = 0 (old far below new, e.g. a span of logits masked with -1e30): 0, not 0 * inf from d^2
     return f * s, tl.where(f > 0.0, f * (a + d * s), 0.0), tl.where(
         f > 0.0, f * (q + 2.0 * d * a + d * d * s), 0.0)
 
 
 @triton.jit
-def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.constexpr,
+def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """(m, s, A, Q) of rows wider than a column block, online over the blocks: each block's max
-    first, then its s, A, Q relative to the running max (KERNEL_MATH s.2).
+    """(m, s, A, Q) in base-2 units of rows wider than a column block, online over the blocks:
+    each block's max first, then its s, A, Q relative to the running max (KERNEL_MATH s.2).
 
     (Measured on an H200 against a variant that reduces a block once against the previous max and
     keeps the next block's load in flight: no faster, so the simpler form stays;
@@ -344,14 +364,12 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.co
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
                     mask=mask, other=float("-inf"))
-        z = x.to(ACC) * inv_temp[:, None]
+        z = x.to(ACC) * inv_temp2[:, None]
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Rows with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-        w = z - shift[:, None]
-        e = tl.exp(w)
-        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+        e, w = _exp2_terms(z, shift[:, None])
         s += tl.sum(e, axis=1)
         a += tl.sum(e * w, axis=1)
         q += tl.sum(e * w * w, axis=1)
@@ -360,10 +378,10 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R: tl.co
 
 
 @triton.jit
-def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp, C, stride_c,
+def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     ACC: tl.constexpr):
-    """(m, s, A, Q) of one row (BLOCK_R = 1) wider than a column block, with no reduction across
+    """(m, s, A, Q) in base-2 units of one row (BLOCK_R = 1) wider than a column block, with no reduction across
     threads inside the loop: each of the BLOCK_L lanes keeps its own online accumulators, fed a
     [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside each thread (the
     lane width is the columns the threads load 16 bytes each of: RowConfig.lane_width). The
@@ -377,7 +395,7 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp, C, stride_c,
     # base from the row index, not from the caller's [1] tensor, so that the compiler still sees
     # the stride's alignment and vectorizes the loads.
     row_base = _row_bases(row, S, stride_n, stride_s)
-    it = tl.sum(inv_temp, axis=0)
+    it = tl.sum(inv_temp2, axis=0)
     offs = tl.arange(0, BLOCK_U)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
     m = tl.full([BLOCK_L], float("-inf"), ACC)
     s = tl.zeros([BLOCK_L], ACC)
@@ -392,9 +410,7 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp, C, stride_c,
         # Lanes with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-        w = z - shift[None, :]
-        e = tl.exp(w)
-        w = tl.where(e > 0.0, w, 0.0)  # e = 0 (padding, -inf logits): contributes 0, not 0 * inf
+        e, w = _exp2_terms(z, shift[None, :])
         s += tl.sum(e, axis=0)
         a += tl.sum(e * w, axis=0)
         q += tl.sum(e * w * w, axis=0)
@@ -427,17 +443,24 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
     z_y = x_y.to(ACC) * inv_temp
 
+    # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
+    # ln 2 computed, not a literal: Triton makes a Python float literal a float32 constant.
+    ln2 = tl.log(tl.full([], 2.0, ACC))
+    inv_temp2 = inv_temp * _recip(ln2)
     # Rows that fit one block take the one-pass form: the online loop run once leaves ptxas
     # spilling in the multi-row tiles (bf16 C = 64..512 on sm_80/sm_90, tests/test_triton_aot.py).
     if LOCAL_CLASSES:
-        m, s, a, q = _block_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R, BLOCK_C,
-                                  ACC)
-    elif BLOCK_L > 0:
-        m, s, a, q = _lane_row_stats(x_ptr, tile, S, stride_n, stride_s, inv_temp, C,
-                                     stride_c, BLOCK_R, BLOCK_C, BLOCK_L, ACC)
-    else:
-        m, s, a, q = _wide_row_stats(x_ptr, base, in_range, inv_temp, C, stride_c, BLOCK_R,
+        m2, s, a2, q2 = _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
                                      BLOCK_C, ACC)
+    elif BLOCK_L > 0:
+        m2, s, a2, q2 = _lane_row_stats(x_ptr, tile, S, stride_n, stride_s, inv_temp2, C,
+                                        stride_c, BLOCK_R, BLOCK_C, BLOCK_L, ACC)
+    else:
+        m2, s, a2, q2 = _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
+                                        BLOCK_C, ACC)
+    m = m2 * ln2
+    a = a2 * ln2
+    q = q2 * (ln2 * ln2)
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
@@ -587,23 +610,51 @@ def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, hist_ptr, sum_ptr, R, C, W,
 
 
 @triton.jit
-def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
-                   stats_ptr, gi_ptr, C, K, kind, hp0: tl.float64, hp1: tl.float64,
-                   t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
-                   reduction, BLOCK_K: tl.constexpr):
-    """The finalize of the op contract, in float64, one program. Returns (c, loss is NaN)."""
+def _summary_header(sum_ptr, update_state):
+    """The summary's header and whether the state updates (a batch with valid rows, no invalid
+    target and finite sums, and update_state)."""
     big_b = tl.load(sum_ptr)
     sum_ce = tl.load(sum_ptr + 1)
     sum_h = tl.load(sum_ptr + 2)
     sum_v = tl.load(sum_ptr + 3)
     n_invalid = tl.load(sum_ptr + 4)
+    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
+    ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
+    upd = ok & (tl.cast(update_state, tl.int32) != 0)
+    return big_b, sum_ce, sum_h, sum_v, n_invalid, upd
+
+
+@triton.jit
+def _mit_counts(st0_ptr, hist_ptr, k0, C, upd, BLOCK_K: tl.constexpr):
+    """MiT's class counts k0 .. k0 + BLOCK_K: c = counts (+ the batch's histogram when the state
+    updates, stored back then); returns (sum c, sum c log c) of them.
+
+    H* = -sum p log p = log(n) - sum(c log c) / n with n = sum c (float64; the cancellation costs
+    about 1e-15 of log n): the counts are read once, never again once n is known."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    km = k < C
+    cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
+    cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
+    tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
+    clogc = tl.where(cnt > 0.0, cnt * tl.log(tl.where(cnt > 0.0, cnt, 1.0)), 0.0)
+    return tl.sum(cnt, axis=0), tl.sum(clogc, axis=0)
+
+
+@triton.jit
+def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                   stats_ptr, gi_ptr, cls_ptr, n_cls, C, K, kind, hp0: tl.float64,
+                   hp1: tl.float64, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+                   update_state, reduction, BLOCK_K: tl.constexpr, CLASS_PARTS: tl.constexpr):
+    """The finalize of the op contract, in float64, one program. Returns (c, loss is NaN).
+
+    CLASS_PARTS (MiT): other programs have walked the classes (_finalize_classes_kernel) and
+    left ``n_cls`` pairs (sum c, sum c log c) at ``cls_ptr``; otherwise this program walks them.
+    """
+    big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
     loc_b = tl.load(loc_ptr)
     loc_ce = tl.load(loc_ptr + 1)
     loc_h = tl.load(loc_ptr + 2)
     b_g = tl.maximum(big_b, 1.0)
-    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
-    ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
-    upd = ok & (tl.cast(update_state, tl.int32) != 0)
     inv_bg = _recip(b_g)
     mean_ce = sum_ce * inv_bg
     mean_h = sum_h * inv_bg
@@ -611,21 +662,21 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     nan = _nan_f64()
 
     if kind == 0:  # MiT: counts, total_seen, lambda_entropy, dual_updates
-        # One walk over the classes: H* = -sum p log p = log(n) - sum(c log c) / n for the new
-        # counts c and n = sum c (float64; the cancellation costs about 1e-15 of log n), so the
-        # counts are read once and not again after n is known: the walk is a serial loop in one
-        # program, each step waiting on its loads.
         total = tl.zeros([], tl.float64)
         clogc = tl.zeros([], tl.float64)
-        for k0 in range(0, C, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            km = k < C
-            cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
-            cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
-            total += tl.sum(cnt, axis=0)
-            clogc += tl.sum(tl.where(cnt > 0.0, cnt * tl.log(tl.where(cnt > 0.0, cnt, 1.0)), 0.0),
-                            axis=0)
-            tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
+        if CLASS_PARTS:  # in program order: the same bits every run
+            for p0 in range(0, n_cls, BLOCK_K):
+                p = p0 + tl.arange(0, BLOCK_K)
+                pm = p < n_cls
+                total += tl.sum(tl.load(cls_ptr + 2 * p, mask=pm, other=0.0, cache_modifier=".cg"),
+                                axis=0)
+                clogc += tl.sum(tl.load(cls_ptr + 2 * p + 1, mask=pm, other=0.0,
+                                        cache_modifier=".cg"), axis=0)
+        else:  # a serial walk, each step waiting on its loads: for small C
+            for k0 in range(0, C, BLOCK_K):
+                t, c = _mit_counts(st0_ptr, hist_ptr, k0, C, upd, BLOCK_K)
+                total += t
+                clogc += c
         # n = 0 (a state of zeros, nothing counted): H* = 0, as the two-pass form gave
         ent = tl.where(total > 0.0,
                        tl.log(tl.where(total > 0.0, total, 1.0)) - clogc * _recip(total), 0.0)
@@ -727,8 +778,37 @@ def _finalize_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_p
                      t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
                      reduction, BLOCK_K: tl.constexpr):
     _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
-                   stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min, t_max, update_state,
-                   reduction, BLOCK_K)
+                   stats_ptr, gi_ptr, sum_ptr, 0, C, K, kind, hp0, hp1, t_eps, t_min, t_max,
+                   update_state, reduction, BLOCK_K, False)
+
+
+@triton.jit
+def _finalize_classes_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
+                             loss_ptr, stats_ptr, gi_ptr, cls_ptr, ticket_ptr, C, kind,
+                             hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
+                             t_min: tl.float64, t_max: tl.float64, update_state, reduction,
+                             BLOCK_K: tl.constexpr, CLASS_BLOCK: tl.constexpr):
+    """MiT's finalize for many classes: each program walks CLASS_BLOCK classes (counts, state
+    update, sum c and sum c log c into ``cls_ptr``), and the program that draws the last ticket
+    (acquire/release, ``ticket_ptr`` zeroed by the launcher) runs the rest of the finalize.
+
+    Why: one program walking C classes does C float64 logs on one SM, serially (about 45 us at
+    C = 32000 on an H200, 160 us at 131072: benchmarks/results/gpu-nvidia-h200-20261126-055026).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
+    total, clogc = _mit_counts(st0_ptr, sum_ptr + SUMMARY_HEADER, pid * CLASS_BLOCK, C, upd,
+                               CLASS_BLOCK)
+    idx = tl.arange(0, 2)
+    tl.store(cls_ptr + 2 * pid + idx, tl.where(idx == 0, total, clogc))
+    tl.debug_barrier()  # the partials (and the counts) are issued before the ticket
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if ticket == nprog - 1:
+        _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
+                       stats_ptr, gi_ptr, cls_ptr, nprog, C, 1, kind, hp0, hp1, t_eps, t_min,
+                       t_max, update_state, reduction, BLOCK_K, True)
 
 
 @triton.jit
@@ -750,8 +830,8 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
                LOCAL_CLASSES, PER_CLASS, False)
     tl.debug_barrier()  # the summary and row statistics written above are read below
     coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
-                                  loss_ptr, stats_ptr, gi_ptr, C, K, kind, hp0, hp1, t_eps, t_min,
-                                  t_max, update_state, reduction, BLOCK_K)
+                                  loss_ptr, stats_ptr, gi_ptr, sum_ptr, 0, C, K, kind, hp0, hp1,
+                                  t_eps, t_min, t_max, update_state, reduction, BLOCK_K, False)
     if reduction == 0:
         for r0 in range(0, R, BLOCK_K):
             _none_loss_rows(rs_ptr, loss_ptr, r0 + tl.arange(0, BLOCK_K), R, coef, is_nan)
@@ -801,8 +881,8 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
             tl.store(sum_ptr + SUMMARY_HEADER + k, hist.to(tl.float64), mask=k < C)
         tl.debug_barrier()  # the summary written above is read below
         _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
-                       stats_ptr, gi_ptr, C, 1, kind, hp0, hp1, t_eps, t_min, t_max,
-                       update_state, reduction, BLOCK_K)
+                       stats_ptr, gi_ptr, sum_ptr, 0, C, 1, kind, hp0, hp1, t_eps, t_min, t_max,
+                       update_state, reduction, BLOCK_K, False)
 
 
 @triton.jit
@@ -976,10 +1056,19 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
     local = summary if local_summary is None else local_summary
-    _finalize_kernel[(1,)](
-        summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures, kind,
-        hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
-        BLOCK_K=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS)
+    if kind == KIND_MIT and num_classes > FINALIZE_BLOCK:
+        nprog = triton.cdiv(num_classes, CLASS_BLOCK)
+        parts = torch.empty((nprog, 2), dtype=torch.float64, device=summary.device)
+        ticket = torch.zeros((1,), dtype=torch.int32, device=summary.device)
+        _finalize_classes_kernel[(nprog,)](
+            summary, local, tau, *st, loss, stats, grad_info, parts, ticket, num_classes, kind,
+            hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
+            BLOCK_K=CLASS_BLOCK_K, CLASS_BLOCK=CLASS_BLOCK, num_warps=CLASS_WARPS)
+    else:
+        _finalize_kernel[(1,)](
+            summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures,
+            kind, hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
+            BLOCK_K=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS)
     if reduction == 0:
         _launch_none_loss(row_stats, grad_info, stats, loss)
     return loss, stats, grad_info
@@ -1073,6 +1162,7 @@ KERNELS = {
     "_rows_kernel": _rows_kernel,
     "_summary_kernel": _summary_kernel,
     "_finalize_kernel": _finalize_kernel,
+    "_finalize_classes_kernel": _finalize_classes_kernel,
     "_none_loss_kernel": _none_loss_kernel,
     "_fused_kernel": _fused_kernel,
     "_forward_kernel": _forward_kernel,
