@@ -134,7 +134,8 @@ class Row:
     note: str = ""
 
 
-def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: bool) -> List[Row]:
+def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: bool,
+             backends=("triton", "cuda")) -> List[Row]:
     rows: List[Row] = []
     shape = f"{case.n}x{case.c}"
     buf = torch.empty_like(case.x)
@@ -152,7 +153,7 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         rows.append(Row(shape, dtype_name, what, ms, traffic, note=note))
         return ms
 
-    for backend in ("triton", "cuda"):
+    for backend in backends:
         if _backends.unavailable_reason(backend, case.x.device) is not None:
             continue
         fwd, bwd, step = _op_fns(_backends.get(backend, case.x.device), case)
@@ -277,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--backends", default="triton,cuda", help="kernel backends to time")
     p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy anchors")
     p.add_argument("--csv", help="write the table here too")
     p.add_argument("--overhead", action="store_true", help="also the host time per call")
@@ -305,7 +307,8 @@ def main(argv=None) -> int:
         n, c = (int(v) for v in text.lower().split("x"))
         for dtype_name in args.dtypes.split(","):
             case = Case(n, c, DTYPES[dtype_name])
-            rows = run_case(case, dtype_name, args.rep_ms, args.sweep, not args.no_ce)
+            rows = run_case(case, dtype_name, args.rep_ms, args.sweep, not args.no_ce,
+                            tuple(args.backends.split(",")))
             for r in rows:
                 print(f"{r.shape:>12} {r.dtype:>5} {r.what:>22} {r.ms:9.4f} {r.gbps:8.0f} "
                       f"{r.frac:6.3f}  {r.note}", flush=True)
