@@ -99,10 +99,11 @@ ROW_TABLE = (
     RowConfig(512, 512, 2, 4),
     RowConfig(1024, 1024, 1, 4),
     RowConfig(8192, 2048, 1, 4),
-    # 16384 x 8 warps, per-lane: of the tiles measured on an H200 (kernels.csv of
-    # benchmarks/results/gpu-nvidia-h200-20261126-055026), the fastest forward at 4096 x 32000
-    # and 16384 x 131072 in fp32 and bf16 (2-8% ahead of the row-block form at 8192 x 8, which
-    # led the earlier sweeps); the backward within 2% of the best.
+    # 16384 x 8 warps, per-lane (the configuration that ran the GPU tests, memcheck and the
+    # step benchmark on an H200: benchmarks/results/gpu-nvidia-h200-20261126-060708). In the
+    # repeated sweep after the base-2 change (gpu-nvidia-h200-20261126-061500, rep2) it and the
+    # row-block form at 8192 x 8 are level: whole step within 3% at 4096 x 32000 and
+    # 8192 x 65536, fp32 and bf16 (per-lane 1.5% ahead in fp32, 2.7% behind in bf16).
     RowConfig(None, 16384, 1, 8, lanes=True),
 )
 # float64 logits: half the rows (twice the registers per element).
