@@ -76,7 +76,7 @@ class RowConfig:
         the first axis stays inside each thread. 0: the row-block form (``_wide_row_stats``)."""
         if not self.lanes:
             return 0
-        per_thread = 16 // torch.empty((), dtype=dtype).element_size()
+        per_thread = 16 // dtype.itemsize
         return min(self.block_c, per_thread * 32 * self.num_warps)
 
     @property
