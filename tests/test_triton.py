@@ -154,19 +154,59 @@ def test_layouts_one_row_strided_spatial():
 
 
 @cpu_only
-@pytest.mark.parametrize("num_classes", [4099, 9000])
+# 4099: row-block form; 9000: per-lane, one block (fp32) or several (fp64); 17000: per-lane,
+# two blocks in fp32.
+@pytest.mark.parametrize("num_classes", [4099, 9000, 17000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_wide_rows_with_masked_spans(num_classes, dtype):
-    """Spans of -1e30 (masked classes) as long as a column block: accumulators that move from
-    such a maximum to a real one scale by exp(-huge) = 0 and must not turn d^2 = inf into NaN."""
+    """Spans of a huge negative logit (masked classes) as long as a column block: accumulators
+    that move from such a maximum to a real one scale by 2^-huge = 0 and must not turn d^2 = inf
+    into NaN (d^2 overflows from 1e30 in float32, from 1e200 in float64)."""
     gen = torch.Generator().manual_seed(num_classes)
+    masked = -1e30 if dtype == torch.float32 else -1e200
     logits = torch.randn(4, num_classes, generator=gen, dtype=torch.float64).to(dtype)
     targets = torch.tensor([num_classes - 1, 3, 0, 7])
-    logits[0, : num_classes - 500] = -1e30
-    logits[1, 100:] = -1e30
+    logits[0, : num_classes - 500] = masked
+    logits[1, 100:] = masked
     logits[1, 3] = 2.0
-    logits[2, 1::2] = -1e30
+    logits[2, 1::2] = masked
     _compare_mit(logits, targets, steps=2)
+
+
+@cpu_only
+@pytest.mark.parametrize("update_state", [False, True])
+def test_class_temperatures_with_mit_kind_beyond_one_finalize_program(update_state):
+    """K = C temperatures under the MiT finalize with more classes than one finalize step (the
+    finalize spread over programs): loss, gradients (logits and every tau_k) against autograd
+    of the eager formula with the coefficient the kernels used (lambda, whether updated)."""
+    kernels = _kernels()
+    c, n = kernels.FINALIZE_BLOCK + 3, 6
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2
+    targets = torch.randint(0, c, (n,), generator=gen)
+    tau = torch.linspace(-0.2, 0.9, c, dtype=torch.float64)
+    state = _mit_buffers(c)
+    state[2].fill_(0.25)
+    x3 = logits[:, :, None]
+    loss, stats, rs, gi = kernels.loss_forward_(x3, targets, tau, state, ops.KIND_MIT, [], 1e-6,
+                                                1e-3, 500.0, -100, 1, update_state,
+                                                torch.float64)
+    grad, grad_tau = kernels.loss_backward(torch.ones((), dtype=torch.float64), x3, targets, tau,
+                                           rs, gi, 1e-6, 1e-3, 500.0, -100, 1, True)
+    coef = float(stats[ops.STATS_FIELDS.index("coef")])
+    assert (coef != 0.25) == update_state  # the lambda update ran exactly when asked
+    # MiT reports T_0 whatever K (the hist-weighted mean is CCT-EAL's), as the CPU kernels do
+    assert float(stats[ops.STATS_FIELDS.index("T")]) == pytest.approx(
+        float(reference.temperature(tau[:1])), rel=1e-12)
+    x = logits.clone().requires_grad_(True)
+    t = tau.clone().requires_grad_(True)
+    temps = reference.temperature(t)[targets]
+    logp = torch.log_softmax(x / temps[:, None], 1)
+    want = -logp.gather(1, targets[:, None]).mean() - coef * (-(logp.exp() * logp).sum(1).mean())
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad[:, :, 0], x.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_tau, t.grad, rtol=1e-10, atol=1e-12)
 
 
 @cpu_only

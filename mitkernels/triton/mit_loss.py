@@ -70,6 +70,10 @@ class RowConfig:
     num_warps: int
     lanes: bool = False
 
+    def __post_init__(self):
+        if self.lanes and (self.block_r != 1 or self.local_classes):
+            raise ValueError("the per-lane form is for wide rows, one row a tile")
+
     def lane_width(self, dtype: torch.dtype) -> int:
         """Wide rows with ``lanes``: the column block as a [block_c / L, L] tile, L the columns
         one pass of the program's threads loads 16 bytes each of, so that the reduction over
@@ -124,13 +128,15 @@ ROW_TABLE_FP64 = (
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
-# Summary tiles: partials are 5 columns wide unless a program keeps its classes (then 5 + C or
-# 5 + 3C), so the common case sums up to 8 * SMs partial rows of 5 columns: tall steps, few of
-# them (each step waits on its loads). The target scan of CCT-EAL keeps square tiles.
+# Summary tiles: partials are 5 columns wide (the histogram goes by integer atomics) unless
+# CCT-EAL's programs keep their per-class sums (5 + 3C), so the common case sums up to 8 * SMs
+# partial rows of 5 columns: tall steps, few of them (each step waits on its loads). The target
+# scan of CCT-EAL (C > 1024) keeps square tiles.
 SUMMARY_TILE, SUMMARY_SCAN_TILE, SUMMARY_WARPS = (256, 8), (32, 32), 4
-# The finalize walks the classes in one program, serially: wide steps keep the walk short at
-# large C (8 steps at C = 32000). The fused kernel's walk shares the registers of its row tile
-# and covers at most FUSED_MAX_ELEMENTS classes: its own, narrower step.
+# The finalize walks the classes in one program, serially (TET, CCT-EAL, and MiT up to
+# FINALIZE_BLOCK classes): wide steps keep the walk short. The fused kernel's walk shares the
+# registers of its row tile and covers at most FUSED_MAX_ELEMENTS classes: its own, narrower
+# step.
 FINALIZE_BLOCK, FINALIZE_WARPS = 4096, 8
 FUSED_BLOCK_K = 1024
 # MiT with more classes than one finalize step: the classes in blocks, one program each
@@ -347,6 +353,19 @@ def _move_reference(old, new, s, a, q):
 
 
 @triton.jit
+def _online_step(m, s, a, q, z, AXIS: tl.constexpr):
+    """The running (m, s, A, Q) along AXIS of z fed one more block (KERNEL_MATH s.2, base 2): the
+    block's max first, the sums moved to the new max, then the block's terms added."""
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    # No finite logit yet: m stays -inf and the shift is 0 (s = A = Q = 0).
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+    e, w = _exp2_terms(z, tl.expand_dims(shift, AXIS))
+    return (m_new, s + tl.sum(e, axis=AXIS), a + tl.sum(e * w, axis=AXIS),
+            q + tl.sum(e * w * w, axis=AXIS))
+
+
+@triton.jit
 def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """(m, s, A, Q) in base-2 units of rows wider than a column block, online over the blocks:
@@ -365,16 +384,7 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
                     mask=mask, other=float("-inf"))
-        z = x.to(ACC) * inv_temp2[:, None]
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # Rows with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-        e, w = _exp2_terms(z, shift[:, None])
-        s += tl.sum(e, axis=1)
-        a += tl.sum(e * w, axis=1)
-        q += tl.sum(e * w * w, axis=1)
-        m = m_new
+        m, s, a, q = _online_step(m, s, a, q, x.to(ACC) * inv_temp2[:, None], 1)
     return m, s, a, q
 
 
@@ -382,15 +392,17 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
 def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     ACC: tl.constexpr):
-    """(m, s, A, Q) in base-2 units of one row (BLOCK_R = 1) wider than a column block, with no reduction across
-    threads inside the loop: each of the BLOCK_L lanes keeps its own online accumulators, fed a
-    [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside each thread (the
-    lane width is the columns the threads load 16 bytes each of: RowConfig.lane_width). The
-    lanes are merged once, at the end of the row (KERNEL_MATH s.2, the same merge).
+    """(m, s, A, Q) in base-2 units of one row (BLOCK_R = 1) wider than a column block, with no
+    reduction across threads inside the loop: each of the BLOCK_L lanes keeps its own online
+    accumulators, fed a [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside
+    each thread (the lane width is the columns the threads load 16 bytes each of:
+    RowConfig.lane_width). The lanes are merged once, at the end of the row (KERNEL_MATH s.2).
 
-    Why: the row-block form (``_wide_row_stats``) reduces across all warps four times a block,
-    with no load in flight meanwhile; this one leaves the warps free to run ahead.
+    Why: the row-block form (``_wide_row_stats``) reduces across all warps four times a block.
+    Measured on an H200 the two are level (ROW_TABLE's comment); this one pays a rescale per lane
+    and block instead of the cross-warp reductions.
     """
+    tl.static_assert(BLOCK_R == 1, "the per-lane form reads one row a tile")
     BLOCK_U: tl.constexpr = BLOCK_C // BLOCK_L
     # BLOCK_R = 1: the row's scalars (row < R: the callers walk tiles below cdiv(R, 1)). The
     # base from the row index, not from the caller's [1] tensor, so that the compiler still sees
@@ -406,16 +418,7 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
         cols = c0 + offs
         x = tl.load(x_ptr + (row_base + cols.to(tl.int64) * stride_c), mask=cols < C,
                     other=float("-inf"))
-        z = x.to(ACC) * it
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # Lanes with no finite logit yet keep m = -inf: shift by 0 there (s = A = Q = 0).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-        e, w = _exp2_terms(z, shift[None, :])
-        s += tl.sum(e, axis=0)
-        a += tl.sum(e * w, axis=0)
-        q += tl.sum(e * w * w, axis=0)
-        m = m_new
+        m, s, a, q = _online_step(m, s, a, q, x.to(ACC) * it, 0)
     m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
@@ -442,7 +445,6 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
 
     # The target's logit, gathered (one element a row) rather than picked out of every block.
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
-    z_y = x_y.to(ACC) * inv_temp
 
     # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
     # ln 2 computed, not a literal: Triton makes a Python float literal a float32 constant.
@@ -462,6 +464,9 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     m = m2 * ln2
     a = a2 * ln2
     q = q2 * (ln2 * ln2)
+    # CE from the base-2 difference: the target's z is the same product as in the row max, so a
+    # target at the max gives CE = log s exactly, as it did in base e.
+    z_y2 = x_y.to(ACC) * inv_temp2
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
@@ -470,7 +475,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     lse = tl.where(valid, m + log_s, 0.0)
     ent = tl.where(valid, log_s - mean_w, 0.0)  # H = lse - E_p[z]
     var = tl.where(valid, tl.maximum(q * inv_s - mean_w * mean_w, 0.0), 0.0)
-    ce = tl.where(valid, m + log_s - z_y, 0.0)
+    ce = tl.where(valid, (m2 - z_y2) * ln2 + log_s, 0.0)
     rows64 = rows.to(tl.int64)
     tl.store(rs_ptr + rows64, lse, mask=in_range)
     tl.store(rs_ptr + R + rows64, ent, mask=in_range)
@@ -736,7 +741,8 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         dtau = -grad_scale * _recip(temp_k) * num * dtemp_k.to(tl.float64)
         dtau = tl.where(reduction == 0, 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
-    temp_stat = tl.where(multi, temp_sum * inv_bg, temp0.to(tl.float64))
+    # T_0 in the stats; CCT-EAL reports the hist-weighted mean T (the op contract, as the CPU)
+    temp_stat = tl.where(multi & (kind == 2), temp_sum * inv_bg, temp0.to(tl.float64))
 
     loc_bg = tl.maximum(loc_b, 1.0)
     inv_loc_bg = _recip(loc_bg)
@@ -785,13 +791,14 @@ def _finalize_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_p
 
 @triton.jit
 def _finalize_classes_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
-                             loss_ptr, stats_ptr, gi_ptr, cls_ptr, ticket_ptr, C, kind,
+                             loss_ptr, stats_ptr, gi_ptr, cls_ptr, ticket_ptr, C, K,
                              hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
                              t_min: tl.float64, t_max: tl.float64, update_state, reduction,
                              BLOCK_K: tl.constexpr, CLASS_BLOCK: tl.constexpr):
     """MiT's finalize for many classes: each program walks CLASS_BLOCK classes (counts, state
     update, sum c and sum c log c into ``cls_ptr``), and the program that draws the last ticket
-    (acquire/release, ``ticket_ptr`` zeroed by the launcher) runs the rest of the finalize.
+    (acquire/release, ``ticket_ptr`` zeroed by the launcher) runs the rest of the finalize. MiT
+    only (the kind is fixed here: the class walk writes MiT's counts); K = 1 or C temperatures.
 
     Why: one program walking C classes does C float64 logs on one SM, serially (about 45 us at
     C = 32000 on an H200, 160 us at 131072: benchmarks/results/gpu-nvidia-h200-20261126-055026).
@@ -808,7 +815,7 @@ def _finalize_classes_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_pt
     tl.debug_barrier()
     if ticket == nprog - 1:
         _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
-                       stats_ptr, gi_ptr, cls_ptr, nprog, C, 1, kind, hp0, hp1, t_eps, t_min,
+                       stats_ptr, gi_ptr, cls_ptr, nprog, C, K, 0, hp0, hp1, t_eps, t_min,
                        t_max, update_state, reduction, BLOCK_K, True)
 
 
@@ -1062,8 +1069,8 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
         parts = torch.empty((nprog, 2), dtype=torch.float64, device=summary.device)
         ticket = torch.zeros((1,), dtype=torch.int32, device=summary.device)
         _finalize_classes_kernel[(nprog,)](
-            summary, local, tau, *st, loss, stats, grad_info, parts, ticket, num_classes, kind,
-            hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
+            summary, local, tau, *st, loss, stats, grad_info, parts, ticket, num_classes,
+            num_temperatures, hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
             BLOCK_K=CLASS_BLOCK_K, CLASS_BLOCK=CLASS_BLOCK, num_warps=CLASS_WARPS)
     else:
         _finalize_kernel[(1,)](
