@@ -372,20 +372,22 @@ def test_row_stats_op(num_classes, rows, per_class):
 
 
 @cpu_only
-def test_finalize_reads_global_summary_and_local_loss():
+@pytest.mark.parametrize("num_classes", [6, 4099], ids=["one-program", "spread"])
+def test_finalize_reads_global_summary_and_local_loss(num_classes):
     """Two identical ranks: the global summary is twice the local one. The state moves as for the
-    doubled batch, the loss is this rank's, and row_scale is 1 / local B."""
+    doubled batch, the loss is this rank's, and row_scale is 1 / local B (4099 classes: the
+    finalize spread over programs)."""
     gen = torch.Generator().manual_seed(10)
-    logits = torch.randn(50, 6, generator=gen, dtype=torch.float64)
-    targets = torch.randint(0, 6, (50,), generator=gen)
+    logits = torch.randn(50, num_classes, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, num_classes, (50,), generator=gen)
     tau = torch.full((1,), 0.2, dtype=torch.float64)
     rs, local = torch.ops.mitkernels.row_stats(logits[:, :, None], targets, tau, 1e-6, 1e-3, 500.0,
                                                -100, "triton")
-    state = _mit_buffers(6)
+    state = _mit_buffers(num_classes)
     loss, stats, grad_info = torch.ops.mitkernels.finalize_(
         2 * local, local, rs, tau, state, ops.KIND_MIT, [], 1e-6, 1e-3, 500.0, 1, True,
         torch.float64, "triton")
-    ref_state = _mit_buffers(6)
+    ref_state = _mit_buffers(num_classes)
     ref_loss, ref_stats = reference.mit_step(torch.cat([logits, logits]), torch.cat([targets] * 2),
                                              tau, *ref_state)
     torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
@@ -443,6 +445,12 @@ def test_a_step_is_one_forward_and_one_backward_launch(monkeypatch):
     counts.clear()
     mitkernels.cct_eal_loss(torch.randn(1025, 7), torch.randint(0, 7, (1025,)), torch.zeros(7),
                             torch.full((7,), 1 / 7, dtype=torch.float64),
+                            torch.tensor(0.5, dtype=torch.float64), backend="triton")
+    assert counts == {"_rows_kernel": 1, "_summary_kernel": 1, "_finalize_kernel": 1}
+    # CCT-EAL's finalize stays in one program at any C (the spread walk writes MiT's counts)
+    counts.clear()
+    mitkernels.cct_eal_loss(torch.randn(3, 4099), torch.randint(0, 4099, (3,)), torch.zeros(4099),
+                            torch.full((4099,), 1 / 4099, dtype=torch.float64),
                             torch.tensor(0.5, dtype=torch.float64), backend="triton")
     assert counts == {"_rows_kernel": 1, "_summary_kernel": 1, "_finalize_kernel": 1}
 
