@@ -90,8 +90,9 @@ def _op_fns(kernels, case: Case):
 
 
 def _forward_parts(kernels, case: Case):
-    """The forward's launches in two parts: row statistics (rows + summary kernels, for C > 1024
-    or CCT-EAL) and the finalize, so that the fixed cost of the finalize shows on its own."""
+    """The row_stats and finalize_ ops (the forward of the distributed path, and of CCT-EAL and
+    TET beyond one block): rows + summary kernels, then the finalize, so that the fixed cost of
+    the finalize shows on its own. (MiT's loss_forward_ of wide rows skips the summary.)"""
     state = case.state()
     rs, summary = kernels.row_stats(case.x3, case.y, case.tau, *TEMP, -100)
 

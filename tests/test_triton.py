@@ -175,16 +175,18 @@ def test_wide_rows_with_masked_spans(num_classes, dtype):
 
 @cpu_only
 @pytest.mark.parametrize("update_state", [False, True])
-def test_class_temperatures_with_mit_kind_beyond_one_finalize_program(update_state):
-    """K = C temperatures under the MiT finalize with more classes than one finalize step (the
-    finalize spread over programs): loss, gradients (logits and every tau_k) against autograd
-    of the eager formula with the coefficient the kernels used (lambda, whether updated)."""
+@pytest.mark.parametrize("per_class", [False, True], ids=["K1", "KC"])
+def test_mit_finalize_beyond_one_program(update_state, per_class):
+    """The MiT finalize with more classes than one finalize step (spread over programs; with
+    K = 1 it reads the rows kernel's partials, with K = C the summary): loss, gradients (logits
+    and every tau_k) against autograd of the eager formula with the coefficient the kernels
+    used (lambda, whether updated)."""
     kernels = _kernels()
     c, n = kernels.FINALIZE_BLOCK + 3, 6
     gen = torch.Generator().manual_seed(17)
     logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2
     targets = torch.randint(0, c, (n,), generator=gen)
-    tau = torch.linspace(-0.2, 0.9, c, dtype=torch.float64)
+    tau = torch.linspace(-0.2, 0.9, c if per_class else 1, dtype=torch.float64)
     state = _mit_buffers(c)
     state[2].fill_(0.25)
     x3 = logits[:, :, None]
@@ -200,7 +202,7 @@ def test_class_temperatures_with_mit_kind_beyond_one_finalize_program(update_sta
         float(reference.temperature(tau[:1])), rel=1e-12)
     x = logits.clone().requires_grad_(True)
     t = tau.clone().requires_grad_(True)
-    temps = reference.temperature(t)[targets]
+    temps = reference.temperature(t)[targets if per_class else torch.zeros_like(targets)]
     logp = torch.log_softmax(x / temps[:, None], 1)
     want = -logp.gather(1, targets[:, None]).mean() - coef * (-(logp.exp() * logp).sum(1).mean())
     want.backward()
@@ -436,12 +438,12 @@ def test_a_step_is_one_forward_and_one_backward_launch(monkeypatch):
     mitkernels.mit_loss(torch.randn(1025, 7), torch.randint(0, 7, (1025,)), state,
                         backend="triton")
     assert counts == {"_forward_kernel": 1}
-    # ... while wider rows take rows, summary, finalize (MiT beyond FINALIZE_BLOCK classes: the
-    # finalize's class walk spread over programs), and CCT-EAL's per-class sums too.
+    # ... while MiT's wider rows take the rows kernel and a finalize spread over programs that
+    # reads its partials (no summary kernel between them), and CCT-EAL rows, summary, finalize.
     counts.clear()
     mitkernels.mit_loss(torch.randn(1025, 4099), torch.randint(0, 4099, (1025,)),
                         _mit_state(4099, 0.3, torch.float32), backend="triton")
-    assert counts == {"_rows_kernel": 1, "_summary_kernel": 1, "_finalize_classes_kernel": 1}
+    assert counts == {"_rows_kernel": 1, "_finalize_classes_kernel": 1}
     counts.clear()
     mitkernels.cct_eal_loss(torch.randn(1025, 7), torch.randint(0, 7, (1025,)), torch.zeros(7),
                             torch.full((7,), 1 / 7, dtype=torch.float64),

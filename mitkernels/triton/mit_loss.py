@@ -15,7 +15,8 @@ Kernels (all launches are asynchronous; nothing reads a tensor value on the host
   per-class sums for large C come from a scan of the targets (no float atomics).
 * ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
 * ``_finalize_classes_kernel``: the same for MiT with many classes: the class walk spread over
-  programs, the last one (by ticket) finishing.
+  programs, the last one (by ticket) finishing. In ``loss_forward_`` (one temperature, rows
+  wider than a block) it reads the rows kernel's partials itself: rows + this, no summary.
 * ``_forward_kernel``: ``loss_forward_`` with one temperature and C <= 1024 in one launch: the rows
   of ``_rows_kernel``, then the program that finishes last sums the partials and finalizes.
 * ``_fused_kernel``: ``_rows_kernel`` + summary + finalize in one program, for batches that fit.
@@ -140,8 +141,9 @@ SUMMARY_TILE, SUMMARY_SCAN_TILE, SUMMARY_WARPS = (256, 8), (32, 32), 4
 FINALIZE_BLOCK, FINALIZE_WARPS = 4096, 8
 FUSED_BLOCK_K = 1024
 # MiT with more classes than one finalize step: the classes in blocks, one program each
-# (_finalize_classes_kernel); the last program's finalize steps BLOCK_K at 4 warps.
-CLASS_BLOCK, CLASS_BLOCK_K, CLASS_WARPS = 1024, 1024, 4
+# (_finalize_classes_kernel); the last program's finalize steps BLOCK_K at 4 warps. Reading the
+# rows kernel's partials itself (FROM_PARTS), each program sums them CLASS_BLOCK_P rows a step.
+CLASS_BLOCK, CLASS_BLOCK_K, CLASS_WARPS, CLASS_BLOCK_P = 1024, 1024, 4, 256
 # The last program of _forward_kernel: partial rows a step, and classes a step in its finalize
 # (smaller than FINALIZE_BLOCK: the finalize shares the registers of the streaming loop's kernel).
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
@@ -181,6 +183,11 @@ def forward_constexprs(cfg: RowConfig) -> dict:
                 BLOCK_P=FORWARD_BLOCK_P)
 
 
+def classes_constexprs(from_parts: bool) -> dict:
+    return dict(BLOCK_K=CLASS_BLOCK_K, CLASS_BLOCK=CLASS_BLOCK, FROM_PARTS=from_parts,
+                BLOCK_P=CLASS_BLOCK_P)
+
+
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
     """Every ``(kernel name, logits dtype, constexprs, num_warps)`` a launcher can launch."""
     for dtype in LOGITS_DTYPES:
@@ -200,8 +207,9 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
             yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
                                                   PER_CLASS=True), cfg.num_warps
         yield "_finalize_kernel", dtype, dict(BLOCK_K=FINALIZE_BLOCK), FINALIZE_WARPS
-        yield ("_finalize_classes_kernel", dtype, dict(BLOCK_K=CLASS_BLOCK_K,
-                                                      CLASS_BLOCK=CLASS_BLOCK), CLASS_WARPS)
+        for from_parts in (False, True):
+            yield ("_finalize_classes_kernel", dtype, classes_constexprs(from_parts),
+                   CLASS_WARPS)
         yield "_none_loss_kernel", dtype, dict(BLOCK=NONE_LOSS_BLOCK), NONE_LOSS_WARPS
         yield "_grad_tau_none_kernel", dtype, dict(BLOCK_N=GRAD_TAU_BLOCK_N,
                                                    BLOCK_K=GRAD_TAU_BLOCK_K), GRAD_TAU_WARPS
@@ -616,18 +624,45 @@ def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, hist_ptr, sum_ptr, R, C, W,
 
 
 @triton.jit
+def _update_flag(big_b, sum_ce, sum_h, sum_v, n_invalid, update_state):
+    """Whether the state updates: a batch with valid rows, no invalid target, finite sums, and
+    update_state."""
+    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
+    ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
+    return ok & (tl.cast(update_state, tl.int32) != 0)
+
+
+@triton.jit
 def _summary_header(sum_ptr, update_state):
-    """The summary's header and whether the state updates (a batch with valid rows, no invalid
-    target and finite sums, and update_state)."""
+    """The summary's header and whether the state updates."""
     big_b = tl.load(sum_ptr)
     sum_ce = tl.load(sum_ptr + 1)
     sum_h = tl.load(sum_ptr + 2)
     sum_v = tl.load(sum_ptr + 3)
     n_invalid = tl.load(sum_ptr + 4)
-    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
-    ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
-    upd = ok & (tl.cast(update_state, tl.int32) != 0)
+    upd = _update_flag(big_b, sum_ce, sum_h, sum_v, n_invalid, update_state)
     return big_b, sum_ce, sum_h, sum_v, n_invalid, upd
+
+
+@triton.jit
+def _header_from_parts(part_ptr, P, BLOCK_P: tl.constexpr):
+    """The summary header ([8], five used) as the sum of the P partial rows of the rows kernel,
+    in program order (the same bits in every program that computes it). ``.cg``: partials other
+    programs of the same launch wrote are read past L1."""
+    idx = tl.arange(0, 8)
+    acc = tl.zeros([8], tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        vals = tl.load(part_ptr + parts[:, None] * SUMMARY_HEADER + idx[None, :],
+                       mask=(parts < P)[:, None] & (idx < SUMMARY_HEADER)[None, :], other=0.0,
+                       cache_modifier=".cg")
+        acc += tl.sum(vals, axis=0)
+    return acc
+
+
+@triton.jit
+def _pick(v, i):
+    return tl.sum(tl.where(tl.arange(0, 8) == i, v, 0.0), axis=0)
 
 
 @triton.jit
@@ -640,7 +675,8 @@ def _mit_counts(st0_ptr, hist_ptr, k0, C, upd, BLOCK_K: tl.constexpr):
     k = k0 + tl.arange(0, BLOCK_K)
     km = k < C
     cnt = tl.load(st0_ptr + k, mask=km, other=0.0)
-    cnt = tl.where(upd, cnt + tl.load(hist_ptr + k, mask=km, other=0.0), cnt)
+    hist = tl.load(hist_ptr + k, mask=km, other=0).to(tl.float64)  # float64 or int32 counts
+    cnt = tl.where(upd, cnt + hist, cnt)
     tl.store(st0_ptr + k, cnt, mask=tl.where(upd, km, False))
     clogc = tl.where(cnt > 0.0, cnt * tl.log(tl.where(cnt > 0.0, cnt, 1.0)), 0.0)
     return tl.sum(cnt, axis=0), tl.sum(clogc, axis=0)
@@ -791,29 +827,47 @@ def _finalize_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_p
 
 @triton.jit
 def _finalize_classes_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
-                             loss_ptr, stats_ptr, gi_ptr, cls_ptr, ticket_ptr, C, K,
-                             hp0: tl.float64, hp1: tl.float64, t_eps: tl.float64,
-                             t_min: tl.float64, t_max: tl.float64, update_state, reduction,
-                             BLOCK_K: tl.constexpr, CLASS_BLOCK: tl.constexpr):
+                             loss_ptr, stats_ptr, gi_ptr, cls_ptr, ticket_ptr, part_ptr, P,
+                             hist_ptr, C, K, hp0: tl.float64, hp1: tl.float64,
+                             t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
+                             update_state, reduction, BLOCK_K: tl.constexpr,
+                             CLASS_BLOCK: tl.constexpr, FROM_PARTS: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
     """MiT's finalize for many classes: each program walks CLASS_BLOCK classes (counts, state
     update, sum c and sum c log c into ``cls_ptr``), and the program that draws the last ticket
     (acquire/release, ``ticket_ptr`` zeroed by the launcher) runs the rest of the finalize. MiT
     only (the kind is fixed here: the class walk writes MiT's counts); K = 1 or C temperatures.
 
+    FROM_PARTS (loss_forward_, one temperature): no summary kernel ran. Every program sums the
+    rows kernel's P partial headers itself (same order, same bits, so the same update decision)
+    and reads the int32 histogram at ``hist_ptr``; the last one writes the header to ``sum_ptr``
+    for the finalize. Otherwise the header and the float64 histogram come from the summary.
+
     Why: one program walking C classes does C float64 logs on one SM, serially (about 45 us at
-    C = 32000 on an H200, 160 us at 131072: benchmarks/results/gpu-nvidia-h200-20261126-055026).
+    C = 32000 on an H200, 160 us at 131072: benchmarks/results/gpu-nvidia-h200-20261126-055026);
+    FROM_PARTS also saves the summary's launch, which the host pays for on every step.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
-    total, clogc = _mit_counts(st0_ptr, sum_ptr + SUMMARY_HEADER, pid * CLASS_BLOCK, C, upd,
-                               CLASS_BLOCK)
+    if FROM_PARTS:
+        header = _header_from_parts(part_ptr, P, BLOCK_P)
+        upd = _update_flag(_pick(header, 0), _pick(header, 1), _pick(header, 2),
+                           _pick(header, 3), _pick(header, 4), update_state)
+        total, clogc = _mit_counts(st0_ptr, hist_ptr, pid * CLASS_BLOCK, C, upd, CLASS_BLOCK)
+    else:
+        big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
+        total, clogc = _mit_counts(st0_ptr, sum_ptr + SUMMARY_HEADER, pid * CLASS_BLOCK, C, upd,
+                                   CLASS_BLOCK)
     idx = tl.arange(0, 2)
     tl.store(cls_ptr + 2 * pid + idx, tl.where(idx == 0, total, clogc))
     tl.debug_barrier()  # the partials (and the counts) are issued before the ticket
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
     if ticket == nprog - 1:
+        if FROM_PARTS:
+            idx8 = tl.arange(0, 8)
+            tl.store(sum_ptr + idx8, header, mask=idx8 < SUMMARY_HEADER)
+            tl.debug_barrier()  # the header written above is read below
         _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
                        stats_ptr, gi_ptr, cls_ptr, nprog, C, K, 0, hp0, hp1, t_eps, t_min,
                        t_max, update_state, reduction, BLOCK_K, True)
@@ -875,14 +929,8 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     tl.debug_barrier()
     if ticket == nprog - 1:
         idx = tl.arange(0, 8)
-        acc = tl.zeros([8], tl.float64)
-        for p0 in range(0, nprog, BLOCK_P):
-            parts = p0 + tl.arange(0, BLOCK_P)
-            vals = tl.load(part_ptr + parts[:, None] * SUMMARY_HEADER + idx[None, :],
-                           mask=(parts < nprog)[:, None] & (idx < SUMMARY_HEADER)[None, :],
-                           other=0.0, cache_modifier=".cg")
-            acc += tl.sum(vals, axis=0)
-        tl.store(sum_ptr + idx, acc, mask=idx < SUMMARY_HEADER)
+        tl.store(sum_ptr + idx, _header_from_parts(part_ptr, nprog, BLOCK_P),
+                 mask=idx < SUMMARY_HEADER)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             hist = tl.load(ibuf_ptr + 1 + k, mask=k < C, other=0, cache_modifier=".cg")
@@ -1065,13 +1113,11 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     hp0, hp1 = _hparams(hparams)
     local = summary if local_summary is None else local_summary
     if kind == KIND_MIT and num_classes > FINALIZE_BLOCK:
-        nprog = triton.cdiv(num_classes, CLASS_BLOCK)
-        parts = torch.empty((nprog, 2), dtype=torch.float64, device=summary.device)
         ticket = torch.zeros((1,), dtype=torch.int32, device=summary.device)
-        _finalize_classes_kernel[(nprog,)](
-            summary, local, tau, *st, loss, stats, grad_info, parts, ticket, num_classes,
-            num_temperatures, hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
-            BLOCK_K=CLASS_BLOCK_K, CLASS_BLOCK=CLASS_BLOCK, num_warps=CLASS_WARPS)
+        # the partials and histogram of FROM_PARTS unused: the summary has them
+        _launch_finalize_classes(summary, local, tau, st, loss, stats, grad_info, ticket,
+                                 summary, 0, ticket, num_classes, num_temperatures, hp0, hp1,
+                                 t_eps, t_min, t_max, update_state, reduction, False)
     else:
         _finalize_kernel[(1,)](
             summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures,
@@ -1080,6 +1126,48 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     if reduction == 0:
         _launch_none_loss(row_stats, grad_info, stats, loss)
     return loss, stats, grad_info
+
+
+def _launch_finalize_classes(summary, local, tau, st, loss, stats, grad_info, ticket, partials,
+                             num_partials, hist, num_classes, num_temperatures, hp0, hp1, t_eps,
+                             t_min, t_max, update_state, reduction, from_parts):
+    nprog = triton.cdiv(num_classes, CLASS_BLOCK)
+    parts = torch.empty((nprog, 2), dtype=torch.float64, device=summary.device)
+    _finalize_classes_kernel[(nprog,)](
+        summary, local, tau, *st, loss, stats, grad_info, parts, ticket, partials, num_partials,
+        hist, num_classes, num_temperatures, hp0, hp1, t_eps, t_min, t_max,
+        int(bool(update_state)), reduction, **classes_constexprs(from_parts),
+        num_warps=CLASS_WARPS)
+
+
+def _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_max, ignore_index,
+                         reduction, update_state, loss_dtype, cfg):
+    """MiT with one temperature and rows wider than a block: the rows kernel, then
+    _finalize_classes_kernel reading its partials and integer histogram (FROM_PARTS), with no
+    summary kernel between them; one memset zeroes the ticket and the histogram together."""
+    n, c, s = logits.shape
+    rows = n * s
+    device = logits.device
+    acc = _acc_dtype(logits.dtype)
+    nprog = _num_programs(cfg, rows, device)
+    rs = torch.empty((4, rows), dtype=acc, device=device)
+    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
+    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
+    summary = torch.empty((HEADER,), dtype=torch.float64, device=device)  # the header only
+    loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
+    st = _state_pointers(state, KIND_MIT, summary)
+    hp0, hp1 = _hparams(hparams)
+    hist = ibuf[1:]
+    _rows_kernel[(nprog,)](
+        logits, targets, tau, rs, partials, hist, rows, c, s, *logits.stride(), ignore_index,
+        t_eps, t_min, t_max, **rows_constexprs(cfg, False, logits.dtype), ATOMIC_HIST=True,
+        num_warps=cfg.num_warps)
+    _launch_finalize_classes(summary, summary, tau, st, loss, stats, grad_info, ibuf, partials,
+                             nprog, hist, c, 1, hp0, hp1, t_eps, t_min, t_max, update_state,
+                             reduction, True)
+    if reduction == 0:
+        _launch_none_loss(rs, grad_info, stats, loss)
+    return loss, stats, rs, grad_info
 
 
 def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor], kind: int,
@@ -1094,6 +1182,9 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
         if num_temperatures == 1 and cfg.local_classes:
             return _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min,
                                    t_max, ignore_index, reduction, update_state, loss_dtype, cfg)
+        if num_temperatures == 1 and kind == KIND_MIT:
+            return _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_max,
+                                        ignore_index, reduction, update_state, loss_dtype, cfg)
         rs, summary = _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
         loss, stats, grad_info = finalize_(summary, None, rs, tau, state, kind, hparams, t_eps,
                                            t_min, t_max, reduction, update_state, loss_dtype)
