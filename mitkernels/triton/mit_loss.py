@@ -1128,6 +1128,22 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     return loss, stats, grad_info
 
 
+def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
+    """What a forward of one temperature whose programs count classes by integer atomics and
+    take a ticket allocates: partials, ``[ticket, hist[C]]`` zeroed in one memset, outputs."""
+    n, c, s = logits.shape
+    rows = n * s
+    device = logits.device
+    acc = _acc_dtype(logits.dtype)
+    nprog = _num_programs(cfg, rows, device)
+    rs = torch.empty((4, rows), dtype=acc, device=device)
+    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
+    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
+    summary = torch.empty((summary_len,), dtype=torch.float64, device=device)
+    loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
+    return nprog, rs, partials, ibuf, summary, loss, stats, grad_info
+
+
 def _launch_finalize_classes(summary, local, tau, st, loss, stats, grad_info, ticket, partials,
                              num_partials, hist, num_classes, num_temperatures, hp0, hp1, t_eps,
                              t_min, t_max, update_state, reduction, from_parts):
@@ -1146,17 +1162,12 @@ def _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_m
     _finalize_classes_kernel reading its partials and integer histogram (FROM_PARTS), with no
     summary kernel between them; one memset zeroes the ticket and the histogram together."""
     n, c, s = logits.shape
-    rows = n * s
-    device = logits.device
-    acc = _acc_dtype(logits.dtype)
-    nprog = _num_programs(cfg, rows, device)
-    rs = torch.empty((4, rows), dtype=acc, device=device)
-    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
-    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
-    summary = torch.empty((HEADER,), dtype=torch.float64, device=device)  # the header only
-    loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
+    # the summary is the header only: the finalize reads no class column of it here
+    nprog, rs, partials, ibuf, summary, loss, stats, grad_info = _forward_buffers(
+        logits, cfg, HEADER, reduction, loss_dtype)
     st = _state_pointers(state, KIND_MIT, summary)
     hp0, hp1 = _hparams(hparams)
+    rows = n * s
     hist = ibuf[1:]
     _rows_kernel[(nprog,)](
         logits, targets, tau, rs, partials, hist, rows, c, s, *logits.stride(), ignore_index,
@@ -1212,14 +1223,8 @@ def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_
     zeroing of its counters, and the per-row loss of reduction='none')."""
     n, c, s = logits.shape
     rows = n * s
-    device = logits.device
-    acc = _acc_dtype(logits.dtype)
-    nprog = _num_programs(cfg, rows, device)
-    rs = torch.empty((4, rows), dtype=acc, device=device)
-    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
-    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
-    summary = torch.empty((summary_size(c, 1),), dtype=torch.float64, device=device)
-    loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
+    nprog, rs, partials, ibuf, summary, loss, stats, grad_info = _forward_buffers(
+        logits, cfg, summary_size(c, 1), reduction, loss_dtype)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
     _forward_kernel[(nprog,)](
