@@ -7,7 +7,7 @@ against eager and compiled PyTorch, this times the kernels of each backend on th
 each one can be held against the bandwidth it could reach:
 
 * ``copy``        ``out.copy_(x)``: 1 read + 1 write of the logits, the measured ceiling;
-* ``<b>.fwd``     ``loss_forward_`` of backend ``b`` (rows, summary, finalize): 1 read;
+* ``<b>.fwd``     ``loss_forward_`` of backend ``b`` (all its launches): 1 read;
 * ``<b>.bwd``     ``loss_backward``: 1 read + 1 write;
 * ``<b>.step``    both, back to back: the loss's 2 reads + 1 write (KERNEL_MATH s.5);
 * ``ce.eager`` / ``ce.compiled`` / ``ce.liger``  plain cross-entropy forward + gradient

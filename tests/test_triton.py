@@ -117,8 +117,8 @@ def test_golden_trajectory(golden_trajectory, case_index):
         check_golden_step(step, loss, stats, logits.grad, state.tau.grad)
 
 
-# (C, N): fused one-program path, multi-program persistent path, class-scan path (C > 1024),
-# per-lane wide rows (C > 8192).
+# (C, N): fused one-program path, single-launch multi-program path, wide rows (C > 1024: rows
+# kernel + MiT's finalize spread over programs), per-lane wide rows (C > 8192).
 SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3), (9000, 3)]
 
 
@@ -177,10 +177,11 @@ def test_wide_rows_with_masked_spans(num_classes, dtype):
 @pytest.mark.parametrize("update_state", [False, True])
 @pytest.mark.parametrize("per_class", [False, True], ids=["K1", "KC"])
 def test_mit_finalize_beyond_one_program(update_state, per_class):
-    """The MiT finalize with more classes than one finalize step (spread over programs; with
-    K = 1 it reads the rows kernel's partials, with K = C the summary): loss, gradients (logits
-    and every tau_k) against autograd of the eager formula with the coefficient the kernels
-    used (lambda, whether updated)."""
+    """The MiT finalize spread over programs (with K = 1 it reads the rows kernel's partials,
+    with K = C, beyond FINALIZE_BLOCK classes, the summary): loss, gradients (logits and every
+    tau_k) against autograd of the eager formula with the coefficient the kernels used (lambda,
+    whether updated; that lambda and the state against the reference: test_mit_against_reference
+    at C = 4099 and 9000)."""
     kernels = _kernels()
     c, n = kernels.FINALIZE_BLOCK + 3, 6
     gen = torch.Generator().manual_seed(17)

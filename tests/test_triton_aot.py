@@ -273,6 +273,10 @@ def test_sweep_matches_launcher_choice():
                 ce = module.forward_constexprs(cfg)
                 assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
                         cfg.num_warps) in swept
+        for from_parts in (False, True):  # MiT's spread finalize, both sources of its header
+            ce = module.classes_constexprs(from_parts)
+            assert ("_finalize_classes_kernel", dtype, tuple(sorted(ce.items())),
+                    module.CLASS_WARPS) in swept
 
 
 if __name__ == "__main__":

@@ -140,10 +140,15 @@ SUMMARY_TILE, SUMMARY_SCAN_TILE, SUMMARY_WARPS = (256, 8), (32, 32), 4
 # step.
 FINALIZE_BLOCK, FINALIZE_WARPS = 4096, 8
 FUSED_BLOCK_K = 1024
-# MiT with more classes than one finalize step: the classes in blocks, one program each
-# (_finalize_classes_kernel); the last program's finalize steps BLOCK_K at 4 warps. Reading the
+# MiT's finalize spread over programs (_finalize_classes_kernel): in loss_forward_ with one
+# temperature for every C > 1024, in finalize_ beyond FINALIZE_BLOCK classes. The classes in
+# blocks, one program each; the last program's finalize steps BLOCK_K at 4 warps. Reading the
 # rows kernel's partials itself (FROM_PARTS), each program sums them CLASS_BLOCK_P rows a step.
 CLASS_BLOCK, CLASS_BLOCK_K, CLASS_WARPS, CLASS_BLOCK_P = 1024, 1024, 4, 256
+# [ticket, 3 unused, hist[C]] in one zeroed int32 buffer: the histogram starts 16 bytes in, so
+# the kernels reading it see a 16-byte aligned pointer (as the AOT test compiles them).
+IBUF_HIST = 4
+HIST_OFFSET = tl.constexpr(IBUF_HIST)
 # The last program of _forward_kernel: partial rows a step, and classes a step in its finalize
 # (smaller than FINALIZE_BLOCK: the finalize shares the registers of the streaming loop's kernel).
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
@@ -908,11 +913,11 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
                     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """The forward of one temperature (MiT, TET) and C <= 1024 in one launch of many programs.
 
-    Each program writes its partial sums and counts its classes into ``ibuf[1:]`` (int32, zeroed
-    by the launcher); then takes a ticket from ``ibuf[0]``. The program that draws the last
-    ticket sees every partial (acquire/release on the ticket), adds them up in program order
-    (bitwise the same every run), writes the summary and runs the finalize: the rows, summary
-    and finalize kernels of ``row_stats`` + ``finalize_`` without their two extra launches.
+    Each program writes its partial sums and counts its classes into ``ibuf[IBUF_HIST:]``
+    (int32, zeroed by the launcher); then takes a ticket from ``ibuf[0]``. The program that
+    draws the last ticket sees every partial (acquire/release on the ticket), adds them up in
+    program order (bitwise the same every run), writes the summary and runs the finalize: the
+    rows, summary and finalize kernels of ``row_stats`` + ``finalize_`` in one launch.
 
     Only for classes that fit one column block: the last program's walk over the classes is
     serial, and for C = 32000 it cost about 0.1 ms on an H200 (forward 0.38-0.41 ms in one launch
@@ -921,7 +926,8 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + 1, pid, nprog, R, C, S,
+    _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + HIST_OFFSET, pid, nprog, R,
+               C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
                0, True, False, True)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
@@ -933,7 +939,8 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
                  mask=idx < SUMMARY_HEADER)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            hist = tl.load(ibuf_ptr + 1 + k, mask=k < C, other=0, cache_modifier=".cg")
+            hist = tl.load(ibuf_ptr + HIST_OFFSET + k, mask=k < C, other=0,
+                           cache_modifier=".cg")
             tl.store(sum_ptr + SUMMARY_HEADER + k, hist.to(tl.float64), mask=k < C)
         tl.debug_barrier()  # the summary written above is read below
         _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr, loss_ptr,
@@ -1138,7 +1145,7 @@ def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
     nprog = _num_programs(cfg, rows, device)
     rs = torch.empty((4, rows), dtype=acc, device=device)
     partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
-    ibuf = torch.zeros((1 + c,), dtype=torch.int32, device=device)  # [ticket, hist[C]]
+    ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)  # [ticket, hist]
     summary = torch.empty((summary_len,), dtype=torch.float64, device=device)
     loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
     return nprog, rs, partials, ibuf, summary, loss, stats, grad_info
@@ -1168,7 +1175,7 @@ def _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_m
     st = _state_pointers(state, KIND_MIT, summary)
     hp0, hp1 = _hparams(hparams)
     rows = n * s
-    hist = ibuf[1:]
+    hist = ibuf[IBUF_HIST:]
     _rows_kernel[(nprog,)](
         logits, targets, tau, rs, partials, hist, rows, c, s, *logits.stride(), ignore_index,
         t_eps, t_min, t_max, **rows_constexprs(cfg, False, logits.dtype), ATOMIC_HIST=True,
