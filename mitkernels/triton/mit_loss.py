@@ -927,9 +927,8 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + HIST_OFFSET, pid, nprog, R,
-               C, S,
-               stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C,
-               0, True, False, True)
+               C, S, stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R,
+               BLOCK_C, 0, True, False, True)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
     ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
@@ -1137,7 +1136,8 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
 
 def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
     """What a forward of one temperature whose programs count classes by integer atomics and
-    take a ticket allocates: partials, ``[ticket, hist[C]]`` zeroed in one memset, outputs."""
+    take a ticket allocates: partials, ``ibuf = [ticket, 3 unused, hist[C]]`` (IBUF_HIST) zeroed
+    in one memset, the summary, outputs."""
     n, c, s = logits.shape
     rows = n * s
     device = logits.device
@@ -1145,7 +1145,7 @@ def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
     nprog = _num_programs(cfg, rows, device)
     rs = torch.empty((4, rows), dtype=acc, device=device)
     partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
-    ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)  # [ticket, hist]
+    ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)
     summary = torch.empty((summary_len,), dtype=torch.float64, device=device)
     loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
     return nprog, rs, partials, ibuf, summary, loss, stats, grad_info
