@@ -19,7 +19,12 @@ retimes the Triton forward and backward kernels for other tiles of the large-C r
 flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
-the CPU: a Triton launch, allocations, each backend's ops and whole training steps at 256x5.
+the CPU: a Triton launch, allocations, each backend's ops and whole training steps at 256x5;
+then, for each shape and dtype, a training step (``mit_loss`` + ``autograd.grad``) taken apart
+(``step_timeline``): ``host`` the CPU's time to issue one step while the GPU is held busy (so the
+CPU never waits), ``device`` the GPU's time for a step's work issued ahead of it (no idle gaps),
+``isolated`` one step timed alone as ``bench_mit_loss`` does. ``isolated`` near ``device``: the
+kernels bound the step; near ``host`` (or above both): the CPU does.
 """
 from __future__ import annotations
 
@@ -273,6 +278,63 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
     return lines
 
 
+def _hold_gpu_ms(ms: float) -> None:
+    """Keep the stream busy for about ``ms`` (a spin kernel), so that the host runs ahead."""
+    clock_hz = getattr(torch.cuda.get_device_properties(DEVICE), "clock_rate", 2_000_000) * 1e3
+    torch.cuda._sleep(int(ms * 1e-3 * clock_hz))
+
+
+def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
+    """Host time, device time and isolated time of one MiT training step (see the docstring)."""
+    import time
+
+    import mitkernels
+    from mitkernels.state import MiTState
+
+    lines = []
+    print(f"# training step taken apart ({steps} steps each; ms)", flush=True)
+    print(f"{'shape':>12} {'dtype':>5} {'backend':>7} {'host':>8} {'device':>8} {'isolated':>9}",
+          flush=True)
+    for n, c in shapes:
+        for dtype_name in dtypes:
+            case = Case(n, c, DTYPES[dtype_name])
+            for backend in backends:
+                if _backends.unavailable_reason(backend, DEVICE) is not None:
+                    continue
+                state = MiTState(c, device=DEVICE)
+                x = case.x.detach().requires_grad_(True)
+
+                def step(backend=backend, state=state, x=x):
+                    loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
+                    return torch.autograd.grad(loss, (x, state.tau))
+
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                # host: issue `steps` steps behind a long spin, so the CPU never waits on the GPU
+                _hold_gpu_ms(50.0 + steps * 2.0)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()  # recorded behind the spin: the device time below excludes it
+                t0 = time.perf_counter()
+                out = None
+                for _ in range(steps):
+                    out = step()
+                host_ms = (time.perf_counter() - t0) / steps * 1e3
+                end.record()
+                torch.cuda.synchronize()
+                # device: the steps above ran back to back once the spin ended
+                device_ms = start.elapsed_time(end) / steps
+                del out
+                isolated_ms = bench(step, 100)
+                line = (f"{n}x{c:<6} {dtype_name:>5} {backend:>7} {host_ms:8.4f} {device_ms:8.4f} "
+                        f"{isolated_ms:9.4f}")
+                lines.append(line)
+                print(line, flush=True)
+            del case
+            torch.cuda.empty_cache()
+    return lines
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kernels", description=__doc__)
     p.add_argument("--shapes", default="4096x32000,1024x1000,256x5")
@@ -301,6 +363,9 @@ def main(argv=None) -> int:
     if args.overhead:
         print("# host time per call (back to back, one synchronisation)", flush=True)
         launch_overhead()
+    if args.overhead and DEVICE.type == "cuda":
+        step_timeline([tuple(int(v) for v in t.lower().split("x")) for t in args.shapes.split(",")],
+                      args.dtypes.split(","), tuple(args.backends.split(",")))
     header = f"{'shape':>12} {'dtype':>5} {'what':>22} {'ms':>9} {'GB/s':>8} {'frac':>6}  note"
     print(header, flush=True)
     all_rows: List[Row] = []
