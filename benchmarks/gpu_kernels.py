@@ -24,7 +24,9 @@ then, for each shape and dtype, a training step (``mit_loss`` + ``autograd.grad`
 (``step_timeline``): ``host`` the CPU's time to issue one step while the GPU is held busy (so the
 CPU never waits), ``device`` the GPU's time for a step's work issued ahead of it (no idle gaps),
 ``isolated`` one step timed alone as ``bench_mit_loss`` does. ``isolated`` near ``device``: the
-kernels bound the step; near ``host`` (or above both): the CPU does.
+kernels bound the step; near ``host`` (or above both): the CPU does. ``triton-py`` is the Triton
+step through the Python autograd node (the path without the extension), against ``triton``'s
+C++ node (``mitkernels_C::triton_loss_step_``).
 """
 from __future__ import annotations
 
@@ -289,24 +291,36 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
     import time
 
     import mitkernels
+    from mitkernels import functional
     from mitkernels.state import MiTState
 
     lines = []
     print(f"# training step taken apart ({steps} steps each; ms)", flush=True)
-    print(f"{'shape':>12} {'dtype':>5} {'backend':>7} {'host':>8} {'device':>8} {'isolated':>9}",
+    print(f"{'shape':>12} {'dtype':>5} {'backend':>9} {'host':>8} {'device':>8} {'isolated':>9}",
           flush=True)
     for n, c in shapes:
         for dtype_name in dtypes:
             case = Case(n, c, DTYPES[dtype_name])
-            for backend in backends:
+            # triton-py: the Triton step through the Python autograd node (what runs when the
+            # extension is missing), against the C++ node of triton_loss_step_
+            variants = [b for b in backends] + (["triton-py"] if "triton" in backends else [])
+            for label in variants:
+                backend = label.split("-")[0]
                 if _backends.unavailable_reason(backend, DEVICE) is not None:
                     continue
+                python_node = label.endswith("-py")
                 state = MiTState(c, device=DEVICE)
                 x = case.x.detach().requires_grad_(True)
 
-                def step(backend=backend, state=state, x=x):
-                    loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
-                    return torch.autograd.grad(loss, (x, state.tau))
+                def step(backend=backend, state=state, x=x, python_node=python_node):
+                    saved = functional._triton_step_op
+                    if python_node:
+                        functional._triton_step_op = lambda: None
+                    try:
+                        loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
+                        return torch.autograd.grad(loss, (x, state.tau))
+                    finally:
+                        functional._triton_step_op = saved
 
                 for _ in range(3):
                     step()
@@ -326,7 +340,7 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                 device_ms = start.elapsed_time(end) / steps
                 del out
                 isolated_ms = bench(step, 100)
-                line = (f"{n}x{c:<6} {dtype_name:>5} {backend:>7} {host_ms:8.4f} {device_ms:8.4f} "
+                line = (f"{n}x{c:<6} {dtype_name:>5} {label:>9} {host_ms:8.4f} {device_ms:8.4f} "
                         f"{isolated_ms:9.4f}")
                 lines.append(line)
                 print(line, flush=True)

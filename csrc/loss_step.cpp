@@ -10,6 +10,9 @@
 //
 // Registered for the Autograd key (device-agnostic) and, for calls below autograd (inference
 // mode), CompositeExplicitAutograd; ops.cpp holds the schema and the Meta kernel.
+// triton_loss_step_ is the same step over triton_loss_forward_ / triton_loss_backward, whose
+// kernels are the Triton launchers (Python, registered by mitkernels/functional.py): the
+// dispatcher calls into Python for the launches only.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -77,23 +80,37 @@ Canonical canonical(const Tensor& logits, const Tensor& targets, const Tensor& t
 
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
+// Which kernel ops a step calls: the extension's (CPU and CUDA kernels in C++) or the Triton
+// launchers registered under the triton_ names.
+struct CompiledKernels {
+  static constexpr const char* kForward = "mitkernels_C::loss_forward_";
+  static constexpr const char* kBackward = "mitkernels_C::loss_backward";
+};
+struct TritonKernels {
+  static constexpr const char* kForward = "mitkernels_C::triton_loss_forward_";
+  static constexpr const char* kBackward = "mitkernels_C::triton_loss_backward";
+};
+
+template <class Kernels>
 const auto& loss_forward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mitkernels_C::loss_forward_", "")
-          .typed<ForwardOut(const Tensor&, const Tensor&, const Tensor&, at::TensorList, int64_t,
-                            at::ArrayRef<double>, double, double, double, int64_t, int64_t, bool,
-                            at::ScalarType)>();
+          .findSchemaOrThrow(Kernels::kForward, "")
+          .template typed<ForwardOut(const Tensor&, const Tensor&, const Tensor&, at::TensorList,
+                                     int64_t, at::ArrayRef<double>, double, double, double,
+                                     int64_t, int64_t, bool, at::ScalarType)>();
   return op;
 }
 
+template <class Kernels>
 const auto& loss_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mitkernels_C::loss_backward", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                            const Tensor&, const Tensor&, const Tensor&, double,
-                                            double, double, int64_t, int64_t, bool)>();
+          .findSchemaOrThrow(Kernels::kBackward, "")
+          .template typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                     const Tensor&, const Tensor&, const Tensor&,
+                                                     double, double, double, int64_t, int64_t,
+                                                     bool)>();
   return op;
 }
 
@@ -124,11 +141,12 @@ struct StepOut {
   Tensor loss, stats, row_stats, grad_info;
 };
 
+template <class Kernels>
 StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Canonical in = canonical(logits, a.targets, tau);
   StepOut out;
-  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op().call(
+  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op<Kernels>().call(
       in.logits, in.targets, in.tau, a.state, a.kind, a.hparams, a.t_eps, a.t_min, a.t_max,
       a.ignore_index, a.reduction, a.update_state, a.loss_dtype);
   raise_on_invalid_targets(in.targets, out.stats, in.logits, a.ignore_index);
@@ -137,10 +155,11 @@ StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a)
 }
 
 // Differentiable inputs: logits (edge 0) and tau (edge 1); the rest rides in StepArgs.
-struct LossStep : public torch::autograd::Function<LossStep> {
+template <class Kernels>
+struct LossStep : public torch::autograd::Function<LossStep<Kernels>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
                                const StepArgs& a) {
-    StepOut out = step_forward(logits, tau, a);
+    StepOut out = step_forward<Kernels>(logits, tau, a);
     // The stats output never takes a gradient: no zeros for it in backward.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({out.stats});
@@ -162,9 +181,9 @@ struct LossStep : public torch::autograd::Function<LossStep> {
     const auto i = ctx->saved_data["i"].toIntVector();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Canonical in = canonical(logits, saved[2], tau);
-    auto [grad_logits, grad_tau] =
-        loss_backward_op().call(grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0],
-                                t[1], t[2], i[0], i[1], needs_tau);
+    auto [grad_logits, grad_tau] = loss_backward_op<Kernels>().call(
+        grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
+        i[1], needs_tau);
     return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
             needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
   }
@@ -187,23 +206,25 @@ std::vector<Tensor> stats_entries(const Tensor& stats) {
   return out;
 }
 
+template <class Kernels>
 std::tuple<Tensor, std::vector<Tensor>> loss_step_autograd(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
   const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
                    ignore_index, reduction, update_state, loss_dtype};
-  variable_list out = LossStep::apply(logits, tau, a);
+  variable_list out = LossStep<Kernels>::apply(logits, tau, a);
   return {out[0], stats_entries(out[1])};
 }
 
+template <class Kernels>
 std::tuple<Tensor, std::vector<Tensor>> loss_step_forward_only(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
   const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
                    ignore_index, reduction, update_state, loss_dtype};
-  StepOut out = step_forward(logits, tau, a);
+  StepOut out = step_forward<Kernels>(logits, tau, a);
   return {out.loss, stats_entries(out.stats)};
 }
 
@@ -211,9 +232,11 @@ std::tuple<Tensor, std::vector<Tensor>> loss_step_forward_only(
 }  // namespace mitk
 
 TORCH_LIBRARY_IMPL(mitkernels_C, Autograd, m) {
-  m.impl("loss_step_", &mitk::loss_step_autograd);
+  m.impl("loss_step_", &mitk::loss_step_autograd<mitk::CompiledKernels>);
+  m.impl("triton_loss_step_", &mitk::loss_step_autograd<mitk::TritonKernels>);
 }
 
 TORCH_LIBRARY_IMPL(mitkernels_C, CompositeExplicitAutograd, m) {
-  m.impl("loss_step_", &mitk::loss_step_forward_only);
+  m.impl("loss_step_", &mitk::loss_step_forward_only<mitk::CompiledKernels>);
+  m.impl("triton_loss_step_", &mitk::loss_step_forward_only<mitk::TritonKernels>);
 }

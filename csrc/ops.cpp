@@ -50,6 +50,22 @@ TORCH_LIBRARY(mitkernels_C, m) {
       "loss_step_(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, int kind, "
       "float[] hparams, float t_eps, float t_min, float t_max, int ignore_index, int reduction, "
       "bool update_state, ScalarType loss_dtype) -> (Tensor, Tensor[])");
+  // The same step over the Triton launchers: loss_forward_'s and loss_backward's schemas under
+  // names whose CPU and CUDA kernels Python registers (mitkernels/functional.py,
+  // _triton_step_op), so that the eager Triton step pays no Python autograd node either.
+  m.def(
+      "triton_loss_forward_(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, "
+      "int kind, float[] hparams, float t_eps, float t_min, float t_max, int ignore_index, "
+      "int reduction, bool update_state, ScalarType loss_dtype) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "triton_loss_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor tau, "
+      "Tensor row_stats, Tensor grad_info, float t_eps, float t_min, float t_max, "
+      "int ignore_index, int reduction, bool compute_grad_tau) -> (Tensor, Tensor)");
+  m.def(
+      "triton_loss_step_(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, "
+      "int kind, float[] hparams, float t_eps, float t_min, float t_max, int ignore_index, "
+      "int reduction, bool update_state, ScalarType loss_dtype) -> (Tensor, Tensor[])");
 }
 
 // Meta kernels: shapes and dtypes only, so FakeTensor / torch.compile / opcheck can trace the
@@ -119,6 +135,9 @@ TORCH_LIBRARY_IMPL(mitkernels_C, Meta, m) {
   m.impl("loss_forward_", &loss_forward_meta);
   m.impl("loss_backward", &loss_backward_meta);
   m.impl("loss_step_", &loss_step_meta);
+  m.impl("triton_loss_forward_", &loss_forward_meta);
+  m.impl("triton_loss_backward", &loss_backward_meta);
+  m.impl("triton_loss_step_", &loss_step_meta);
 }
 
 namespace {

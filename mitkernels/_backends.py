@@ -59,7 +59,8 @@ def _extension_problem() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_module():
+def triton_module():
+    """The Triton launchers (mitkernels.triton.mit_loss), or the ImportError of Triton."""
     try:
         from .triton import mit_loss as triton_mit_loss
     except ImportError as err:
@@ -86,7 +87,7 @@ def _unavailable_reason(name: str, device_type: str, interpret: bool) -> Optiona
     if name == "reference":
         return None
     if name == "triton":
-        mod = _triton_module()
+        mod = triton_module()
         if isinstance(mod, ImportError):
             return f"Triton is not importable ({mod})"
         if device.type == "cuda" or (device.type == "cpu" and interpret):
@@ -145,5 +146,5 @@ def _get(name: str, device_type: str, interpret: bool):
         raise BackendUnavailableError(
             f"backend {name!r} has no kernels for {device.type} tensors: {reason or 'it is eager'}")
     if name == "triton":
-        return _triton_module()
+        return triton_module()
     return _CompiledBackend(name)

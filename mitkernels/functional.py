@@ -128,16 +128,46 @@ def _stats_dict(entries: Sequence[Tensor], kind: int) -> Dict[str, Tensor]:
     return {name: value for name, value in zip(STATS_NAMES[kind], entries) if name}
 
 
-# Backends whose eager step is the C++ op loss_step_ (ops.EAGER_SCHEMAS).
+# Backends whose eager step is the C++ op loss_step_ (ops.EAGER_SCHEMAS); Triton's is
+# triton_loss_step_ when the extension has it (_triton_step_op).
 _STEP_BACKENDS = ("cpu", "cuda")
+
+
+def _callable(overload):
+    # The overload's C++ callable where torch exposes it (OpOverload._op): the packet's and the
+    # overload's Python __call__ frames cost microseconds on a step that takes tens of them.
+    return getattr(overload, "_op", overload)
 
 
 @functools.lru_cache(maxsize=None)
 def _loss_step_op():
-    # The overload's C++ callable where torch exposes it (OpOverload._op): the packet's and the
-    # overload's Python __call__ frames cost microseconds on a step that takes tens of them.
-    overload = torch.ops.mitkernels_C.loss_step_.default
-    return getattr(overload, "_op", overload)
+    return _callable(torch.ops.mitkernels_C.loss_step_.default)
+
+
+# The registrations of the Triton launchers as kernels of the extension's triton_ ops, kept
+# alive here: a Library object takes its kernels away when it is collected.
+_TRITON_KERNEL_LIBS: List[torch.library.Library] = []
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_step_op():
+    """``mitkernels_C::triton_loss_step_``, the C++ step (views, autograd node) over the Triton
+    launchers, which this registers as the CPU and CUDA kernels of ``ops.TRITON_KERNEL_OPS``;
+    None when the extension is missing or predates the op (the Python step serves then).
+
+    The C++ node matters on a GPU: a Python autograd.Function and its backward cost more host
+    time than the kernels of a 4096 x 32000 step (``python -m benchmarks.gpu_kernels
+    --overhead``)."""
+    if isinstance(_backends.extension(), ImportError) or \
+            not hasattr(torch.ops.mitkernels_C, "triton_loss_step_"):
+        return None
+    kernels = _backends.triton_module()
+    lib = torch.library.Library("mitkernels_C", "IMPL")  # noqa: TOR901 - kernels for its ops
+    for name, kernel in ops.TRITON_KERNEL_OPS.items():
+        for key in ("CPU", "CUDA"):  # CPU: Triton's interpreter (TRITON_INTERPRET=1)
+            lib.impl(name, getattr(kernels, kernel), key)
+    _TRITON_KERNEL_LIBS.append(lib)
+    return _callable(torch.ops.mitkernels_C.triton_loss_step_.default)
 
 
 def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor],
@@ -148,12 +178,15 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     red = ops.REDUCTIONS[reduction]
     loss_dtype = _loss_dtype(logits)
     compiling = torch.compiler.is_compiling()
-    if backend in _STEP_BACKENDS and process_group is None and not compiling:
-        # Eager C++ kernels: one op does the views, the step, the invalid-target error and the
-        # autograd node (csrc/loss_step.cpp); the engine runs its backward without Python.
-        # (_backend_for found the backend available, so the extension is loaded.)
-        loss, entries = _loss_step_op()(logits, targets, tau, state, kind, hparams, *temp_params,
-                                        ignore_index, red, update_state, loss_dtype)
+    step_op = None
+    if process_group is None and not compiling:
+        # (_backend_for found a C++ backend available, so the extension is loaded.)
+        step_op = _loss_step_op() if backend in _STEP_BACKENDS else _triton_step_op()
+    if step_op is not None:
+        # Eager: one C++ op does the views, the step, the invalid-target error and the autograd
+        # node (csrc/loss_step.cpp); the engine runs its backward without a Python node.
+        loss, entries = step_op(logits, targets, tau, state, kind, hparams, *temp_params,
+                                ignore_index, red, update_state, loss_dtype)
         return loss, _stats_dict(entries, kind)
     logits3, flat_targets = _canonical(logits, targets)
     tau_k = tau.detach().reshape(-1)

@@ -127,13 +127,19 @@ KERNEL_SCHEMAS = {
 # values in any shape (the one that takes the gradient); the rest as ``loss_forward_``. Returns
 # ``(loss, stats)``: ``loss`` ``[]``, or shaped like ``targets`` for reduction 'none'; ``stats``
 # the 9 entries of ``loss_forward_``'s stats as 0-dim float64 tensors (the stats dict's values).
-EAGER_SCHEMAS = {
-    "loss_step_": (
-        "(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, int kind, float[] hparams, "
-        "float t_eps, float t_min, float t_max, int ignore_index, int reduction, bool update_state, "
-        "ScalarType loss_dtype) -> (Tensor, Tensor[])"
-    ),
-}
+# ``triton_loss_step_`` is the same step over ``triton_loss_forward_`` / ``triton_loss_backward``
+# (TRITON_KERNEL_OPS), whose CPU and CUDA kernels are the Triton launchers, registered from Python
+# by ``functional._triton_step_op``.
+_STEP_SCHEMA = (
+    "(Tensor logits, Tensor targets, Tensor tau, Tensor(a!)[] state, int kind, float[] hparams, "
+    "float t_eps, float t_min, float t_max, int ignore_index, int reduction, bool update_state, "
+    "ScalarType loss_dtype) -> (Tensor, Tensor[])"
+)
+EAGER_SCHEMAS = {"loss_step_": _STEP_SCHEMA, "triton_loss_step_": _STEP_SCHEMA}
+# The extension's ops with a kernel op's schema and Triton launchers for kernels: name -> the
+# KERNEL_SCHEMAS entry it copies.
+TRITON_KERNEL_OPS = {"triton_loss_forward_": "loss_forward_",
+                     "triton_loss_backward": "loss_backward"}
 
 
 def _public_schema(kernel_schema: str) -> str:
@@ -292,6 +298,6 @@ class EagerLossWithGrad(torch.autograd.Function):
 
 
 __all__ = [
-    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
+    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "TRITON_KERNEL_OPS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
     "STATS_FIELDS", "acc_dtype", "summary_size",
 ]

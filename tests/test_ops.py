@@ -31,6 +31,10 @@ def test_compiled_library_registers_the_same_schemas():
         compiled = str(getattr(torch.ops.mitkernels_C, name).default._schema)
         expected = str(torch._C.parse_schema(f"mitkernels_C::{name}{schema}"))
         assert compiled == expected, name
+    for name, kernel in ops.TRITON_KERNEL_OPS.items():
+        compiled = str(getattr(torch.ops.mitkernels_C, name).default._schema)
+        expected = str(torch._C.parse_schema(f"mitkernels_C::{name}{ops.KERNEL_SCHEMAS[kernel]}"))
+        assert compiled == expected, name
 
 
 def _op_args(kind, backend, dtype=torch.float64, reduction=1, n=6, c=4, s=1):

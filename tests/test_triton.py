@@ -458,6 +458,60 @@ def test_a_step_is_one_forward_and_one_backward_launch(monkeypatch):
     assert counts == {"_rows_kernel": 1, "_summary_kernel": 1, "_finalize_kernel": 1}
 
 
+def _has_triton_step_op():
+    from mitkernels import _backends
+
+    return not isinstance(_backends.extension(), ImportError)
+
+
+@cpu_only
+@pytest.mark.skipif(not _has_triton_step_op(), reason="C++ extension not built")
+@pytest.mark.parametrize("loss_name,reduction", [("mit", "mean"), ("mit", "none"), ("cct", "sum")])
+def test_eager_step_is_the_cpp_node_and_matches_the_python_node(monkeypatch, loss_name,
+                                                                 reduction):
+    # With the extension an eager Triton step is mitkernels_C::triton_loss_step_ (C++ views and
+    # autograd node around the launchers); without it, the Python node. Same launches with the
+    # same arguments: the same bits everywhere, state included.
+    from mitkernels import functional
+
+    def step(python_node):
+        if python_node:
+            monkeypatch.setattr(functional, "_triton_step_op", lambda: None)
+        else:
+            monkeypatch.undo()
+        torch.manual_seed(3)
+        n, c = 9, 6
+        logits = torch.randn(n, c, 2, dtype=torch.float64, requires_grad=True)
+        targets = torch.randint(0, c, (n, 2))
+        targets[2, 1] = -100
+        if loss_name == "mit":
+            state = _mit_state(c, 0.4, torch.float64)
+            loss, stats = mitkernels.mit_loss(logits, targets, state, backend="triton",
+                                              reduction=reduction)
+            tau, buffers = state.tau, [state.class_counts, state.lambda_entropy]
+        else:
+            tau = torch.linspace(-0.5, 0.5, c, dtype=torch.float64).requires_grad_(True)
+            ema = torch.full((c,), 1 / c, dtype=torch.float64)
+            loss, stats = mitkernels.cct_eal_loss(logits, targets, tau, ema,
+                                                  torch.tensor(0.5, dtype=torch.float64),
+                                                  backend="triton", reduction=reduction)
+            buffers = [ema]
+        weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        grads = torch.autograd.grad((loss * weights).sum(), (logits, tau))
+        node = loss.grad_fn
+        while node.name().startswith("ViewBackward"):  # the Python node's 'none' loss is a view
+            node = node.next_functions[0][0]
+        return node.name(), [loss.detach(), *stats.values(), *grads, *buffers]
+
+    cpp_name, cpp = step(python_node=False)
+    py_name, py = step(python_node=True)
+    assert "LossStep" in cpp_name and "TritonKernels" in cpp_name, cpp_name
+    assert "EagerLossWithGrad" in py_name, py_name
+    assert len(cpp) == len(py)
+    for got, want in zip(cpp, py):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------
