@@ -14,10 +14,9 @@ each one can be held against the bandwidth it could reach:
   (``torch.autograd.grad``, no accumulation), the anchors a fused loss should match.
 
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
-retimes the Triton forward and backward kernels for other tiles of the large-C row of the
-dtype's table (``row_table``; the launchers read it at call time). Times:
-``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes
-it too.
+retimes the Triton forward and backward kernels for other tiles of the large-C row of
+``ROW_TABLE`` (the launchers read the table at call time). Times: ``triton.testing.do_bench`` medians (L2
+flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
 the CPU: a Triton launch, allocations, each backend's ops and whole training steps at 256x5;
@@ -46,7 +45,7 @@ from mitkernels.state import initial_buffers
 
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 # (columns, warps, lanes) of the large-C row; lanes: the per-lane form of _lane_row_stats.
-SWEEP_TILES = ((8192, 8, False), (16384, 8, True), (16384, 4, True), (32768, 8, True))
+SWEEP_TILES = ((8192, 8, False), (8192, 8, True), (16384, 8, True), (32768, 16, True))
 
 
 DEVICE = torch.device("cuda")
@@ -179,12 +178,11 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
     if sweep:
         from mitkernels.triton import mit_loss as tk
 
-        table = {8: "ROW_TABLE_FP64", 2: "ROW_TABLE_16BIT"}.get(case.dtype.itemsize, "ROW_TABLE")
-        saved = getattr(tk, table)
+        saved = tk.ROW_TABLE
         kernels = _backends.get("triton", case.x.device)
         try:
             for block_c, warps, lanes in SWEEP_TILES:
-                setattr(tk, table, saved[:-1] + (tk.RowConfig(None, block_c, 1, warps, lanes),))
+                tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps, lanes),)
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
                 fwd, bwd, _ = _op_fns(kernels, case)
@@ -192,7 +190,7 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
                 add(f"sweep.fwd.{tag}", fwd, 1.0)
                 add(f"sweep.bwd.{tag}", bwd, 2.0)
         finally:
-            setattr(tk, table, saved)
+            tk.ROW_TABLE = saved
     for r in rows:
         if r.ms == r.ms and r.ms > 0:
             r.gbps = r.traffic * case.nbytes / r.ms / 1e6

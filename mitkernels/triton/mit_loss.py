@@ -111,13 +111,6 @@ ROW_TABLE = (
     # 8192 x 65536, fp32 and bf16 (per-lane 1.5% ahead in fp32, 2.7% behind in bf16).
     RowConfig(None, 16384, 1, 8, lanes=True),
 )
-# 16-bit logits: 4 warps on the same 16384 columns, so that each lane takes 16 elements a step
-# rather than 8 (a thread loads 8 16-bit values at a time, so the lanes are twice as many as for
-# fp32 at the same warps). The rescale of a lane's sums after each step is then spread over twice
-# the elements: the forward's loop issues 16.8 instructions an element on sm_90 instead of 22.1
-# (SASS of the AOT build, 168 registers, no spill), and the 16-bit forward is bound by issue,
-# not by memory (benchmarks/results/GPU_RUNS.md, session 4).
-ROW_TABLE_16BIT = ROW_TABLE[:-1] + (RowConfig(None, 16384, 1, 4, lanes=True),)
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
     RowConfig(2, 2, 128, 4),
@@ -164,15 +157,9 @@ GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
-    """The tile table of a logits dtype (read at call time: the benchmarks' sweep swaps rows)."""
-    if dtype == torch.float64:
-        return ROW_TABLE_FP64
-    return ROW_TABLE_16BIT if dtype.itemsize == 2 else ROW_TABLE
-
-
 def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
-    for cfg in row_table(dtype):
+    table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
+    for cfg in table:
         if cfg.max_classes is None or num_classes <= cfg.max_classes:
             return cfg
     raise AssertionError("ROW_TABLE ends with an unbounded row")
@@ -209,7 +196,8 @@ def classes_constexprs(from_parts: bool) -> dict:
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
     """Every ``(kernel name, logits dtype, constexprs, num_warps)`` a launcher can launch."""
     for dtype in LOGITS_DTYPES:
-        for cfg in row_table(dtype):
+        table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
+        for cfg in table:
             for per_class in (False, True):
                 ce = rows_constexprs(cfg, per_class, dtype)
                 yield ("_rows_kernel", dtype, dict(ce, ATOMIC_HIST=atomic_hist(per_class)),
@@ -1293,5 +1281,5 @@ KERNELS = {
     "_grad_tau_none_kernel": _grad_tau_none_kernel,
 }
 
-__all__ = ["ROW_TABLE", "ROW_TABLE_16BIT", "ROW_TABLE_FP64", "RowConfig", "finalize_", "launch_variants",
+__all__ = ["ROW_TABLE", "ROW_TABLE_FP64", "RowConfig", "finalize_", "launch_variants",
            "loss_backward", "loss_forward_", "row_config", "row_stats"]
