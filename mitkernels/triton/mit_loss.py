@@ -109,6 +109,10 @@ ROW_TABLE = (
     # repeated sweep after the base-2 change (gpu-nvidia-h200-20261126-061500, rep2) it and the
     # row-block form at 8192 x 8 are level: whole step within 3% at 4096 x 32000 and
     # 8192 x 65536, fp32 and bf16 (per-lane 1.5% ahead in fp32, 2.7% behind in bf16).
+    # For 16-bit logits, 16384 x 4 warps (16 elements a lane between rescales: 16.8 instructions
+    # an element in the forward's loop on sm_90 against 22.1) was no faster: at 16384 x 131072
+    # bf16 its forward took 1.399 ms against 1.380 and its backward 2.449 against 2.205 ms
+    # (gpu-nvidia-h200-20261126-083606, sweep rows c16384w4l / c16384w8l).
     RowConfig(None, 16384, 1, 8, lanes=True),
 )
 # float64 logits: half the rows (twice the registers per element).
