@@ -280,9 +280,11 @@ class EagerLossWithGrad(torch.autograd.Function):
     calling the backend's kernels directly.
 
     torch.library's generic autograd wrapper and the Python routing op cost a few hundred
-    microseconds per step, more than the kernels themselves on a 32-row batch. Eager calls
-    take this path; traced calls (torch.compile) use the registered ops, which the compiler
-    needs. Both run the same kernels on the same arguments.
+    microseconds per step, more than the kernels themselves on a 32-row batch. Eager Triton
+    calls take this path when the extension is missing (with it, ``triton_loss_step_``'s C++
+    node serves them: ``functional._triton_step_op``), and distributed eager calls of every
+    backend; traced calls (torch.compile) use the registered ops, which the compiler needs. All
+    run the same kernels on the same arguments.
     """
 
     @staticmethod
