@@ -288,7 +288,9 @@ def _hold_gpu_ms(ms: float) -> None:
 
 def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
     """Host time, device time and isolated time of one MiT training step (see the docstring)."""
+    import contextlib
     import time
+    from unittest import mock
 
     import mitkernels
     from mitkernels import functional
@@ -303,43 +305,39 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
             case = Case(n, c, DTYPES[dtype_name])
             # triton-py: the Triton step through the Python autograd node (what runs when the
             # extension is missing), against the C++ node of triton_loss_step_
-            variants = [b for b in backends] + (["triton-py"] if "triton" in backends else [])
+            variants = list(backends) + (["triton-py"] if "triton" in backends else [])
             for label in variants:
                 backend = label.split("-")[0]
                 if _backends.unavailable_reason(backend, DEVICE) is not None:
                     continue
-                python_node = label.endswith("-py")
                 state = MiTState(c, device=DEVICE)
                 x = case.x.detach().requires_grad_(True)
 
-                def step(backend=backend, state=state, x=x, python_node=python_node):
-                    saved = functional._triton_step_op
-                    if python_node:
-                        functional._triton_step_op = lambda: None
-                    try:
-                        loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
-                        return torch.autograd.grad(loss, (x, state.tau))
-                    finally:
-                        functional._triton_step_op = saved
+                def step(backend=backend, state=state, x=x, y=case.y):
+                    loss, _ = mitkernels.mit_loss(x, y, state, backend=backend)
+                    return torch.autograd.grad(loss, (x, state.tau))
 
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-                # host: issue `steps` steps behind a long spin, so the CPU never waits on the GPU
-                _hold_gpu_ms(50.0 + steps * 2.0)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()  # recorded behind the spin: the device time below excludes it
-                t0 = time.perf_counter()
-                out = None
-                for _ in range(steps):
-                    out = step()
-                host_ms = (time.perf_counter() - t0) / steps * 1e3
-                end.record()
-                torch.cuda.synchronize()
-                # device: the steps above ran back to back once the spin ended
-                device_ms = start.elapsed_time(end) / steps
-                del out
-                isolated_ms = bench(step, 100)
+                python_node = mock.patch.object(functional, "_triton_step_op", lambda: None)
+                with python_node if label.endswith("-py") else contextlib.nullcontext():
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                    # host: `steps` steps issued behind a long spin, so the CPU never waits
+                    _hold_gpu_ms(50.0 + steps * 2.0)
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()  # recorded behind the spin: the device time excludes it
+                    t0 = time.perf_counter()
+                    out = None
+                    for _ in range(steps):
+                        out = step()
+                    host_ms = (time.perf_counter() - t0) / steps * 1e3
+                    end.record()
+                    torch.cuda.synchronize()
+                    # device: the steps above ran back to back once the spin ended
+                    device_ms = start.elapsed_time(end) / steps
+                    del out
+                    isolated_ms = bench(step, 100)
                 line = (f"{n}x{c:<6} {dtype_name:>5} {label:>9} {host_ms:8.4f} {device_ms:8.4f} "
                         f"{isolated_ms:9.4f}")
                 lines.append(line)

@@ -300,6 +300,6 @@ class EagerLossWithGrad(torch.autograd.Function):
 
 
 __all__ = [
-    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "TRITON_KERNEL_OPS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
-    "STATS_FIELDS", "acc_dtype", "summary_size",
+    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
+    "STATS_FIELDS", "TRITON_KERNEL_OPS", "acc_dtype", "summary_size",
 ]
