@@ -216,7 +216,10 @@ def _host_us(fn: Callable, calls: int = 300) -> float:
 
 
 def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
+    import types
+
     import mitkernels
+    from mitkernels import functional
     from mitkernels.state import MiTState
     from mitkernels.triton import mit_loss as tk
 
@@ -258,6 +261,22 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         add(f"{backend} mit_loss, no grad {n}x{c}",
             lambda backend=backend, state=state: mitkernels.mit_loss(case.x, case.y, state,
                                                                      backend=backend))
+        # The step's parts: the Triton launchers as the C++ step calls them (through the
+        # dispatcher, which boxes their arguments into Python), and each backend's backward alone
+        # (on a GPU the autograd engine runs it on its device thread, which for Triton must take
+        # the GIL).
+        if backend == "triton" and functional._triton_step_op() is not None:
+            ops = torch.ops.mitkernels_C
+            fwd_d, bwd_d, _ = _op_fns(types.SimpleNamespace(
+                loss_forward_=ops.triton_loss_forward_, loss_backward=ops.triton_loss_backward),
+                case)
+            add(f"triton_loss_forward_ (dispatcher) {n}x{c}", fwd_d)
+            add(f"triton_loss_backward (dispatcher) {n}x{c}", bwd_d)
+        loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
+        add(f"{backend} backward alone {n}x{c}",
+            lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
+                                                                    retain_graph=True))
+        del loss
     xg = case.x.detach().requires_grad_(True)
     add(f"F.cross_entropy + grad {n}x{c}",
         lambda: torch.autograd.grad(F.cross_entropy(xg, case.y), xg))
@@ -269,14 +288,25 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
 
         state = MiTState(c, device=DEVICE)
         x = case.x.detach().requires_grad_(True)
+        steps = 200 if DEVICE.type == "cuda" else 2  # --dry-run: the interpreter is slow
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(200):
+        for _ in range(steps):
             loss, _ = mitkernels.mit_loss(x, case.y, state, backend="triton")
             torch.autograd.grad(loss, (x, state.tau))
         prof.disable()
-        print("# cProfile of 200 triton steps (mit_loss + grad), by own time:", flush=True)
+        print(f"# cProfile of {steps} triton steps (mit_loss + grad), by own time:", flush=True)
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        # The same steps by op, with the time each takes on whichever thread runs it (cProfile
+        # sees the main thread's Python only; the backward runs on the autograd device thread).
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
+            for _ in range(steps):
+                loss, _ = mitkernels.mit_loss(x, case.y, state, backend="triton")
+                torch.autograd.grad(loss, (x, state.tau))
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"# torch.profiler of {steps} triton steps, by self CPU time:", flush=True)
+        print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
     return lines
 
 

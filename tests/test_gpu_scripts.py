@@ -1,0 +1,50 @@
+"""The GPU session's scripts, run here on their CPU paths.
+
+Device time is lent in minutes, so a script that breaks only once it runs on a GPU wastes a
+session: ``make gpu-check`` (``benchmarks/gpu_check.sh``), the kernel timings
+(``benchmarks/gpu_kernels.py``) and the memcheck fuzz (``benchmarks/sanitizer_fuzz.py``) each
+have a path that runs on a CPU, and these tests take it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env=None, timeout=600):
+    out = subprocess.run(args, cwd=ROOT, env=dict(os.environ, **(env or {})),
+                         capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_gpu_check_plan_names_every_stage():
+    rc, log = _run(["bash", "benchmarks/gpu_check.sh"], env={"GPU_CHECK_DRY_RUN": "1"})
+    assert rc == 0, log[-3000:]
+    for stage in ("env", "build", "kernels", "tests", "bench", "fuzz", "sanitizer"):
+        assert stage in log, (stage, log[-3000:])
+
+
+def test_gpu_kernels_dry_run_with_overhead():
+    """Every row of the kernel table and of the host-time table, one call each, under Triton's
+    interpreter; a row that raises is printed as 'failed', which fails this test."""
+    pytest.importorskip("triton")
+    pytest.importorskip("mitkernels._C")
+    rc, log = _run([sys.executable, "-m", "benchmarks.gpu_kernels", "--dry-run", "--overhead",
+                    "--shapes", "8x3", "--dtypes", "fp32,bf16", "--no-ce"],
+                   env={"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert rc == 0, log[-3000:]
+    assert "failed" not in log, log[-3000:]
+    for row in ("triton.loss_forward_ 256x5", "triton_loss_backward (dispatcher) 256x5",
+                "triton backward alone 256x5", "triton.step", "torch.profiler"):
+        assert row in log, (row, log[-3000:])
+
+
+def test_sanitizer_fuzz_on_cpu():
+    pytest.importorskip("mitkernels._C")
+    rc, log = _run([sys.executable, "benchmarks/sanitizer_fuzz.py", "--device", "cpu",
+                    "--cases", "4"], env={"PYTHONPATH": str(ROOT)})
+    assert rc == 0, log[-3000:]
