@@ -15,12 +15,13 @@ each one can be held against the bandwidth it could reach:
 
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
-``ROW_TABLE`` (the launchers read the table at call time). Times: ``triton.testing.do_bench`` medians (L2
-flushed between calls). Prints a table; ``--csv`` writes it too.
+``ROW_TABLE`` (the launchers read the table at call time). Times: ``triton.testing.do_bench``
+medians (L2 flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
-the CPU: a Triton launch, allocations, each backend's ops and whole training steps at 256x5;
-then, for each shape and dtype, a training step (``mit_loss`` + ``autograd.grad``) taken apart
+the CPU: a Triton launch, allocations, each backend's ops, whole training steps at 256x5 (eager,
+and replayed from a CUDA graph), the backward alone, and profiles of the Triton step. Then, for
+each shape and dtype, a training step (``mit_loss`` + ``autograd.grad``) taken apart
 (``step_timeline``): ``host`` the CPU's time to issue one step while the GPU is held busy (so the
 CPU never waits), ``device`` the GPU's time for a step's work issued ahead of it (no idle gaps),
 ``isolated`` one step timed alone as ``bench_mit_loss`` does. ``isolated`` near ``device``: the
@@ -215,6 +216,29 @@ def _host_us(fn: Callable, calls: int = 300) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def _graph_replay(step: Callable) -> Callable:
+    """``step`` captured in a CUDA graph (warmed up on a side stream first): its replay, or a
+    function that raises why the capture failed."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as err:  # noqa: BLE001 - reported as the row's failure
+        failure = err
+
+        def failed():
+            raise failure
+
+        return failed
+    return graph.replay
+
+
 def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
     import types
 
@@ -272,6 +296,10 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
                 case)
             add(f"triton_loss_forward_ (dispatcher) {n}x{c}", fwd_d)
             add(f"triton_loss_backward (dispatcher) {n}x{c}", bwd_d)
+        if DEVICE.type == "cuda":
+            # The same step captured once in a CUDA graph (tests/test_cuda_graphs.py): what a
+            # small batch costs when no Python runs per step.
+            add(f"{backend} mit_loss + grad, graph replay {n}x{c}", _graph_replay(train_step))
         loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
         add(f"{backend} backward alone {n}x{c}",
             lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
