@@ -100,6 +100,8 @@ def _unavailable_reason(name: str, device_type: str, interpret: bool) -> Optiona
     if name == "cpu":
         return None if device.type == "cpu" else f"the cpu backend needs CPU tensors, got {device.type}"
     if not info.get("cuda", False):
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA support"
         return "the extension was built without CUDA kernels (set MITKERNELS_BUILD_CUDA=1 and rebuild)"
     return None if device.type == "cuda" else f"the cuda backend needs CUDA tensors, got {device.type}"
 
@@ -122,7 +124,8 @@ def choose(requested: Optional[str], device: torch.device) -> str:
     if name:
         reason = unavailable_reason(name, device)
         if reason:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+            source = "" if requested else " (set by MITKERNELS_BACKEND)"
+            raise BackendUnavailableError(f"backend {name!r}{source} is not available: {reason}")
         return name
     order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     for candidate in order:

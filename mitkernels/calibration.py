@@ -48,13 +48,15 @@ def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str)
 
 def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                           bounds: Tuple[float, float] = DEFAULT_BOUNDS,
-                          backend: Optional[str] = None, tol: float = 1e-12,
-                          max_iter: int = 100) -> Tensor:
+                          backend: Optional[str] = None, ignore_index: int = -100,
+                          tol: float = 1e-12, max_iter: int = 100) -> Tensor:
     """The temperature minimising ``NLL(softmax(logits / T), labels)`` over ``T`` in ``bounds``.
 
     Args:
-        logits: ``[N, C]`` held-out logits (any float dtype; computed in float32/float64).
-        labels: ``[N]`` class indices.
+        logits: ``[N, C]`` or ``[N, C, d1, ...]`` held-out logits, shaped as the losses take
+            them (any float dtype; computed in float32/float64).
+        labels: ``[N]`` or ``[N, d1, ...]`` class indices; rows labelled ``ignore_index`` are
+            left out.
         bounds: ``(T_min, T_max)``; the default is the MiT clamp range ``(1e-3, 500)``.
         backend: as in :func:`mitkernels.mit_loss`.
 
@@ -62,19 +64,30 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
         A float64 0-dim tensor, always finite: the interior optimum, or the bound the NLL
         decreases towards (a model with no skill drives ``T`` up, never to infinity).
     """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"need logits [N, C] and labels [N], got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
-    if logits.shape[0] == 0:
-        raise ValueError("calibration needs at least one row")
-    if labels.is_floating_point():
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("logits and labels must be torch.Tensors")
+    if logits.dim() < 2 or labels.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"need logits [N, C] and labels [N] (or [N, C, d1, ...] and "
+                         f"[N, d1, ...]), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     lo, hi = (float(b) for b in bounds)
     if not 0 < lo < hi or not math.isfinite(hi):
         raise ValueError(f"bounds must satisfy 0 < T_min < T_max < inf, got {bounds}")
-    labels = labels.long().contiguous()
-    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
+    num_classes = logits.shape[1]
+    if logits.dim() > 2:  # one row per position, classes last
+        logits = logits.movedim(1, -1).reshape(-1, num_classes)
+    labels = labels.reshape(-1).long()
+    keep = labels != ignore_index
+    if not bool(keep.all()):
+        logits, labels = logits[keep], labels[keep]
+    labels = labels.contiguous()
+    if logits.shape[0] == 0:
+        raise ValueError("calibration needs at least one row whose label is not ignore_index")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index "
+                         f"({ignore_index}); found {int(labels[bad][0])}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite")
     name = _backends.choose(backend, logits.device)
@@ -123,7 +136,11 @@ def collect_logits(model: nn.Module, loader, device=None) -> Tuple[Tensor, Tenso
     model.eval()
     try:
         all_logits, all_labels = [], []
-        for inputs, labels in loader:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"collect_logits takes a loader of (inputs, labels) pairs; got "
+                                f"a batch of type {type(batch).__name__}")
+            inputs, labels = batch
             all_logits.append(model(inputs.to(device)))
             all_labels.append(labels.to(device))
     finally:

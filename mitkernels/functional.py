@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _backends, ops, reference
 from .reference import MIT_T_EPS, MIT_T_MAX, MIT_T_MIN
+from .state import STATE_BUFFERS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -65,10 +66,7 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         expected = (shape[0],) + tuple(shape[2:])
         raise ValueError(f"targets must have shape {expected} for logits of shape "
                          f"{tuple(shape)}, got {tuple(target_shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in ops.REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_options(ignore_index, reduction)
     # All on the CPU: is_cpu reads a flag where .device builds an object per tensor.
     if not (logits.is_cpu and targets.is_cpu and all(t.is_cpu for t in state_tensors)):
         device = logits.device
@@ -76,6 +74,37 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
             if t.device != device:
                 raise ValueError(f"all tensors must be on one device: logits on {device}, "
                                  f"found a tensor on {t.device}")
+
+
+def check_options(ignore_index, reduction: str) -> None:
+    """The options every loss takes (the modules check them when they are built)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in ops.REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_state(entries: Sequence[Tuple[str, Tensor, torch.dtype, int]]) -> None:
+    """Each state tensor's type, dtype and size: they are updated in place, so never converted,
+    and every backend refuses the same ones."""
+    for name, t, dtype, numel in entries:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype} (it is updated in place), got {t.dtype}")
+        if t.numel() != numel:
+            raise ValueError(f"{name} must hold {numel} value(s), got shape {tuple(t.shape)}")
+
+
+def _mit_state_ok(counts, total_seen, lambda_entropy, dual_updates) -> bool:
+    # The common case of _check_state for MiT, in about a microsecond (a 32-row step is tens).
+    try:
+        return (counts.dtype == torch.float64 and total_seen.dtype == torch.float64 and
+                lambda_entropy.dtype == torch.float64 and dual_updates.dtype == torch.int64 and
+                total_seen.numel() == 1 and lambda_entropy.numel() == 1 and
+                dual_updates.numel() == 1)
+    except AttributeError:  # not a tensor: _check_state names it
+        return False
 
 
 def _checks_targets_eagerly(targets: Tensor) -> bool:
@@ -286,6 +315,9 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     """
     num_classes = int(state.class_counts.numel())
     buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
+    if not _mit_state_ok(*buffers):
+        _check_state([(name, t, dtype, num_classes if name == "class_counts" else 1)
+                      for (name, dtype), t in zip(STATE_BUFFERS.items(), buffers)])
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers])
     _check_temperature(state.tau, 1, "tau")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
@@ -299,6 +331,13 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
                     process_group)
 
 
+def check_tet_options(temperature: float, lambda_entropy: float) -> None:
+    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not math.isfinite(float(lambda_entropy)):
+        raise ValueError(f"lambda_entropy must be finite, got {lambda_entropy}")
+
+
 def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
              lambda_entropy: float = 0.1, *, backend: Optional[str] = None,
              ignore_index: int = -100, reduction: str = "mean") -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -307,8 +346,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     Args as :func:`mit_loss`; ``temperature`` > 0 and ``lambda_entropy`` are plain numbers.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, lambda, T, valid, invalid_targets``.
     """
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_tet_options(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
@@ -324,6 +362,14 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
                     ignore_index, reduction, False, name)
 
 
+def check_cct_options(reduction: str, ema_momentum: float) -> None:
+    if reduction == "none":
+        raise ValueError("CCT-EAL supports reduction 'mean' or 'sum': its entropy alignment term "
+                         "is a batch quantity")
+    if not 0.0 <= float(ema_momentum) <= 1.0:
+        raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum}")
+
+
 def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema: Tensor,
                  alpha: Tensor, *, ema_momentum: float = 0.9, entropy_eps: float = 1e-12,
                  t_min: float = 0.75, t_max: float = 1.5, backend: Optional[str] = None,
@@ -337,14 +383,21 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     Args:
         tau_c: ``[C]`` learnable per-class temperature parameters.
         label_freq_ema: ``[C]`` float64 EMA of label frequencies (updated in place).
-        alpha: ``[]`` float64 tensor, the current alignment weight ``alpha_t``.
+        alpha: the current alignment weight ``alpha_t``: a number, or a float64 tensor of one
+            value (a buffer, as ``CCTEALLoss`` holds it, so that changing it never recompiles).
+        ema_momentum: in ``[0, 1]``, the weight of the old frequencies.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
     invalid_targets``.
     """
-    if reduction == "none":
-        raise ValueError("CCT-EAL supports reduction 'mean' or 'sum': its entropy alignment term "
-                         "is a batch quantity")
+    check_cct_options(reduction, ema_momentum)
+    if not isinstance(label_freq_ema, Tensor):
+        raise TypeError(f"label_freq_ema must be a torch.Tensor, got "
+                        f"{type(label_freq_ema).__name__}")
     num_classes = int(label_freq_ema.numel())
+    if not isinstance(alpha, Tensor) and isinstance(logits, Tensor):
+        alpha = torch.tensor(float(alpha), dtype=torch.float64, device=logits.device)
+    _check_state([("label_freq_ema", label_freq_ema, torch.float64, num_classes),
+                  ("alpha", alpha, torch.float64, 1)])
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
                   [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")

@@ -17,12 +17,25 @@ from .reference import temperature as _temperature
 
 
 class _ExactStateModule(nn.Module):
-    """Keeps the running statistics in float64 whatever ``.half()``, ``.to(dtype)`` ask."""
+    """Keeps the running statistics in float64, and the temperature parameter in float32 or
+    float64, whatever ``.half()``, ``.bfloat16()`` or ``.to(dtype)`` ask: a model wrapper that
+    holds the loss can be cast to 16 bits as a whole (the kernels read 16-bit logits as they are
+    and compute in float32)."""
 
     _exact_buffers: Tuple[str, ...] = ()
+    _temperature_parameter: str = ""
 
     def _apply(self, fn, recurse=True):
+        param = self._parameters.get(self._temperature_parameter)
+        before = param.detach().clone() if param is not None else None
         super()._apply(fn, recurse)
+        param = self._parameters.get(self._temperature_parameter)
+        if param is not None and param.dtype not in (torch.float32, torch.float64):
+            # Cast to 16 bits: keep the old values (not their 16-bit rounding) on the new device.
+            with torch.no_grad():
+                param.data = before.to(param.device)
+                if param.grad is not None:
+                    param.grad = param.grad.to(before.dtype)
         for name in self._exact_buffers:
             buf = self._buffers[name]
             if buf is not None and buf.dtype != torch.float64:
@@ -46,18 +59,23 @@ class MiTLoss(_ExactStateModule):
     clamp of 0.5. The entropy bonus then keeps predictions away from certainty: the published
     loss trades sharpness (NLL, ECE) for a softer, entropy-matched output (see the demo).
 
+    The criterion is not a submodule of the model, so ``model.eval()`` does not reach it: call
+    ``criterion.eval()`` too (or register it on a module that holds both).
+
     Args:
         num_classes: ``C >= 2``.
         temperature: initial ``T``; see :meth:`calibrate_` to start from the calibrated one.
-        ignore_index, process_group, backend: as in :func:`mitkernels.mit_loss`.
+        ignore_index, reduction, process_group, backend: as in :func:`mitkernels.mit_loss`.
     """
 
     _exact_buffers = ("class_counts", "total_seen", "lambda_entropy")
+    _temperature_parameter = "tau"
 
     def __init__(self, num_classes: int, temperature: float = 1.0, *, ignore_index: int = -100,
                  process_group=None, backend: Optional[str] = None, reduction: str = "mean"):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
+        functional.check_options(ignore_index, reduction)
         self.ignore_index = ignore_index
         self.process_group = process_group
         self.backend = backend
@@ -72,26 +90,35 @@ class MiTLoss(_ExactStateModule):
         return _temperature(self.tau.detach())
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``(loss, stats)`` of one step (:func:`mitkernels.mit_loss`); the state is updated in
+        training mode only."""
         return functional.mit_loss(
             logits, targets, self, backend=self.backend, update_state=self.training,
             ignore_index=self.ignore_index, reduction=self.reduction,
             process_group=self.process_group)
 
-    @torch.no_grad()
     def calibrate_(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Set ``tau`` so that ``T`` is the NLL-optimal temperature of ``logits``.
+        """Set ``tau`` so that ``T`` is the NLL-optimal temperature of ``logits`` (rows whose
+        label is ``ignore_index`` left out); returns that temperature.
 
-        Calibrate on the logits of a model with some skill (after a short warm-up with plain CE,
-        as the published recipe does): an untrained model's optimum sits at the upper bound, where
-        ``softplus`` is the identity and ``tau`` would have to travel hundreds of units to come
-        back. A result on a bound is therefore warned about.
+        ``T`` then equals it to the precision of ``tau``'s dtype (float32 by default: within a
+        few parts in 10^7). Calibrate on the logits of a model with some skill (after a short
+        warm-up with plain CE, as the published recipe does): an untrained model's optimum sits
+        at the upper bound, where ``softplus`` is the identity and ``tau`` would have to travel
+        hundreds of units to come back. A result on either bound is warned about.
         """
-        t_opt = calibrate_temperature(logits, labels, backend=self.backend)
-        if float(t_opt) in (MIT_T_MIN, MIT_T_MAX):
-            warnings.warn(f"the calibrated temperature sits on its bound ({float(t_opt):g}): the "
-                          "logits show no usable skill; calibrate after a short warm-up",
+        t_opt = calibrate_temperature(logits, labels, backend=self.backend,
+                                      ignore_index=self.ignore_index)
+        if float(t_opt) == MIT_T_MAX:
+            warnings.warn(f"the calibrated temperature sits on its upper bound ({MIT_T_MAX:g}): "
+                          "the logits show no usable skill; calibrate after a short warm-up",
                           stacklevel=2)
-        self.tau.fill_(tau_for_temperature(float(t_opt)))
+        elif float(t_opt) == MIT_T_MIN:
+            warnings.warn(f"the calibrated temperature sits on its lower bound ({MIT_T_MIN:g}): "
+                          "the logits separate these labels perfectly, so the NLL keeps falling "
+                          "as T shrinks; calibrate on held-out logits", stacklevel=2)
+        with torch.no_grad():
+            self.tau.fill_(tau_for_temperature(float(t_opt)))
         return t_opt
 
     @torch.no_grad()
@@ -122,8 +149,8 @@ class TETLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, lambda_entropy: float = 0.1, *,
                  ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        functional.check_tet_options(temperature, lambda_entropy)
+        functional.check_options(ignore_index, reduction)
         self.temperature = float(temperature)
         self.lambda_entropy = float(lambda_entropy)
         self.ignore_index = ignore_index
@@ -136,6 +163,7 @@ class TETLoss(nn.Module):
         return logits / self.temperature
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``(loss, stats)``, as :func:`mitkernels.tet_loss`."""
         return functional.tet_loss(logits, targets, self.temperature, self.lambda_entropy,
                                    backend=self.backend, ignore_index=self.ignore_index,
                                    reduction=self.reduction)
@@ -150,9 +178,13 @@ class CCTEALLoss(_ExactStateModule):
     Holds ``tau_c`` (``[C]`` parameter, starting where ``softplus(tau_c) = 1``) and the buffers
     ``label_freq_ema`` (``[C]``, starting uniform) and ``alpha_t`` (the current weight, set by
     :meth:`set_progress`), under the published names. The EMA is updated in training mode only.
+
+    ``alpha_t`` starts at ``alpha_max``: without :meth:`set_progress` there is no warm-up. Call
+    ``set_progress(epoch / epochs)`` each epoch for the published linear warm-up.
     """
 
     _exact_buffers = ("label_freq_ema", "alpha_t")
+    _temperature_parameter = "tau_c"
 
     def __init__(self, num_classes: int, alpha_max: float = 8.0, ema_momentum: float = 0.9,
                  T_min: float = 0.75, T_max: float = 1.5, eps: float = 1e-12, *,
@@ -162,6 +194,10 @@ class CCTEALLoss(_ExactStateModule):
         self.num_classes = check_num_classes(num_classes)
         if not 0.0 < T_min <= T_max:
             raise ValueError(f"need 0 < T_min <= T_max, got {T_min}, {T_max}")
+        if not 0.0 <= float(alpha_max) < math.inf:
+            raise ValueError(f"alpha_max must be finite and >= 0, got {alpha_max}")
+        functional.check_cct_options(reduction, ema_momentum)
+        functional.check_options(ignore_index, reduction)
         self.alpha_max = float(alpha_max)
         self.ema_momentum = float(ema_momentum)
         self.T_min, self.T_max, self.eps = float(T_min), float(T_max), float(eps)
@@ -188,6 +224,8 @@ class CCTEALLoss(_ExactStateModule):
         return _temperature(self.tau_c.detach(), 0.0, self.T_min, self.T_max)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``(loss, stats)`` of one step (:func:`mitkernels.cct_eal_loss`); the EMA is updated in
+        training mode only."""
         return functional.cct_eal_loss(
             logits, targets, self.tau_c, self.label_freq_ema, self.alpha_t,
             ema_momentum=self.ema_momentum, entropy_eps=self.eps, t_min=self.T_min,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping
 
 import torch
 from torch import Tensor
@@ -81,10 +81,16 @@ class MiTState:
         """The temperature ``T`` the next step uses (detached)."""
         return temperature(self.tau.detach())
 
+    def parameters(self) -> List[Tensor]:
+        """``[tau]``, for the optimizer: ``SGD([*model.parameters(), *state.parameters()])``."""
+        return [self.tau]
+
     def buffers(self) -> Dict[str, Tensor]:
+        """The running statistics by name (the tensors themselves, updated in place)."""
         return {name: getattr(self, name) for name in STATE_BUFFERS}
 
     def state_dict(self) -> Dict[str, Tensor]:
+        """Copies of ``tau`` and the buffers, under the names ``MiTLoss`` uses."""
         return {"tau": self.tau.detach().clone(), **{k: v.clone() for k, v in self.buffers().items()}}
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
@@ -96,6 +102,8 @@ class MiTState:
                 value.copy_(converted[name].reshape(value.shape))
 
     def to(self, device) -> "MiTState":
+        """Move every tensor to ``device`` (``tau`` stays a leaf that requires grad); returns
+        ``self``. Dtypes never change: counts stay float64."""
         with torch.no_grad():
             self.tau = self.tau.detach().to(device).requires_grad_(True)
         for name, value in self.buffers().items():
@@ -130,4 +138,9 @@ def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: 
     for k in ("tau", "total_seen", "lambda_entropy", "dual_updates"):
         if out[k].numel() != 1:
             raise ValueError(f"{k} must hold one value, got shape {tuple(out[k].shape)}")
+    if not bool(torch.isfinite(out["tau"]).all()):
+        # The published code stored tau = inf when its calibration found no skill.
+        warnings.warn(f"loading tau = {float(out['tau'])}: T sits at its clamp "
+                      f"({MIT_T_MAX:g} for inf) with no gradient, so it will never move; call "
+                      "calibrate_ on a trained model's logits, or set tau", stacklevel=3)
     return out

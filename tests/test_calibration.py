@@ -53,8 +53,14 @@ def test_bounds_are_respected():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="labels must lie"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\).*found 2"):
         mitkernels.calibrate_temperature(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="integer class indices"):
+        mitkernels.calibrate_temperature(torch.randn(2, 2), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="not ignore_index"):
+        mitkernels.calibrate_temperature(torch.randn(2, 2), torch.tensor([-100, -100]))
+    with pytest.raises(TypeError, match=r"\(inputs, labels\) pairs"):
+        mitkernels.collect_logits(torch.nn.Linear(3, 2), [{"x": torch.randn(2, 3)}])
     with pytest.raises(ValueError, match="finite"):
         mitkernels.calibrate_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="bounds"):
@@ -100,3 +106,28 @@ def test_calibrate_warns_on_bound_and_uses_the_module_backend(monkeypatch):
     with pytest.warns(UserWarning, match="bound"):
         crit.calibrate_(logits, torch.tensor([0, 1]))
     assert seen["backend"] == "reference"
+
+
+def test_ignored_rows_and_spatial_logits():
+    """Rows labelled ignore_index are left out, and [N, C, d] logits calibrate as their rows."""
+    torch.manual_seed(3)
+    labels = torch.randint(0, 5, (4, 6))
+    logits = torch.randn(4, 5, 6, dtype=torch.float64) + \
+        2 * torch.nn.functional.one_hot(labels, 5).movedim(-1, 1)
+    rows = logits.movedim(1, -1).reshape(-1, 5)
+    t_rows = mitkernels.calibrate_temperature(rows, labels.reshape(-1))
+    assert float(mitkernels.calibrate_temperature(logits, labels)) == float(t_rows)
+    ignored = labels.clone()
+    ignored[0] = -100
+    t_kept = mitkernels.calibrate_temperature(rows[6:], labels.reshape(-1)[6:])
+    assert float(mitkernels.calibrate_temperature(logits, ignored)) == float(t_kept)
+    crit = mitkernels.MiTLoss(5, ignore_index=7)
+    ignored[0] = 7
+    assert float(crit.calibrate_(logits, ignored)) == float(t_kept)
+
+
+def test_calibrate_warns_at_the_lower_bound_with_its_own_reason():
+    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="lower bound.*separate") as record:
+        mitkernels.MiTLoss(2).calibrate_(logits, torch.tensor([0, 1]))
+    assert record[0].filename == __file__  # the warning points at the caller's line

@@ -144,8 +144,53 @@ def test_forced_backend_that_cannot_run_is_a_clear_error(monkeypatch):
         mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3),
                             backend="triton")
     monkeypatch.setenv("MITKERNELS_BACKEND", "cuda")
-    with pytest.raises(mitkernels.BackendUnavailableError, match="cuda"):
+    with pytest.raises(mitkernels.BackendUnavailableError, match="cuda.*MITKERNELS_BACKEND"):
         mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_state_of_the_wrong_dtype_is_refused_by_every_backend(backend):
+    """State tensors are updated in place, so they are never converted: each backend refuses
+    the same ones, with the same message, and touches nothing."""
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    state = mitkernels.MiTState(3)
+    state.class_counts = state.class_counts.float()
+    with pytest.raises(TypeError, match="class_counts must be torch.float64"):
+        mitkernels.mit_loss(x, y, state, backend=backend)
+    assert torch.equal(state.class_counts, torch.ones(3)) and int(state.dual_updates) == 0
+    tau_c = torch.zeros(3, requires_grad=True)
+    ema = torch.full((3,), 1 / 3)  # float32
+    with pytest.raises(TypeError, match="label_freq_ema must be torch.float64"):
+        mitkernels.cct_eal_loss(x, y, tau_c, ema, 2.0, backend=backend)
+    assert torch.equal(ema, torch.full((3,), 1 / 3))
+    with pytest.raises(ValueError, match="alpha must hold 1"):
+        mitkernels.cct_eal_loss(x, y, tau_c, ema.double(), torch.ones(2, dtype=torch.float64),
+                                backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_cct_eal_takes_alpha_as_a_number(backend):
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    out = []
+    for alpha in (2.5, torch.tensor(2.5, dtype=torch.float64)):
+        tau_c = torch.zeros(4, requires_grad=True)
+        ema = torch.full((4,), 0.25, dtype=torch.float64)
+        loss, stats = mitkernels.cct_eal_loss(x, y, tau_c, ema, alpha, backend=backend)
+        out.append((loss, ema, float(stats["alpha_t"])))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert out[0][2] == out[1][2] == 2.5
+
+
+def test_loss_options_are_checked():
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="lambda_entropy must be finite"):
+        mitkernels.tet_loss(x, y, lambda_entropy=float("nan"))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        mitkernels.tet_loss(x, y, temperature=float("inf"))
+    ema = torch.full((4,), 0.25, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        mitkernels.cct_eal_loss(x, y, torch.zeros(4), ema, 1.0, ema_momentum=1.5)
+    assert torch.equal(ema, torch.full((4,), 0.25, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

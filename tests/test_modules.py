@@ -106,11 +106,21 @@ def test_eval_mode_does_not_update_state(backend):
 
 
 def test_module_holds_no_model_and_keeps_exact_buffers():
-    crit = mitkernels.MiTLoss(4).half()
+    crit = mitkernels.MiTLoss(4, temperature=1.7)
+    tau = float(crit.tau.detach())
+    crit.half()
     assert [n for n, _ in crit.named_parameters()] == ["tau"]
     assert sorted(n for n, _ in crit.named_buffers()) == [
         "class_counts", "dual_updates", "lambda_entropy", "total_seen"]
-    assert crit.class_counts.dtype == torch.float64 and crit.tau.dtype == torch.float16
+    # A wrapper cast to 16 bits as a whole: tau keeps its dtype and its exact value (not its
+    # float16 rounding), and the loss still runs on float16 logits.
+    assert crit.class_counts.dtype == torch.float64 and crit.tau.dtype == torch.float32
+    assert float(crit.tau.detach()) == tau
+    loss, _ = crit(torch.randn(6, 4).half(), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert loss.dtype == torch.float16 and torch.isfinite(loss)
+    assert crit.double().tau.dtype == torch.float64  # a 32/64-bit cast is honoured
+    cct = mitkernels.CCTEALLoss(4).bfloat16()
+    assert cct.tau_c.dtype == torch.float32 and cct.label_freq_ema.dtype == torch.float64
 
 
 def test_initial_temperature_is_exact():
@@ -191,3 +201,31 @@ def test_cct_eal_scale_logits_does_not_use_labels():
     t = crit.class_temperatures()
     torch.testing.assert_close(scaled, torch.stack([x[0] / t[0], x[1] / t[2]]))
     torch.testing.assert_close(crit.scale_logits(x), scaled)
+
+
+def test_modules_check_their_options_when_built():
+    with pytest.raises(ValueError, match="reduction"):
+        mitkernels.MiTLoss(3, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index"):
+        mitkernels.MiTLoss(3, ignore_index=None)
+    with pytest.raises(ValueError, match="lambda_entropy"):
+        mitkernels.TETLoss(lambda_entropy=float("nan"))
+    with pytest.raises(ValueError, match="ema_momentum"):
+        mitkernels.CCTEALLoss(3, ema_momentum=1.5)
+    with pytest.raises(ValueError, match="alpha_max"):
+        mitkernels.CCTEALLoss(3, alpha_max=-1.0)
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        mitkernels.CCTEALLoss(3, reduction="none")
+
+
+def test_loading_a_non_finite_tau_warns():
+    # The published calibration stored tau = inf for a model with no skill: T then sits at its
+    # clamp with no gradient for good, which a user should hear about.
+    crit = mitkernels.MiTLoss(3)
+    sd = crit.state_dict()
+    sd["tau"] = torch.tensor(float("inf"))
+    with pytest.warns(UserWarning, match="tau = inf"):
+        crit.load_state_dict(sd)
+    state = mitkernels.MiTState(3)
+    with pytest.warns(UserWarning, match="tau = inf"):
+        state.load_state_dict(sd)
