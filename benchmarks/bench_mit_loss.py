@@ -14,7 +14,7 @@ Providers, timed on the same tensors:
 * ``liger_ce``  Liger-Kernel's ``LigerCrossEntropyLoss`` when it is importable (CUDA only).
 * ``copy``      ``out.copy_(x)`` of the logits (1 read + 1 write): the machine's bandwidth. The loss
                 roofline is 1.5 copy times for ``fwdbwd`` (2 reads + 1 write of the logits, the
-                traffic of KERNEL_MATH.md s.5) and 0.5 copy times for ``fwd`` (1 read).
+                traffic of docs/KERNEL_MATH.md s.5) and 0.5 copy times for ``fwd`` (1 read).
 
 Modes: ``fwd`` (forward with state update, no grad) and ``fwdbwd`` (forward with state update and
 backward to the logits and ``tau``: a training step of the loss).

@@ -1,6 +1,6 @@
 // The scalar math of the MiT loss family, shared by the CPU and CUDA kernels.
 //
-// Every formula of KERNEL_MATH.md that a kernel evaluates lives here once. Functions are
+// Every formula of docs/KERNEL_MATH.md that a kernel evaluates lives here once. Functions are
 // templates over the value type `V`: a plain float/double, or (on CPU) an at::vec::Vectorized,
 // so the vector and scalar paths evaluate the very same expression. Only + - * / and the
 // helpers passed in are used on `V`; exp/log of scalars use the std:: / CUDA overloads.

@@ -2,7 +2,7 @@
 
 The published code fits ``T`` with L-BFGS on ``log T`` and stores ``tau = inf`` when the model has
 no skill. Here ``T`` is bounded to the clamp range and found by a safeguarded Newton iteration on
-``u = log T`` whose derivatives come from the row statistics (KERNEL_MATH section 6)::
+``u = log T`` whose derivatives come from the row statistics (docs/KERNEL_MATH.md, section 6)::
 
     f(u)   = mean_i CE_i                   (CE_i of softmax(x_i / T))
     f'(u)  = -mean_i (CE_i - H_i)

@@ -2,7 +2,7 @@
 
 Every backend (C++ CPU, C++/CUDA, Triton) implements the *same* four kernels below; this module
 registers the public ``torch.ops.mitkernels.*`` ops once and routes each call to a backend.
-The math is in ``KERNEL_MATH.md`` (shipped in the README) and in ``mitkernels/reference.py``.
+The math is in ``docs/KERNEL_MATH.md`` and in ``mitkernels/reference.py``.
 
 The op contract
 ===============

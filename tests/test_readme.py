@@ -23,6 +23,20 @@ def test_readme_python_blocks_run(index):
     exec(compile(_python_blocks()[index], f"README block {index}", "exec"), {})
 
 
+def _markdown_files():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "benchmarks").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    """Every relative link and image of the docs names a file that exists."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", doc.read_text())
+    missing = [t for t in targets if "://" not in t and not t.startswith("#")
+               and not (doc.parent / t.split("#")[0]).exists()]
+    assert not missing, missing
+
+
 def _run(args, timeout):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,

@@ -1,8 +1,8 @@
 """Triton kernels of the MiT loss family (MiT, TET, CCT-EAL) and their launchers.
 
 The launchers implement the op contract of ``mitkernels/ops.py`` (its module docstring) with the
-kernel schemas minus ``backend``; the math is ``KERNEL_MATH.md``. One read of each logits row in
-the forward pass (online max / sum / entropy / variance accumulators, s.2), one read and one write
+kernel schemas minus ``backend``; the math is ``docs/KERNEL_MATH.md``. One read of each logits row
+in the forward pass (online max / sum / entropy / variance accumulators, s.2), one read and one write
 in the backward pass (s.3), the temperature gradient from row statistics (s.4), and the state
 update on the device without a host synchronisation.
 
