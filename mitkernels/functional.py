@@ -297,7 +297,10 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
 
     Args:
         logits: ``[N, C]`` or ``[N, C, d1, ...]`` float16/bfloat16/float32/float64.
-        targets: ``[N]`` or ``[N, d1, ...]`` integer class indices in ``[0, C)`` or ``ignore_index``.
+        targets: ``[N]`` or ``[N, d1, ...]`` integer class indices in ``[0, C)`` or
+            ``ignore_index``. Any other value raises a ValueError on CPU tensors; on a GPU
+            (where checking would stall the step) the loss is NaN, ``stats["invalid_targets"]``
+            counts them and the state is left as it was.
         state: a ``MiTState`` or ``MiTLoss`` (anything with ``tau``, ``class_counts``,
             ``total_seen``, ``lambda_entropy``, ``dual_updates``).
         backend: ``None`` (auto, or ``MITKERNELS_BACKEND``), ``"reference"``, ``"cpu"``,
@@ -311,7 +314,9 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
 
     Returns:
         ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:
-        ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``.
+        ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``. ``updated`` is 0
+        when the state was not updated: ``update_state=False``, no valid row, non-finite
+        statistics (NaN or inf logits) or invalid targets.
     """
     num_classes = int(state.class_counts.numel())
     buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
