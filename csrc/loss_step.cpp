@@ -154,9 +154,10 @@ StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a)
   return out;
 }
 
-// Differentiable inputs: logits (edge 0) and tau (edge 1); the rest rides in StepArgs.
-template <class Kernels>
-struct LossStep : public torch::autograd::Function<LossStep<Kernels>> {
+// Differentiable inputs: logits (edge 0) and tau (edge 1); the rest rides in StepArgs. `Node`
+// is the concrete node type (below, outside any namespace: see there).
+template <class Kernels, class Node>
+struct LossStep : public torch::autograd::Function<Node> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
                                const StepArgs& a) {
     StepOut out = step_forward<Kernels>(logits, tau, a);
@@ -206,14 +207,29 @@ std::vector<Tensor> stats_entries(const Tensor& stats) {
   return out;
 }
 
-template <class Kernels>
+}  // namespace
+}  // namespace mitk
+
+// The autograd nodes of the two steps. A printed loss shows its node as
+// `grad_fn=<` + the last `::` part of the node's C++ type name + `>`: at global scope and without
+// template arguments, that reads `grad_fn=<CppNode<MitkernelsLossBackward>>` (inside mitk's
+// anonymous namespace it read `grad_fn=<CompiledKernels> >>`).
+struct MitkernelsLossBackward
+    : mitk::LossStep<mitk::CompiledKernels, MitkernelsLossBackward> {};
+struct MitkernelsTritonLossBackward
+    : mitk::LossStep<mitk::TritonKernels, MitkernelsTritonLossBackward> {};
+
+namespace mitk {
+namespace {
+
+template <class Node>
 std::tuple<Tensor, std::vector<Tensor>> loss_step_autograd(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
   const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
                    ignore_index, reduction, update_state, loss_dtype};
-  variable_list out = LossStep<Kernels>::apply(logits, tau, a);
+  variable_list out = Node::apply(logits, tau, a);
   return {out[0], stats_entries(out[1])};
 }
 
@@ -232,8 +248,8 @@ std::tuple<Tensor, std::vector<Tensor>> loss_step_forward_only(
 }  // namespace mitk
 
 TORCH_LIBRARY_IMPL(mitkernels_C, Autograd, m) {
-  m.impl("loss_step_", &mitk::loss_step_autograd<mitk::CompiledKernels>);
-  m.impl("triton_loss_step_", &mitk::loss_step_autograd<mitk::TritonKernels>);
+  m.impl("loss_step_", &mitk::loss_step_autograd<MitkernelsLossBackward>);
+  m.impl("triton_loss_step_", &mitk::loss_step_autograd<MitkernelsTritonLossBackward>);
 }
 
 TORCH_LIBRARY_IMPL(mitkernels_C, CompositeExplicitAutograd, m) {

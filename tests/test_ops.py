@@ -206,6 +206,14 @@ def test_gradcheck_loss_step(kind, reduction, spatial):
 
 
 @needs_cpu_kernels
+def test_loss_step_node_prints_a_readable_name():
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss, _ = mitkernels.mit_loss(logits, torch.tensor([0, 1, 2, 0]), mitkernels.MiTState(3),
+                                  backend="cpu")
+    assert "grad_fn=<CppNode<MitkernelsLossBackward>>" in str(loss), str(loss)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_loss_step_in_inference_mode_matches_reference(reduction):
     # Below autograd the op takes its CompositeExplicitAutograd kernel: same values, no graph.
