@@ -244,3 +244,68 @@ def test_loss_step_sees_logits_changed_in_place_before_backward():
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _kernel_ops_step(logits, targets, tau, state, kind, hparams, temp, red, grad_loss):
+    """A step through the registered kernel ops (loss_forward_, loss_backward): the plain path."""
+    x3 = logits.detach().reshape(logits.shape[0], logits.shape[1], -1)
+    ops_c = torch.ops.mitkernels_C
+    loss, _, rs, gi = ops_c.loss_forward_(x3, targets.reshape(-1), tau.detach().reshape(-1),
+                                          state, kind, hparams, *temp, -100, red, True,
+                                          logits.dtype)
+    grad, grad_tau = ops_c.loss_backward(grad_loss(loss), x3, targets.reshape(-1),
+                                         tau.detach().reshape(-1), rs, gi, *temp, -100, red, True)
+    return grad.reshape(logits.shape), grad_tau
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", [ops.KIND_MIT, ops.KIND_TET, ops.KIND_CCT])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_step_keeping_exponentials_matches_the_kernel_ops(dtype, kind, reduction):
+    """The eager CPU step keeps the forward's exponentials for its backward (float32/float64,
+    C >= 16, csrc/cpu/mit_loss_cpu.h): the same gradients as loss_backward's exp formula, NaN
+    where it has NaN (rows of -inf or NaN logits take that formula), on row-strided logits too;
+    a second backward of a retained graph, which finds them spent, agrees."""
+    if kind == ops.KIND_CCT and reduction == 0:
+        pytest.skip("CCT-EAL has no reduction 'none'")
+    c = 40
+    logits, targets, tau, state, kind, hparams, temp, red = _op_args(kind, "cpu", dtype,
+                                                                     reduction, n=24, c=c)
+    wide = torch.randn(24, c + 9, dtype=dtype) * 3
+    wide[:, :c] = logits[..., 0] * 3
+    logits = wide[:, :c]  # row stride c + 9, class stride 1
+    logits[5, 7] = float("-inf")
+    nan_rows = []
+    if kind != ops.KIND_CCT:  # CCT-EAL's alignment term would spread a NaN row to every row
+        logits[3] = float("-inf")
+        logits[7, 2] = float("nan")
+        targets[3] = 0
+        nan_rows = [3, 7]
+    if reduction == 0:
+        def grad_loss(loss):
+            return torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    else:
+        def grad_loss(loss):
+            return torch.tensor(1.3, dtype=loss.dtype)
+
+    def fresh_state():
+        return [t.clone() for t in state]
+
+    want, want_tau = _kernel_ops_step(logits, targets, tau, fresh_state(), kind, hparams, temp,
+                                      red, grad_loss)
+    x = logits.clone().requires_grad_(True)
+    t = tau.clone().requires_grad_(kind != ops.KIND_TET)
+    loss, _ = torch.ops.mitkernels_C.loss_step_(x, targets, t, fresh_state(), kind, hparams,
+                                                *temp, -100, red, True, x.dtype)
+    inputs = (x, t) if kind != ops.KIND_TET else (x,)
+    first = torch.autograd.grad(loss, inputs, grad_loss(loss.detach()), retain_graph=True)
+    second = torch.autograd.grad(loss, inputs, grad_loss(loss.detach()))
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    for got in (first, second):
+        assert torch.equal(got[0].isnan(), want.isnan())
+        assert want.isnan().any(1).nonzero().flatten().tolist() == nan_rows
+        torch.testing.assert_close(got[0].nan_to_num(), want.nan_to_num(), **tol)
+        if kind != ops.KIND_TET:
+            torch.testing.assert_close(got[1].reshape(-1), want_tau.reshape(-1), equal_nan=True,
+                                       **tol)
