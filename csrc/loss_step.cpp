@@ -20,7 +20,6 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/mit_loss_cpu.h"
 #include "mit_loss_math.h"
 
 namespace mitk {
@@ -83,17 +82,13 @@ using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // Which kernel ops a step calls: the extension's (CPU and CUDA kernels in C++) or the Triton
 // launchers registered under the triton_ names.
-// kCpuExps: on plain CPU tensors the step may call the CPU kernels' forward that keeps the
-// exponentials for the backward (csrc/cpu/mit_loss_cpu.h).
 struct CompiledKernels {
   static constexpr const char* kForward = "mitkernels_C::loss_forward_";
   static constexpr const char* kBackward = "mitkernels_C::loss_backward";
-  static constexpr bool kCpuExps = true;
 };
 struct TritonKernels {
   static constexpr const char* kForward = "mitkernels_C::triton_loss_forward_";
   static constexpr const char* kBackward = "mitkernels_C::triton_loss_backward";
-  static constexpr bool kCpuExps = false;
 };
 
 template <class Kernels>
@@ -146,37 +141,14 @@ struct StepOut {
   Tensor loss, stats, row_stats, grad_info;
 };
 
-// The CPU kernels may keep the exponentials for the backward: plain CPU tensors only (the
-// kernels are called directly, not through the dispatcher), and logits keeps_exps accepts.
-bool can_keep_exps(const Canonical& in, const StepArgs& a) {
-  if (!is_plain(in.logits) || !in.logits.is_cpu() || !is_plain(in.targets) || !is_plain(in.tau) ||
-      !cpu::keeps_exps(in.logits)) {
-    return false;
-  }
-  for (const Tensor& t : a.state) {
-    if (!is_plain(t) || !t.is_cpu()) return false;
-  }
-  return true;
-}
-
-// keep_exps: where it can (the logits need a gradient), the forward also returns the
-// exponentials and their rows' 1 / sum, which the backward turns into the gradient.
 template <class Kernels>
-StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a,
-                     bool keep_exps = false, Tensor* exps = nullptr, Tensor* inv_sums = nullptr) {
+StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Canonical in = canonical(logits, a.targets, tau);
   StepOut out;
-  if (Kernels::kCpuExps && keep_exps && can_keep_exps(in, a)) {
-    std::tie(out.loss, out.stats, out.row_stats, out.grad_info, *exps, *inv_sums) =
-        cpu::loss_forward_keeping_exps(in.logits, in.targets, in.tau, a.state, a.kind,
-                                       a.hparams, a.t_eps, a.t_min, a.t_max, a.ignore_index,
-                                       a.reduction, a.update_state, a.loss_dtype);
-  } else {
-    std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op<Kernels>().call(
-        in.logits, in.targets, in.tau, a.state, a.kind, a.hparams, a.t_eps, a.t_min, a.t_max,
-        a.ignore_index, a.reduction, a.update_state, a.loss_dtype);
-  }
+  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op<Kernels>().call(
+      in.logits, in.targets, in.tau, a.state, a.kind, a.hparams, a.t_eps, a.t_min, a.t_max,
+      a.ignore_index, a.reduction, a.update_state, a.loss_dtype);
   raise_on_invalid_targets(in.targets, out.stats, in.logits, a.ignore_index);
   if (a.reduction == 0) out.loss = out.loss.view_symint(a.targets.sym_sizes());
   return out;
@@ -188,14 +160,7 @@ template <class Kernels, class Node>
 struct LossStep : public torch::autograd::Function<Node> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
                                const StepArgs& a) {
-    Tensor exps, inv_sums;
-    StepOut out = step_forward<Kernels>(logits, tau, a, logits.requires_grad(), &exps, &inv_sums);
-    if (exps.defined()) {
-      // Not saved for backward: the backward overwrites them (it is their last reader), and
-      // drops them from here so that a second backward (retain_graph) takes the exp formula.
-      ctx->saved_data["e"] = c10::IValue(exps);
-      ctx->saved_data["s"] = c10::IValue(inv_sums);
-    }
+    StepOut out = step_forward<Kernels>(logits, tau, a);
     // The stats output never takes a gradient: no zeros for it in backward.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({out.stats});
@@ -217,23 +182,9 @@ struct LossStep : public torch::autograd::Function<Node> {
     const auto i = ctx->saved_data["i"].toIntVector();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Canonical in = canonical(logits, saved[2], tau);
-    Tensor exps, inv_sums;
-    if (Kernels::kCpuExps && ctx->saved_data.count("e")) {
-      exps = ctx->saved_data["e"].toTensor();
-      inv_sums = ctx->saved_data["s"].toTensor();
-      ctx->saved_data.erase("e");
-      ctx->saved_data.erase("s");
-    }
-    Tensor grad_logits, grad_tau;
-    if (exps.defined() && needs_logits && is_plain(grad_loss) && grad_loss.is_cpu()) {
-      std::tie(grad_logits, grad_tau) = cpu::loss_backward_from_exps(
-          grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], exps, inv_sums, t[0],
-          t[1], t[2], i[0], i[1], needs_tau);
-    } else {
-      std::tie(grad_logits, grad_tau) = loss_backward_op<Kernels>().call(
-          grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
-          i[1], needs_tau);
-    }
+    auto [grad_logits, grad_tau] = loss_backward_op<Kernels>().call(
+        grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
+        i[1], needs_tau);
     return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
             needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
   }

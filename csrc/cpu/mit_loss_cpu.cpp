@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "../mit_loss_math.h"
@@ -60,11 +59,6 @@ struct RowArgs {
   double row_scale = 1.0;
   double grad_scalar = 1.0;             // g for mean/sum
   const void* grad_rows = nullptr;      // [R] acc: g_r for reduction none, else null
-  // The step's exponentials (float32/float64 logits of class stride 1 only): the forward writes
-  // e = exp(d) of each valid row to exps ([R, C] acc, row-major) and 1 / sum(e) to inv_sums ([R]
-  // acc, 0 where the row has no usable sum); the backward turns exps into the gradient in place.
-  void* exps = nullptr;
-  void* inv_sums = nullptr;
 };
 
 using RowRangeFn = void (*)(const RowArgs&, int64_t, int64_t);
@@ -175,12 +169,9 @@ inline void write_zero_stats(acc_t* rs, int64_t R, int64_t r) {
 // of U vectors. The single-pass online form paid a horizontal max and a branch per block and
 // rescaled the lane accumulators as the max grew; a second read of a row in cache costs less.
 // ---------------------------------------------------------------------------------------------
-// KEEP: also store each e to e_out[0, C) and the row's sum of e to *s_out (0 for a row of -inf).
-template <typename scalar_t, bool KEEP = false>
+template <typename scalar_t>
 inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
-    const scalar_t* x, int64_t C, typename VecIO<scalar_t>::acc_t inv_t, int64_t y,
-    typename VecIO<scalar_t>::acc_t* e_out = nullptr,
-    typename VecIO<scalar_t>::acc_t* s_out = nullptr) {
+    const scalar_t* x, int64_t C, typename VecIO<scalar_t>::acc_t inv_t, int64_t y) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -206,7 +197,6 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
   }
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
   if (xmax == neg_inf<acc_t>()) {  // every logit -inf: nothing to add
-    if (KEEP) *s_out = acc_t(0);
     return row_finish<acc_t>(xmax * inv_t, acc_t(0), acc_t(0), acc_t(0),
                              static_cast<acc_t>(x[y]) * inv_t);
   }
@@ -230,24 +220,13 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
       bs[u] = Vec(acc_t(0));
       bA[u] = Vec(acc_t(0));
       bQ[u] = Vec(acc_t(0));
-      const Vec e = vexp(d);
-      if (KEEP) {
-        const int64_t rem = C - (j0 + u * W);
-        if (rem >= W) {
-          e.store(e_out + j0 + u * W);
-        } else if (rem > 0) {
-          e.store(e_out + j0 + u * W, rem);
-        }
-      }
-      acc_add(bs[u], bA[u], bQ[u], e, d);
+      acc_add(bs[u], bA[u], bQ[u], vexp(d), d);
     }
     s = s + ((bs[0] + bs[1]) + (bs[2] + bs[3]));
     A = A + ((bA[0] + bA[1]) + (bA[2] + bA[3]));
     Q = Q + ((bQ[0] + bQ[1]) + (bQ[2] + bQ[3]));
   }
-  const acc_t sum = hsum(s);
-  if (KEEP) *s_out = sum;
-  return row_finish<acc_t>(xmax * inv_t, sum, hsum(A), hsum(Q),
+  return row_finish<acc_t>(xmax * inv_t, hsum(s), hsum(A), hsum(Q),
                            static_cast<acc_t>(x[y]) * inv_t);
 }
 
@@ -281,35 +260,6 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward of float32/float64 rows of class stride 1 (RowArgs::exps), keeping the exponentials
-// for the backward: the backward's exp is two thirds of its time on this CPU (1024 x 1000 fp32,
-// 2 threads: 0.33 ms with it, 0.10 ms without).
-template <typename scalar_t>
-void stats_rows_keeping_exps(const RowArgs& a, int64_t begin, int64_t end) {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
-  static_assert(std::is_same<acc_t, scalar_t>::value, "exponentials are kept in the logits' dtype");
-  const scalar_t* x = static_cast<const scalar_t*>(a.logits);
-  const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
-  acc_t* rs = static_cast<acc_t*>(a.row_stats);
-  acc_t* exps = static_cast<acc_t*>(a.exps);
-  acc_t* inv_sums = static_cast<acc_t*>(a.inv_sums);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t y = load_target(a, r);
-    if (!target_valid(y, a.C, a.ignore_index)) {
-      write_zero_stats(rs, a.N, r);
-      inv_sums[r] = acc_t(0);
-      continue;
-    }
-    acc_t sum = acc_t(0);
-    write_stats(rs, a.N, r, stats_row_contiguous<scalar_t, true>(
-                                x + r * a.sn, a.C, inv_temp[a.K == 1 ? 0 : y], y,
-                                exps + r * a.C, &sum));
-    // 1 / sum where it is a usable positive number; 0 marks the row for the exp formula.
-    const acc_t inv = acc_t(1) / sum;
-    inv_sums[r] = sum > acc_t(0) && inv < std::numeric_limits<acc_t>::infinity() ? inv : acc_t(0);
-  }
-}
-
 // Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = z - lse (KERNEL_MATH s.3).
 // The vector loop writes the non-target formula everywhere, then the target element is
 // rewritten from its own formula (one rounding to the output dtype either way).
@@ -350,61 +300,6 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   }
   const acc_t logp = clamp_shift(static_cast<acc_t>(x[y]) * inv_t - lse);
   dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
-}
-
-// The same gradient from the forward's exponentials (p = e / sum(e), no exp), written over them:
-// dx and e are the same row.
-template <typename scalar_t>
-inline void grad_row_from_exps(const scalar_t* x, scalar_t* dx, int64_t C, scalar_t inv_t,
-                               scalar_t lse, scalar_t H, scalar_t c, scalar_t scale, int64_t y,
-                               scalar_t inv_sum) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec vinv(inv_t), vlse(lse), vH(H), vc(c), vscale(scale), vinvs(inv_sum),
-      vmin(static_cast<scalar_t>(kMinShift));
-  const scalar_t p_y = dx[y] * inv_sum;  // read before the loop overwrites it
-  int64_t j = 0;
-  for (; j + W <= C; j += W) {
-    const Vec logp = at::vec::clamp_min(Vec::loadu(x + j) * vinv - vlse, vmin);
-    grad_logit(Vec::loadu(dx + j) * vinvs, logp, vH, vc, vscale).store(dx + j);
-  }
-  if (j < C) {
-    const int64_t rem = C - j;
-    const Vec logp = at::vec::clamp_min(Vec::loadu(x + j, rem) * vinv - vlse, vmin);
-    grad_logit(Vec::loadu(dx + j, rem) * vinvs, logp, vH, vc, vscale).store(dx + j, rem);
-  }
-  const scalar_t logp = clamp_shift(x[y] * inv_t - lse);
-  dx[y] = grad_logit_target(p_y, logp, H, c, scale);
-}
-
-template <typename scalar_t>
-void grad_rows_from_exps(const RowArgs& a, int64_t begin, int64_t end) {
-  const scalar_t* x = static_cast<const scalar_t*>(a.logits);
-  scalar_t* g = static_cast<scalar_t*>(a.exps);
-  const scalar_t* inv_temp = static_cast<const scalar_t*>(a.inv_temp);
-  const scalar_t* rs = static_cast<const scalar_t*>(a.row_stats);
-  const scalar_t* inv_sums = static_cast<const scalar_t*>(a.inv_sums);
-  const scalar_t* grad_rows_in = static_cast<const scalar_t*>(a.grad_rows);
-  const int64_t R = a.N, C = a.C;
-  const scalar_t c = static_cast<scalar_t>(a.coef);
-  for (int64_t r = begin; r < end; ++r) {
-    scalar_t* grow = g + r * C;
-    const int64_t y = load_target(a, r);
-    if (!target_valid(y, C, a.ignore_index)) {
-      std::fill(grow, grow + C, scalar_t(0));
-      continue;
-    }
-    const scalar_t* row = x + r * a.sn;
-    const scalar_t inv_t = inv_temp[a.K == 1 ? 0 : y];
-    const scalar_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<scalar_t>(a.grad_scalar);
-    const scalar_t scale = g_r * static_cast<scalar_t>(a.row_scale) * inv_t;
-    const scalar_t lse = rs[r], H = rs[R + r];
-    if (inv_sums[r] > scalar_t(0)) {
-      grad_row_from_exps<scalar_t>(row, grow, C, inv_t, lse, H, c, scale, y, inv_sums[r]);
-    } else {  // no usable sum (a row of -inf or NaN logits): the exp formula, as grad_rows
-      grad_row_contiguous<scalar_t>(row, grow, C, inv_t, lse, H, c, scale, y);
-    }
-  }
 }
 
 template <typename scalar_t>
@@ -463,24 +358,9 @@ inline RowRangeFn grad_fn(int dtype) {
   }
 }
 
-// The entry points the glue calls (one set per compiled capability). The *_exps pair takes
-// float32 and float64 rows only.
+// The entry points the glue calls (one pair per compiled capability).
 void stats_range(const RowArgs& a, int64_t begin, int64_t end) { stats_fn(a.dtype)(a, begin, end); }
 void grad_range(const RowArgs& a, int64_t begin, int64_t end) { grad_fn(a.dtype)(a, begin, end); }
-void stats_exps_range(const RowArgs& a, int64_t begin, int64_t end) {
-  if (a.dtype == kF64) {
-    stats_rows_keeping_exps<double>(a, begin, end);
-  } else {
-    stats_rows_keeping_exps<float>(a, begin, end);
-  }
-}
-void grad_exps_range(const RowArgs& a, int64_t begin, int64_t end) {
-  if (a.dtype == kF64) {
-    grad_rows_from_exps<double>(a, begin, end);
-  } else {
-    grad_rows_from_exps<float>(a, begin, end);
-  }
-}
 
 }  // namespace MITK_CPU_ISA
 }  // namespace cpu
@@ -503,8 +383,6 @@ void grad_exps_range(const RowArgs& a, int64_t begin, int64_t end) {
 #endif
 #include <torch/library.h>
 
-#include "mit_loss_cpu.h"
-
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -517,8 +395,6 @@ namespace cpu {
 namespace AVX2 {
 void stats_range(const RowArgs& a, int64_t begin, int64_t end);
 void grad_range(const RowArgs& a, int64_t begin, int64_t end);
-void stats_exps_range(const RowArgs& a, int64_t begin, int64_t end);
-void grad_exps_range(const RowArgs& a, int64_t begin, int64_t end);
 }  // namespace AVX2
 #endif
 
@@ -529,8 +405,6 @@ using at::Tensor;
 struct Kernels {
   RowRangeFn stats;
   RowRangeFn grad;
-  RowRangeFn stats_exps;
-  RowRangeFn grad_exps;
   const char* isa;
 };
 
@@ -542,12 +416,10 @@ const Kernels& kernels() {
     const bool portable = forced && std::strcmp(forced, "default") == 0;
     if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-      return Kernels{&AVX2::stats_range, &AVX2::grad_range, &AVX2::stats_exps_range,
-                     &AVX2::grad_exps_range, "avx2"};
+      return Kernels{&AVX2::stats_range, &AVX2::grad_range, "avx2"};
     }
 #endif
-    return Kernels{&DEFAULT::stats_range, &DEFAULT::grad_range, &DEFAULT::stats_exps_range,
-                   &DEFAULT::grad_exps_range, "default"};
+    return Kernels{&DEFAULT::stats_range, &DEFAULT::grad_range, "default"};
   }();
   return k;
 }
@@ -786,11 +658,9 @@ void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t 
 // The summary of row_stats_impl: a host vector, since loss_forward_ only reads it.
 using Summary = std::vector<double>;
 
-// exps / inv_sums: when given (keeps_exps(logits) holds), filled as RowArgs::exps says.
 Tensor row_stats_impl(const Tensor& logits, const Tensor& targets_in, const Tensor& tau_in,
                       double t_eps, double t_min, double t_max, int64_t ignore_index,
-                      const char* op, Summary& summary, Tensor* exps = nullptr,
-                      Tensor* inv_sums = nullptr) {
+                      const char* op, Summary& summary) {
   const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
@@ -801,16 +671,7 @@ Tensor row_stats_impl(const Tensor& logits, const Tensor& targets_in, const Tens
   InvTemps inv;
   a.inv_temp = inv.fill(tau, acc64, t_eps, t_min, t_max);
   a.row_stats = rs.mutable_data_ptr();
-  if (exps != nullptr) {
-    *exps = empty_cpu({sh.R, sh.C}, logits.scalar_type());
-    advise_huge_pages(*exps);
-    *inv_sums = empty_cpu({sh.R}, logits.scalar_type());
-    a.exps = exps->mutable_data_ptr();
-    a.inv_sums = inv_sums->mutable_data_ptr();
-    run_rows(kernels().stats_exps, a, sh.R, sh.C);
-  } else {
-    run_rows(kernels().stats, a, sh.R, sh.C);
-  }
+  run_rows(kernels().stats, a, sh.R, sh.C);
   if (acc64) {
     summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K, summary.data());
   } else {
@@ -1042,39 +903,28 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cpu(
                        update_state, loss_dtype);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_cpu(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
-    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype,
-    Tensor* exps, Tensor* inv_sums) {
+    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
   Summary summary;
   Tensor rs = row_stats_impl(logits, targets, tau, t_eps, t_min, t_max, ignore_index,
-                             "loss_forward_", summary, exps, inv_sums);
+                             "loss_forward_", summary);
   auto [loss, stats, grad_info] =
       finalize_impl(summary.data(), summary.data(), static_cast<int64_t>(summary.size()), rs, tau,
                     state, kind, hparams, t_eps, t_min, t_max, reduction, update_state, loss_dtype);
   return {loss, stats, rs, grad_info};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> loss_forward_cpu(
-    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
-    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
-    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
-  return loss_forward_impl(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max,
-                           ignore_index, reduction, update_state, loss_dtype, nullptr, nullptr);
-}
-
 // ---------------------------------------------------------------------------------------------
 // loss_backward
 // ---------------------------------------------------------------------------------------------
-// exps / inv_sums: the forward's (loss_forward_keeping_exps), turned into the gradient in place.
-std::tuple<Tensor, Tensor> loss_backward_impl(const Tensor& grad_loss, const Tensor& logits,
-                                              const Tensor& targets_in, const Tensor& tau_in,
-                                              const Tensor& row_stats_in,
-                                              const Tensor& grad_info_in, double t_eps,
-                                              double t_min, double t_max, int64_t ignore_index,
-                                              int64_t reduction, bool compute_grad_tau,
-                                              const Tensor* exps, const Tensor* inv_sums) {
+std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
+                                             const Tensor& targets_in, const Tensor& tau_in,
+                                             const Tensor& row_stats_in, const Tensor& grad_info_in,
+                                             double t_eps, double t_min, double t_max,
+                                             int64_t ignore_index, int64_t reduction,
+                                             bool compute_grad_tau) {
   const char* op = "loss_backward";
   const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
   check_cpu(grad_loss, op, "grad_loss");
@@ -1110,17 +960,8 @@ std::tuple<Tensor, Tensor> loss_backward_impl(const Tensor& grad_loss, const Ten
     gip[i] = load_as_double(gi_t.const_data_ptr(), gi_t.scalar_type(), i);
   }
 
-  Tensor grad;
-  if (exps != nullptr) {
-    TORCH_CHECK(keeps_exps(logits) && exps->is_contiguous() && exps->numel() == sh.R * sh.C &&
-                    exps->scalar_type() == logits.scalar_type() && inv_sums->numel() == sh.R &&
-                    inv_sums->is_contiguous() && inv_sums->scalar_type() == logits.scalar_type(),
-                "mitkernels_C::loss_backward: exponentials that do not fit these logits");
-    grad = exps->view({sh.N, sh.C, 1});
-  } else {
-    grad = empty_cpu_like(logits);
-    advise_huge_pages(grad);
-  }
+  Tensor grad = empty_cpu_like(logits);
+  advise_huge_pages(grad);
   RowArgs a = row_args(logits, targets, sh, ignore_index);
   InvTemps inv;
   a.inv_temp = inv.fill(tau, acc64, t_eps, t_min, t_max);
@@ -1138,13 +979,7 @@ std::tuple<Tensor, Tensor> loss_backward_impl(const Tensor& grad_loss, const Ten
   } else {
     a.grad_scalar = load_as_double(grad_loss.const_data_ptr(), grad_loss.scalar_type(), 0);
   }
-  if (exps != nullptr) {
-    a.exps = grad.mutable_data_ptr();
-    a.inv_sums = const_cast<void*>(inv_sums->const_data_ptr());
-    run_rows(kernels().grad_exps, a, sh.R, sh.C);
-  } else {
-    run_rows(kernels().grad, a, sh.R, sh.C);
-  }
+  run_rows(kernels().grad, a, sh.R, sh.C);
 
   std::vector<double> gt(static_cast<size_t>(sh.K), 0.0);
   if (compute_grad_tau) {
@@ -1176,49 +1011,9 @@ std::tuple<Tensor, Tensor> loss_backward_impl(const Tensor& grad_loss, const Ten
   return {grad, grad_tau};
 }
 
-std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
-                                             const Tensor& targets, const Tensor& tau,
-                                             const Tensor& row_stats, const Tensor& grad_info,
-                                             double t_eps, double t_min, double t_max,
-                                             int64_t ignore_index, int64_t reduction,
-                                             bool compute_grad_tau) {
-  return loss_backward_impl(grad_loss, logits, targets, tau, row_stats, grad_info, t_eps, t_min,
-                            t_max, ignore_index, reduction, compute_grad_tau, nullptr, nullptr);
-}
-
 }  // namespace
 
 const char* kernel_isa() { return kernels().isa; }
-
-// The eager step's CPU path that keeps the exponentials (csrc/cpu/mit_loss_cpu.h).
-bool keeps_exps(const Tensor& logits) {
-  const auto t = logits.scalar_type();
-  return logits.device().is_cpu() && logits.layout() == at::kStrided && logits.dim() == 3 &&
-         (t == at::kFloat || t == at::kDouble) && logits.size(2) == 1 &&
-         logits.stride(1) == 1 && logits.size(1) >= kExpsMinClasses &&
-         logits.numel() * logits.element_size() <= kExpsMaxBytes;
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_forward_keeping_exps(
-    const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
-    int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
-    int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
-  TORCH_CHECK(keeps_exps(logits), "mitkernels: loss_forward_keeping_exps: unsupported logits");
-  Tensor exps, inv_sums;
-  auto [loss, stats, rs, grad_info] =
-      loss_forward_impl(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max,
-                        ignore_index, reduction, update_state, loss_dtype, &exps, &inv_sums);
-  return {loss, stats, rs, grad_info, exps, inv_sums};
-}
-
-std::tuple<Tensor, Tensor> loss_backward_from_exps(
-    const Tensor& grad_loss, const Tensor& logits, const Tensor& targets, const Tensor& tau,
-    const Tensor& row_stats, const Tensor& grad_info, const Tensor& exps, const Tensor& inv_sums,
-    double t_eps, double t_min, double t_max, int64_t ignore_index, int64_t reduction,
-    bool compute_grad_tau) {
-  return loss_backward_impl(grad_loss, logits, targets, tau, row_stats, grad_info, t_eps, t_min,
-                            t_max, ignore_index, reduction, compute_grad_tau, &exps, &inv_sums);
-}
 
 }  // namespace cpu
 }  // namespace mitk
