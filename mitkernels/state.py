@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Dict, List, Mapping
 
@@ -115,6 +116,19 @@ class MiTState:
                 f"lambda={float(self.lambda_entropy):.6g}, steps={int(self.dual_updates)})")
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside mitkernels and torch, for a warning raised
+    while loading: ``MiTState.load_state_dict`` calls in directly, ``Module.load_state_dict``
+    through torch's frames, and the user's line is what the warning should name."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("mitkernels.") or name == "torch" or name.startswith("torch.")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: int,
                                  prefix: str = "") -> Dict[str, Tensor]:
     """Our tensors from a state dict of ours or of the published ``MiTLoss_WithTrainCalibration``.
@@ -127,7 +141,7 @@ def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: 
     if stray:
         warnings.warn(f"dropping {len(stray)} 'model.*' entries (the published criterion stored its "
                       f"model inside the loss; MiTLoss never holds a model): {stray[:3]}...",
-                      stacklevel=3)
+                      stacklevel=_caller_stacklevel())
     missing = [k for k in ("tau", *STATE_BUFFERS) if prefix + k not in state_dict]
     if missing:
         raise KeyError(f"state dict lacks {', '.join(prefix + k for k in missing)}")
@@ -142,5 +156,6 @@ def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: 
         # The published code stored tau = inf when its calibration found no skill.
         warnings.warn(f"loading tau = {float(out['tau'])}: T sits at its clamp "
                       f"({MIT_T_MAX:g} for inf) with no gradient, so it will never move; call "
-                      "calibrate_ on a trained model's logits, or set tau", stacklevel=3)
+                      "calibrate_ on a trained model's logits, or set tau",
+                      stacklevel=_caller_stacklevel())
     return out

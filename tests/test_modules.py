@@ -224,8 +224,10 @@ def test_loading_a_non_finite_tau_warns():
     crit = mitkernels.MiTLoss(3)
     sd = crit.state_dict()
     sd["tau"] = torch.tensor(float("inf"))
-    with pytest.warns(UserWarning, match="tau = inf"):
+    with pytest.warns(UserWarning, match="tau = inf") as record:
         crit.load_state_dict(sd)
     state = mitkernels.MiTState(3)
-    with pytest.warns(UserWarning, match="tau = inf"):
+    with pytest.warns(UserWarning, match="tau = inf") as record_state:
         state.load_state_dict(sd)
+    # Both name the caller's line, not torch's load_state_dict or mitkernels' own frames.
+    assert record[0].filename == __file__ and record_state[0].filename == __file__
