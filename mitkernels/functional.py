@@ -96,13 +96,15 @@ def _check_state(entries: Sequence[Tuple[str, Tensor, torch.dtype, int]]) -> Non
             raise ValueError(f"{name} must hold {numel} value(s), got shape {tuple(t.shape)}")
 
 
+_MIT_STATE_DTYPES = tuple(STATE_BUFFERS.values())  # class_counts, total_seen, lambda, updates
+
+
 def _mit_state_ok(counts, total_seen, lambda_entropy, dual_updates) -> bool:
     # The common case of _check_state for MiT, in about a microsecond (a 32-row step is tens).
     try:
-        return (counts.dtype == torch.float64 and total_seen.dtype == torch.float64 and
-                lambda_entropy.dtype == torch.float64 and dual_updates.dtype == torch.int64 and
-                total_seen.numel() == 1 and lambda_entropy.numel() == 1 and
-                dual_updates.numel() == 1)
+        return ((counts.dtype, total_seen.dtype, lambda_entropy.dtype, dual_updates.dtype) ==
+                _MIT_STATE_DTYPES and total_seen.numel() == 1 and
+                lambda_entropy.numel() == 1 and dual_updates.numel() == 1)
     except AttributeError:  # not a tensor: _check_state names it
         return False
 
