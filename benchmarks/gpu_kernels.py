@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import sys
 from typing import Callable, List, Optional
 
@@ -239,6 +240,15 @@ def _graph_replay(step: Callable) -> Callable:
     return graph.replay
 
 
+def _train_step(x: torch.Tensor, y: torch.Tensor, state, backend: str):
+    """One training step of the loss, as bench_mit_loss times it: ``mit_loss`` (with the state
+    update), then the gradient to the logits and ``tau``."""
+    import mitkernels
+
+    loss, _ = mitkernels.mit_loss(x, y, state, backend=backend)
+    return torch.autograd.grad(loss, (x, state.tau))
+
+
 def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
     import types
 
@@ -277,9 +287,7 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         state = MiTState(c, device=DEVICE)
         x = case.x.detach().requires_grad_(True)
 
-        def train_step(backend=backend, state=state, x=x):
-            loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
-            return torch.autograd.grad(loss, (x, state.tau))
+        train_step = functools.partial(_train_step, x, case.y, state, backend)
 
         add(f"{backend} mit_loss + grad {n}x{c}", train_step)
         add(f"{backend} mit_loss, no grad {n}x{c}",
@@ -320,8 +328,7 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(steps):
-            loss, _ = mitkernels.mit_loss(x, case.y, state, backend="triton")
-            torch.autograd.grad(loss, (x, state.tau))
+            _train_step(x, case.y, state, "triton")
         prof.disable()
         print(f"# cProfile of {steps} triton steps (mit_loss + grad), by own time:", flush=True)
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
@@ -329,8 +336,7 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         # sees the main thread's Python only; the backward runs on the autograd device thread).
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
             for _ in range(steps):
-                loss, _ = mitkernels.mit_loss(x, case.y, state, backend="triton")
-                torch.autograd.grad(loss, (x, state.tau))
+                _train_step(x, case.y, state, "triton")
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
         print(f"# torch.profiler of {steps} triton steps, by self CPU time:", flush=True)
@@ -350,7 +356,6 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
     import time
     from unittest import mock
 
-    import mitkernels
     from mitkernels import functional
     from mitkernels.state import MiTState
 
@@ -371,9 +376,7 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                 state = MiTState(c, device=DEVICE)
                 x = case.x.detach().requires_grad_(True)
 
-                def step(backend=backend, state=state, x=x, y=case.y):
-                    loss, _ = mitkernels.mit_loss(x, y, state, backend=backend)
-                    return torch.autograd.grad(loss, (x, state.tau))
+                step = functools.partial(_train_step, x, case.y, state, backend)
 
                 python_node = mock.patch.object(functional, "_triton_step_op", lambda: None)
                 with python_node if label.endswith("-py") else contextlib.nullcontext():
