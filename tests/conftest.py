@@ -1,11 +1,24 @@
 """Shared fixtures: golden data and the backends this machine can run."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(args, timeout, env=None):
+    """``python *args`` in the repository root, with the repository on PYTHONPATH (and ``env``
+    added to the environment): the examples and scripts as a user runs them."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def load_json(name):

@@ -7,22 +7,21 @@ have a path that runs on a CPU, and these tests take it.
 """
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_python
 
 
-def _run(args, env=None, timeout=600):
-    out = subprocess.run(args, cwd=ROOT, env=dict(os.environ, **(env or {})),
-                         capture_output=True, text=True, timeout=timeout)
+def _python(args, env=None):
+    out = run_python(args, timeout=600, env=env)
     return out.returncode, out.stdout + out.stderr
 
 
 def test_gpu_check_plan_names_every_stage():
-    rc, log = _run(["bash", "benchmarks/gpu_check.sh"], env={"GPU_CHECK_DRY_RUN": "1"})
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "GPU_CHECK_DRY_RUN": "1"})
+    rc, log = out.returncode, out.stdout + out.stderr
     assert rc == 0, log[-3000:]
     for stage in ("env", "build", "kernels", "tests", "bench", "fuzz", "sanitizer"):
         assert stage in log, (stage, log[-3000:])
@@ -33,9 +32,8 @@ def test_gpu_kernels_dry_run_with_overhead():
     interpreter; a row that raises is printed as 'failed', which fails this test."""
     pytest.importorskip("triton")
     pytest.importorskip("mitkernels._C")
-    rc, log = _run([sys.executable, "-m", "benchmarks.gpu_kernels", "--dry-run", "--overhead",
-                    "--shapes", "8x3", "--dtypes", "fp32,bf16", "--no-ce"],
-                   env={"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    rc, log = _python(["-m", "benchmarks.gpu_kernels", "--dry-run", "--overhead", "--shapes",
+                       "8x3", "--dtypes", "fp32,bf16", "--no-ce"], env={"TRITON_INTERPRET": "1"})
     assert rc == 0, log[-3000:]
     assert "failed" not in log, log[-3000:]
     for row in ("triton.loss_forward_ 256x5", "triton_loss_backward (dispatcher) 256x5",
@@ -45,6 +43,5 @@ def test_gpu_kernels_dry_run_with_overhead():
 
 def test_sanitizer_fuzz_on_cpu():
     pytest.importorskip("mitkernels._C")
-    rc, log = _run([sys.executable, "benchmarks/sanitizer_fuzz.py", "--device", "cpu",
-                    "--cases", "4"], env={"PYTHONPATH": str(ROOT)})
+    rc, log = _python(["benchmarks/sanitizer_fuzz.py", "--device", "cpu", "--cases", "4"])
     assert rc == 0, log[-3000:]

@@ -1,16 +1,11 @@
 """The README's examples run as written."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mitkernels import _backends
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_python
 
 
 def _python_blocks():
@@ -37,14 +32,10 @@ def test_relative_links_resolve(doc):
     assert not missing, missing
 
 
-def _run(args, timeout):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_compile_example_runs():
-    out = _run(["examples/compile_step.py"], timeout=600)
+    out = run_python(["examples/compile_step.py"], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "steps=5" in out.stdout
 
@@ -52,7 +43,7 @@ def test_compile_example_runs():
 @pytest.mark.skipif(_backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
                     reason="the distributed path runs on the kernel backends")
 def test_ddp_example_runs_on_two_processes():
-    out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                 "examples/ddp_train.py", "--steps", "3"], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 ranks agree" in out.stdout
