@@ -36,6 +36,25 @@ def golden_calibration():
     return load_json("calibration.json")
 
 
+def masked_class_logits(rows, num_classes, dtype, seed):
+    """Logits with masked classes (-inf, as users mask classes a sample cannot have), their
+    targets (never a masked class) and the same logits with -1e4 in place of -inf.
+
+    The finite copy is the oracle: exp(-1e4 / T) is 0 in float32 and float64 for T < 500, so its
+    softmax, entropy and gradients are the masked ones, where the published code (and so the
+    reference) turns 0 * log 0 into NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, num_classes, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    mask = torch.rand(rows, num_classes, generator=gen) < 0.4
+    mask[torch.arange(rows), targets] = False  # a target is never masked
+    mask[0] = False  # one row with no masked class
+    mask[1] = True
+    mask[1, targets[1]] = False  # one row with only its target left
+    masked = logits.masked_fill(mask, float("-inf"))
+    return masked, targets, logits.masked_fill(mask, -1e4)
+
+
 def check_golden_step(step, loss, stats, grad_logits, grad_tau, tol=1e-10):
     """One step of a published trajectory: loss, stats and both gradients within ``tol``."""
     assert float(loss.detach()) == pytest.approx(step["loss"], abs=tol)

@@ -7,7 +7,7 @@ import torch
 import mitkernels
 from mitkernels import reference
 
-from conftest import check_golden_step, cpu_backends
+from conftest import check_golden_step, cpu_backends, masked_class_logits
 
 BACKENDS = cpu_backends()
 
@@ -44,19 +44,23 @@ def test_stats_are_detached_float64_on_device(backend):
         assert stats[key].shape == ()
 
 
-def _kernel_vs_reference(backend, logits, targets, reduction="mean", ignore_index=-100, tau0=0.3):
-    """Run one step on a backend and on the reference from equal states; compare everything."""
+def _kernel_vs_reference(backend, logits, targets, reduction="mean", ignore_index=-100, tau0=0.3,
+                         reference_logits=None):
+    """Run one step on a backend and on the reference (on ``reference_logits`` when given) from
+    equal states; compare everything."""
     num_classes = logits.shape[1]
     ref_state, state = _fresh_state(num_classes, tau0), _fresh_state(num_classes, tau0)
+    ref_logits = logits if reference_logits is None else reference_logits
     outs = []
-    for st, name in ((ref_state, "reference"), (state, backend)):
-        x = logits.detach().clone().requires_grad_(True)
+    for st, name, inputs in ((ref_state, "reference", ref_logits), (state, backend, logits)):
+        x = inputs.detach().clone().requires_grad_(True)
         loss, stats = mitkernels.mit_loss(x, targets, st, backend=name, reduction=reduction,
                                           ignore_index=ignore_index)
         weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
         (loss * weight).sum().backward()
         outs.append((loss.detach(), stats, x.grad, st.tau.grad.clone(), st))
     (l0, s0, g0, t0, st0), (l1, s1, g1, t1, st1) = outs
+
     tol = dict(atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(l1, l0, **tol)
     torch.testing.assert_close(g1, g0, **tol)
@@ -224,6 +228,44 @@ def test_nonfinite_logits_skip_state_update(backend):
         assert torch.equal(value, before[key]), key
     for key in ("lambda", "H_star"):
         assert math.isfinite(float(stats[key]))
+
+
+def test_reference_gives_nan_for_masked_classes():
+    """The published code's 0 * log 0: why the kernels' masked-class tests take a finite oracle."""
+    logits, targets, _ = masked_class_logits(6, 5, torch.float64, seed=8)
+    loss, _ = mitkernels.mit_loss(logits, targets, mitkernels.MiTState(5), backend="reference")
+    assert math.isnan(float(loss.detach()))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_classes(backend, reduction):
+    """-inf logits (masked classes) have p = 0: the loss, the gradients (0 at masked entries)
+    and the state update are those of the finite oracle, for MiT, TET and CCT-EAL."""
+    logits, targets, finite = masked_class_logits(11, 7, torch.float64, seed=9)
+    _kernel_vs_reference(backend, logits, targets, reduction, reference_logits=finite)
+    tol = dict(atol=1e-10, rtol=1e-10)
+    outs = []
+    for name, inputs in (("reference", finite), (backend, logits)):
+        x = inputs.clone().requires_grad_(True)
+        loss, _ = mitkernels.tet_loss(x, targets, 0.7, 0.2, backend=name, reduction=reduction)
+        loss.sum().backward()
+        outs.append((loss.detach(), x.grad))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, **tol)
+    if reduction == "none":
+        return  # CCT-EAL's loss is a batch quantity
+    outs = []
+    for name, inputs in (("reference", finite), (backend, logits)):
+        x = inputs.clone().requires_grad_(True)
+        tau_c = torch.linspace(-0.5, 1.5, 7, dtype=torch.float64).requires_grad_(True)
+        ema = torch.full((7,), 1 / 7, dtype=torch.float64)
+        loss, _ = mitkernels.cct_eal_loss(x, targets, tau_c, ema, 3.0, backend=name)
+        loss.backward()
+        outs.append((loss.detach(), x.grad, tau_c.grad, ema))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, **tol)
+    assert torch.all(outs[1][1][torch.isinf(logits)] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 import mitkernels  # noqa: E402
 from mitkernels import ops, reference  # noqa: E402
-from conftest import check_golden_step, cuda_backends, gpu_test  # noqa: E402
+from conftest import check_golden_step, cuda_backends, gpu_test, masked_class_logits  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +87,17 @@ def _assert_outputs_close(got, want, dtype, skip=()):
 
 
 def _compare_mit(logits, targets, tau0=0.3, reduction="mean", ignore_index=-100, steps=1,
-                 backend="triton"):
+                 backend="triton", reference_logits=None):
+    """``steps`` steps on ``backend`` against the reference (run on ``reference_logits`` when
+    given), from equal states."""
     dtype = logits.dtype
+    ref_logits = logits if reference_logits is None else reference_logits
     tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     num_classes = logits.shape[1]
     ref_state = _mit_state(num_classes, tau0, tau_dtype)
     state = _mit_state(num_classes, tau0, tau_dtype, device=logits.device)
     for _ in range(steps):
-        want = _mit_step("reference", logits.cpu(), targets.cpu(), ref_state, reduction,
+        want = _mit_step("reference", ref_logits.cpu(), targets.cpu(), ref_state, reduction,
                          ignore_index)
         got = _mit_step(backend, logits, targets, state, reduction, ignore_index)
         _assert_outputs_close(got, want, dtype)
@@ -171,6 +174,17 @@ def test_wide_rows_with_masked_spans(num_classes, dtype):
     logits[1, 3] = 2.0
     logits[2, 1::2] = masked
     _compare_mit(logits, targets, steps=2)
+
+
+@cpu_only
+# 5: fused small batch; 4099: row-block form; 17000: per-lane, two blocks in fp32.
+@pytest.mark.parametrize("num_classes,rows", [(5, 9), (4099, 3), (17000, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_masked_classes(num_classes, rows, dtype):
+    """-inf logits (masked classes): forward and backward match the reference on the finite
+    oracle (conftest.masked_class_logits); the backward once gave 0 * -inf = NaN there."""
+    logits, targets, finite = masked_class_logits(rows, num_classes, dtype, seed=num_classes)
+    _compare_mit(logits, targets, steps=2, reference_logits=finite)
 
 
 @cpu_only
@@ -541,6 +555,16 @@ def test_cuda_against_reference(num_classes, rows, dtype, backend):
             assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6)
     else:
         _compare_mit(logits.cuda(), targets.cuda(), steps=2, backend=backend)
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
+@pytest.mark.parametrize("num_classes,rows,dtype", [
+    (7, 1024, torch.float32), (4099, 64, torch.float64), (131_072, 4, torch.float32)])
+def test_cuda_masked_classes(num_classes, rows, dtype, backend):
+    logits, targets, finite = masked_class_logits(rows, num_classes, dtype, seed=rows)
+    _compare_mit(logits.cuda(), targets.cuda(), steps=2, backend=backend,
+                 reference_logits=finite)
 
 
 @gpu_only

@@ -330,15 +330,21 @@ def _row_bases(rows, S, stride_n, stride_s):
 
 
 @triton.jit
-def _exp2_terms(z2, shift2):
-    """e = 2^w and w = z2 - shift2, in the base-2 units of the row statistics.
+def _clamp_shift(d):
+    """d floored at -1e4 (csrc's kMinShift), where exp(d) and exp2(d) are 0 anyway.
 
-    w is floored at -1e4, where e is 0 anyway: -inf logits (padding, masked classes) then give
-    e w = e w^2 = 0 instead of 0 * inf, in one max that keeps NaN (a NaN logit still poisons its
-    row). exp2 of a base-2 argument spares the multiply by log2(e) inside exp: one instruction
-    less an element, in kernels that are instruction-bound for 16-bit logits.
+    -inf logits (padding, masked classes) then give e d = e d^2 = 0 instead of 0 * inf, in one
+    max that keeps NaN (a NaN logit still poisons its row)."""
+    return tl.maximum(d, -1.0e4, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _exp2_terms(z2, shift2):
+    """e = 2^w and w = z2 - shift2 (floored by _clamp_shift), in the base-2 units of the row
+    statistics. exp2 of a base-2 argument spares the multiply by log2(e) inside exp: one
+    instruction less an element, in kernels that are instruction-bound for 16-bit logits.
     """
-    w = tl.maximum(z2 - shift2, -1.0e4, propagate_nan=tl.PropagateNan.ALL)
+    w = _clamp_shift(z2 - shift2)
     return tl.exp2(w), w
 
 
@@ -978,7 +984,8 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         cols64 = cols.to(tl.int64)
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
-        log_p = x.to(ACC) * inv_temp[:, None] - lse[:, None]
+        # Floored: a -inf logit (a masked class) has p = 0 and a zero gradient, not 0 * -inf.
+        log_p = _clamp_shift(x.to(ACC) * inv_temp[:, None] - lse[:, None])
         p = tl.exp(log_p)
         onehot = (cols[None, :] == y_safe[:, None]).to(ACC)
         dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
