@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,31 @@ def masked_class_logits(rows, num_classes, dtype, seed):
     mask[1, targets[1]] = False  # one row with only its target left
     masked = logits.masked_fill(mask, float("-inf"))
     return masked, targets, logits.masked_fill(mask, -1e4)
+
+
+@st.composite
+def mit_cases(draw, max_rows=40, max_classes=70):
+    """A random MiT step as users make them: [N, C] or [N, C, d] float64 logits of any scale, with
+    ignored rows, masked (-inf) classes and a temperature anywhere in its range; returns
+    (logits, targets, finite oracle logits, reduction, tau0). The oracle's -1e9 stays a zero
+    probability up to T = 500 (masked_class_logits' -1e4 needs T near 1)."""
+    rows = draw(st.integers(1, max_rows))
+    num_classes = draw(st.integers(2, max_classes))
+    spatial = draw(st.sampled_from([(), (3,)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 10.0, 300.0]))
+    logits = torch.randn(rows, num_classes, *spatial, generator=gen, dtype=torch.float64) * scale
+    targets = torch.randint(0, num_classes, (rows, *spatial), generator=gen)
+    targets[torch.rand(targets.shape, generator=gen) < draw(st.sampled_from([0.0, 0.3]))] = -100
+    mask = torch.rand(logits.shape, generator=gen) < draw(st.sampled_from([0.0, 0.2, 0.9]))
+    # Never mask a target: its logit -inf makes CE inf, a case of its own.
+    safe = targets.clamp(min=0).unsqueeze(1)
+    mask.scatter_(1, safe, torch.zeros_like(safe, dtype=torch.bool))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    tau0 = draw(st.sampled_from([-8.0, 0.3, 2.0, 600.0]))  # T at its 1e-3 floor .. 500 cap
+    return (logits.masked_fill(mask, float("-inf")), targets, logits.masked_fill(mask, -1e9),
+            reduction, tau0)
 
 
 def check_golden_step(step, loss, stats, grad_logits, grad_tau, tol=1e-10):

@@ -34,13 +34,19 @@ def _kernels():
     return mit_loss
 
 
-def test_interpreter_suite():
-    """This module's CPU tests, in a process that starts with TRITON_INTERPRET=1."""
+@pytest.mark.parametrize("suite", [
+    [__file__],  # this module's CPU tests
+    # every public-function test parametrized by backend (golden trajectories, bad input,
+    # layouts, TET, CCT-EAL, masked classes, random steps) with the triton backend
+    [str(Path(__file__).with_name("test_functional.py")), "-k", "triton"],
+], ids=["test_triton", "test_functional"])
+def test_interpreter_suite(suite):
+    """CPU tests of the Triton backend, in a process that starts with TRITON_INTERPRET=1."""
     if INTERPRET:
         pytest.skip("already running under the interpreter")
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", *suite, "-q", "-x", "-p", "no:cacheprovider",
          "-W", "ignore::RuntimeWarning"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     tail = (out.stdout + out.stderr)[-6000:]
