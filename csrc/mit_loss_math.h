@@ -30,6 +30,14 @@ constexpr int64_t SUMMARY_HEADER_SIZE = 5;
 // Entries of the stats vector: loss, mean CE, mean H, H*, lambda|alpha, T, updated, B, n_invalid.
 constexpr int64_t STATS_SIZE = 9;
 
+// Rows of the row_stats tensor ([kRowStats, R], acc type): the row's max logit m (logit units,
+// not divided by T), H, V, CE, log s with s = sum_j exp((x_j - m) / T). The backward takes
+// log p = (x - m) / T - log s from m and log s, not x / T - lse: lse = m / T + log s rounds to the
+// ulp of |x / T|, and log p inherited that error (3e-5 at |z| = 500 in float32, on p of the
+// dominant class too, where eager PyTorch's log_softmax is exact).
+constexpr int64_t kRowStats = 5;
+constexpr int64_t kRowMax = 0, kRowH = 1, kRowV = 2, kRowCE = 3, kRowLogS = 4;
+
 // Logits shifted by the row max are clamped here before exp: exp(-1e4) is 0 in float and double,
 // and the clamp keeps e * d and e * d^2 at 0 (not NaN) for -inf logits.
 constexpr double kMinShift = -1e4;
@@ -65,7 +73,7 @@ MITK_HD acc_t temperature_grad(acc_t tau, acc_t t_eps, acc_t t_min, acc_t t_max)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Online row accumulators (KERNEL_MATH s.2). With the row max m (in z units) and d = z - m <= 0:
+// Online row accumulators (KERNEL_MATH s.2). With the row max m and d = (x - m) / T <= 0:
 //   s = sum e^d, A = sum e^d d, Q = sum e^d d^2.
 // ---------------------------------------------------------------------------------------------
 template <typename V>
@@ -84,22 +92,26 @@ MITK_HD void acc_rescale(V& s, V& A, V& Q, const V& d, const V& f) {
   s = f * s;
 }
 
-// Merge accumulator b (max mb) into a (max ma); both maxima in z units, either may be -inf
-// for an empty accumulator. Used where lanes or threads kept their own max.
+// Merge accumulator b (max mb) into a (max ma); both maxima in logit units (d = (m - m') / T),
+// either may be -inf for an empty accumulator. Used where lanes or threads kept their own max.
+// d is floored at kMinShift like every shift: a max far below the other (a span of masked
+// logits of -1e30) then scales its sums by 0, where d^2 would overflow into 0 * inf.
 template <typename acc_t>
 MITK_HD void acc_merge(acc_t& ma, acc_t& sa, acc_t& Aa, acc_t& Qa, acc_t mb, acc_t sb, acc_t Ab,
-                       acc_t Qb) {
+                       acc_t Qb, acc_t inv_t) {
   if (!(sb > acc_t(0))) return;
   if (!(sa > acc_t(0))) {
     ma = mb; sa = sb; Aa = Ab; Qa = Qb;
     return;
   }
   if (mb > ma) {
-    const acc_t d = ma - mb;
+    acc_t d = (ma - mb) * inv_t;
+    if (d < acc_t(kMinShift)) d = acc_t(kMinShift);
     acc_rescale(sa, Aa, Qa, d, exp(d));
     ma = mb;
   } else if (mb < ma) {
-    const acc_t d = mb - ma;
+    acc_t d = (mb - ma) * inv_t;
+    if (d < acc_t(kMinShift)) d = acc_t(kMinShift);
     acc_rescale(sb, Ab, Qb, d, exp(d));
   }
   sa += sb;
@@ -107,28 +119,38 @@ MITK_HD void acc_merge(acc_t& ma, acc_t& sa, acc_t& Aa, acc_t& Qa, acc_t mb, acc
   Qa += Qb;
 }
 
-// Row finish: lse, H (predictive entropy), V (variance of z under p), CE, from the accumulators
-// about the max m and the target's z. H = lse - E_p[z] = log s - A/s without cancelling m.
+// Row finish: H (predictive entropy), V (variance of z under p), CE and log s, from the
+// accumulators about the row max m (logit units) and the target's logit. H = log s - A/s without
+// cancelling m; CE = (m - x_y) / T + log s: 0 + log s exactly when the target holds the max.
 template <typename acc_t>
 struct RowStats {
-  acc_t lse, H, V, CE;
+  acc_t m, H, V, CE, log_s;
 };
 
 template <typename acc_t>
-MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t s, acc_t A, acc_t Q, acc_t z_target) {
+MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t inv_t, acc_t s, acc_t A, acc_t Q,
+                                   acc_t x_target) {
   RowStats<acc_t> r;
   const acc_t log_s = log(s);
   const acc_t a = A / s;
-  r.lse = m + log_s;
+  r.m = m;
+  r.log_s = log_s;
   r.H = log_s - a;
   acc_t v = Q / s - a * a;
   r.V = v < acc_t(0) ? acc_t(0) : v;  // rounding can leave a tiny negative
-  r.CE = (m - z_target) + log_s;
+  r.CE = (m - x_target) * inv_t + log_s;
   return r;
 }
 
+// log p_j = (x_j - m) / T - log s, before the kMinShift clamp (KERNEL_MATH s.3). The difference
+// first: exact for the logits near the max, whose p matter, whatever |x / T|.
+template <typename V>
+MITK_HD V log_prob(const V& x, const V& m, const V& inv_t, const V& log_s) {
+  return (x - m) * inv_t - log_s;
+}
+
 // ---------------------------------------------------------------------------------------------
-// Gradient w.r.t. the logits (KERNEL_MATH s.3), with scale = g row_scale / T_r, log p = z - lse:
+// Gradient w.r.t. the logits (KERNEL_MATH s.3), with scale = g row_scale / T_r, log p from log_prob:
 //   dx = scale (p (1 + c (log p + H)) - [j == y])
 // ---------------------------------------------------------------------------------------------
 template <typename V>

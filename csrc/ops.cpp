@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "mit_loss_math.h"  // kRowStats
+
 #ifndef MITKERNELS_TORCH_VERSION
 #ifdef TORCH_VERSION
 #define MITKERNELS_TORCH_VERSION TORCH_VERSION
@@ -82,7 +84,7 @@ std::tuple<Tensor, Tensor> row_stats_meta(const Tensor& logits, const Tensor& ta
   const c10::SymInt n = logits.sym_size(0), c = logits.sym_size(1), s = logits.sym_size(2);
   const bool one_temperature = tau.sym_numel() == 1;
   const c10::SymInt summary = one_temperature ? c + 5 : c * 3 + 5;
-  return {at::empty_symint({c10::SymInt(4), n * s},
+  return {at::empty_symint({c10::SymInt(mitk::kRowStats), n * s},
                            logits.options().dtype(acc_of(logits.scalar_type()))),
           at::empty_symint({summary}, logits.options().dtype(at::kDouble))};
 }

@@ -23,8 +23,11 @@ Canonical inputs (``functional.py`` prepares them, views whenever the layout all
 * *acc dtype*: float64 when the logits are float64, else float32. All row math runs in it.
 
 ``row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index) -> (row_stats, summary)``
-  ``row_stats``: ``[4, R]`` acc dtype; rows ``lse, H, V, CE`` of ``z = x / T_r`` (KERNEL_MATH s.2);
-  all four are 0 for rows that are not valid.
+  ``row_stats``: ``[5, R]`` acc dtype (``ROW_STATS_FIELDS``); rows ``m, H, V, CE, log s``:
+  ``m = max_j x_j`` (logit units, not divided by ``T_r``), ``H, V, CE`` of ``z = x / T_r``
+  (KERNEL_MATH s.2) and ``log s``, ``s = sum_j exp((x_j - m) / T_r)``, so ``lse = m / T_r + log s``.
+  The backward takes ``log p = (x - m) / T_r - log s`` (exact near the max, whatever ``|z|``);
+  all five are 0 for rows that are not valid.
   ``summary``: float64 ``[5 + C]`` (``K = 1``) or ``[5 + 3C]`` (``K = C``):
   ``[B, sum CE, sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C], (sum_{y=k} V)[C]]``,
   sums over valid rows, ``B`` the number of valid rows, ``hist`` the valid rows per class.
@@ -93,6 +96,8 @@ KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 STATS_FIELDS = ("loss", "ce", "H", "H_star", "coef", "T", "updated", "valid", "invalid_targets")
 SUMMARY_HEADER = 5  # B, sum CE, sum H, sum V, n_invalid
+# Rows of row_stats (csrc/mit_loss_math.h kRowStats): the row's max logit, H, V, CE, log s.
+ROW_STATS_FIELDS = ("m", "H", "V", "CE", "log_s")
 
 # The kernel schemas, without the routing argument: the C++ library registers exactly these
 # (tests/test_ops.py checks it), the public ops add ``str backend``.
@@ -200,7 +205,7 @@ def summary_size(num_classes: int, num_temperatures: int) -> int:
 def _row_stats_fake(logits, targets, tau, t_eps, t_min, t_max, ignore_index, backend):
     torch._check(logits.dim() == 3, lambda: "row_stats: logits must be [N, C, S]")
     n, c, s = logits.shape
-    row_stats = logits.new_empty((4, n * s), dtype=acc_dtype(logits.dtype))
+    row_stats = logits.new_empty((len(ROW_STATS_FIELDS), n * s), dtype=acc_dtype(logits.dtype))
     summary = logits.new_empty((summary_size(c, tau.shape[0]),), dtype=torch.float64)
     return row_stats, summary
 
@@ -301,5 +306,5 @@ class EagerLossWithGrad(torch.autograd.Function):
 
 __all__ = [
     "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
-    "STATS_FIELDS", "TRITON_KERNEL_OPS", "acc_dtype", "summary_size",
+    "ROW_STATS_FIELDS", "STATS_FIELDS", "TRITON_KERNEL_OPS", "acc_dtype", "summary_size",
 ]

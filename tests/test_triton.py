@@ -375,9 +375,11 @@ def test_row_stats_op(num_classes, rows, per_class):
     temps = reference.temperature(tau)[safe if per_class else torch.zeros_like(safe)]
     z = logits / temps[:, None]
     want = reference.row_statistics(z, safe, 1.0)
-    lse = torch.logsumexp(z, dim=1)
+    m = logits.amax(dim=1)
+    log_s = torch.logsumexp((logits - m[:, None]) / temps[:, None], dim=1)
     zero = torch.zeros(())
-    for i, w in enumerate((lse, want["H"], want["V"], want["CE"])):
+    assert ops.ROW_STATS_FIELDS == ("m", "H", "V", "CE", "log_s") and rs.shape[0] == 5
+    for i, w in enumerate((m, want["H"], want["V"], want["CE"], log_s)):
         torch.testing.assert_close(rs[i], torch.where(valid, w, zero.double()), atol=1e-10,
                                    rtol=1e-10)
     hist = torch.bincount(targets[valid], minlength=num_classes).double()

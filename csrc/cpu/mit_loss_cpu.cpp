@@ -50,7 +50,8 @@ struct RowArgs {
   const void* inv_temp = nullptr;       // [K] acc: 1 / T_k
   int64_t K = 1;
   int64_t ignore_index = -100;
-  // row_stats: [4, R] acc, rows lse, H, V, CE (written by stats, read by grad)
+  // row_stats: [kRowStats, R] acc, rows m, H, V, CE, log s (mit_loss_math.h; written by stats,
+  // read by grad)
   void* row_stats = nullptr;
   // gradient only
   void* grad = nullptr;
@@ -152,15 +153,16 @@ inline int64_t load_target(const RowArgs& a, int64_t r) {
 
 template <typename acc_t>
 inline void write_stats(acc_t* rs, int64_t R, int64_t r, const RowStats<acc_t>& st) {
-  rs[r] = st.lse;
-  rs[R + r] = st.H;
-  rs[2 * R + r] = st.V;
-  rs[3 * R + r] = st.CE;
+  rs[kRowMax * R + r] = st.m;
+  rs[kRowH * R + r] = st.H;
+  rs[kRowV * R + r] = st.V;
+  rs[kRowCE * R + r] = st.CE;
+  rs[kRowLogS * R + r] = st.log_s;
 }
 
 template <typename acc_t>
 inline void write_zero_stats(acc_t* rs, int64_t R, int64_t r) {
-  rs[r] = rs[R + r] = rs[2 * R + r] = rs[3 * R + r] = acc_t(0);
+  for (int64_t k = 0; k < kRowStats; ++k) rs[k * R + r] = acc_t(0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,8 +199,7 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
   }
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
   if (xmax == neg_inf<acc_t>()) {  // every logit -inf: nothing to add
-    return row_finish<acc_t>(xmax * inv_t, acc_t(0), acc_t(0), acc_t(0),
-                             static_cast<acc_t>(x[y]) * inv_t);
+    return row_finish<acc_t>(xmax, inv_t, acc_t(0), acc_t(0), acc_t(0), static_cast<acc_t>(x[y]));
   }
   const Vec vm(xmax);
   for (int64_t j0 = 0; j0 < C; j0 += U * W) {
@@ -226,8 +227,7 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
     A = A + ((bA[0] + bA[1]) + (bA[2] + bA[3]));
     Q = Q + ((bQ[0] + bQ[1]) + (bQ[2] + bQ[3]));
   }
-  return row_finish<acc_t>(xmax * inv_t, hsum(s), hsum(A), hsum(Q),
-                           static_cast<acc_t>(x[y]) * inv_t);
+  return row_finish<acc_t>(xmax, inv_t, hsum(s), hsum(A), hsum(Q), static_cast<acc_t>(x[y]));
 }
 
 // Forward over rows [begin, end). A row whose class stride is not 1 is first gathered into a
@@ -260,14 +260,16 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = z - lse (KERNEL_MATH s.3).
+// Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = (x - m) / T - log s
+// (KERNEL_MATH s.3, mit_loss_math.h's log_prob).
 // The vector loop writes the non-target formula everywhere, then the target element is
 // rewritten from its own formula (one rounding to the output dtype either way).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
                                 typename VecIO<scalar_t>::acc_t inv_t,
-                                typename VecIO<scalar_t>::acc_t lse,
+                                typename VecIO<scalar_t>::acc_t m,
+                                typename VecIO<scalar_t>::acc_t log_s,
                                 typename VecIO<scalar_t>::acc_t H,
                                 typename VecIO<scalar_t>::acc_t c,
                                 typename VecIO<scalar_t>::acc_t scale, int64_t y) {
@@ -276,21 +278,21 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   using Vec = typename IO::Vec;
   constexpr int64_t W = Vec::size();
   constexpr int64_t U = 2;
-  const Vec vinv(inv_t), vlse(lse), vH(H), vc(c), vscale(scale),
+  const Vec vinv(inv_t), vm(m), vlog_s(log_s), vH(H), vc(c), vscale(scale),
       vmin(static_cast<acc_t>(kMinShift));
   int64_t j = 0;
   for (; j + U * W <= C; j += U * W) {
     Vec v[U];
     for (int64_t u = 0; u < U; ++u) v[u] = IO::load(x + j + u * W);
     for (int64_t u = 0; u < U; ++u) {
-      const Vec logp = at::vec::clamp_min(v[u] * vinv - vlse, vmin);
+      const Vec logp = at::vec::clamp_min(log_prob(v[u], vm, vinv, vlog_s), vmin);
       IO::store(dx + j + u * W, grad_logit(vexp(logp), logp, vH, vc, vscale));
     }
   }
   for (; j < C; j += W) {
     const int64_t rem = std::min<int64_t>(W, C - j);
     const Vec v = rem == W ? IO::load(x + j) : IO::load(x + j, rem);
-    const Vec logp = at::vec::clamp_min(v * vinv - vlse, vmin);
+    const Vec logp = at::vec::clamp_min(log_prob(v, vm, vinv, vlog_s), vmin);
     const Vec g = grad_logit(vexp(logp), logp, vH, vc, vscale);
     if (rem == W) {
       IO::store(dx + j, g);
@@ -298,7 +300,7 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
       IO::store(dx + j, g, rem);
     }
   }
-  const acc_t logp = clamp_shift(static_cast<acc_t>(x[y]) * inv_t - lse);
+  const acc_t logp = clamp_shift(log_prob(static_cast<acc_t>(x[y]), m, inv_t, log_s));
   dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
 }
 
@@ -329,13 +331,13 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const acc_t inv_t = inv_temp[a.K == 1 ? 0 : y];
     const acc_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<acc_t>(a.grad_scalar);
     const acc_t scale = g_r * static_cast<acc_t>(a.row_scale) * inv_t;
-    const acc_t lse = rs[r], H = rs[R + r];
+    const acc_t m = rs[kRowMax * R + r], H = rs[kRowH * R + r], log_s = rs[kRowLogS * R + r];
     if (!gather) {
-      grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, lse, H, c, scale, y);
+      grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, m, log_s, H, c, scale, y);
       continue;
     }
     for (int64_t j = 0; j < a.C; ++j) xbuf[j] = row[j * a.sc];
-    grad_row_contiguous<scalar_t>(xbuf.data(), gbuf.data(), a.C, inv_t, lse, H, c, scale, y);
+    grad_row_contiguous<scalar_t>(xbuf.data(), gbuf.data(), a.C, inv_t, m, log_s, H, c, scale, y);
     for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = gbuf[j];
   }
 }
@@ -621,7 +623,7 @@ void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t 
     for (int64_t r = b; r < e; ++r) {
       const int64_t y = target_at(a, r);
       if (target_valid(y, C, a.ignore_index)) {
-        const double ce = rs[3 * R + r], h = rs[R + r], v = rs[2 * R + r];
+        const double ce = rs[kRowCE * R + r], h = rs[kRowH * R + r], v = rs[kRowV * R + r];
         acc[0] += 1.0;
         acc[1] += ce;
         acc[2] += h;
@@ -665,7 +667,7 @@ Tensor row_stats_impl(const Tensor& logits, const Tensor& targets_in, const Tens
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
   const bool acc64 = logits.scalar_type() == at::kDouble;
-  Tensor rs = empty_cpu({4, sh.R}, acc_type(logits.scalar_type()));
+  Tensor rs = empty_cpu({kRowStats, sh.R}, acc_type(logits.scalar_type()));
   summary.resize(static_cast<size_t>(SUMMARY_HEADER_SIZE + (sh.K == 1 ? sh.C : 3 * sh.C)));
   RowArgs a = row_args(logits, targets, sh, ignore_index);
   InvTemps inv;
@@ -730,9 +732,9 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
                   (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
               "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == 4 &&
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == kRowStats &&
                   (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: row_stats must be float32/float64 [4, R], got ",
+              "mitkernels_C::finalize_: row_stats must be float32/float64 [", kRowStats, ", R], got ",
               row_stats.scalar_type(), " ", row_stats.sizes());
   TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating, got ",
               loss_dtype);
@@ -826,8 +828,8 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     void* lp = loss.mutable_data_ptr();
     for (int64_t r = 0; r < R; ++r) {
       const double v = n_invalid > 0 ? nan
-                                     : load_as_double(rp, rt, 3 * R + r) -
-                                           c * load_as_double(rp, rt, R + r);
+                                     : load_as_double(rp, rt, kRowCE * R + r) -
+                                           c * load_as_double(rp, rt, kRowH * R + r);
       store_from_double(lp, loss_dtype, r, v);
     }
   } else {
@@ -934,9 +936,10 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
   const bool acc64 = acc == at::kDouble;
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "mitkernels_C::loss_backward: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == 4 && row_stats_in.size(1) == sh.R &&
-                  row_stats_in.scalar_type() == acc,
-              "mitkernels_C::loss_backward: row_stats must be ", acc, " [4, ", sh.R, "], got ",
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == kRowStats &&
+                  row_stats_in.size(1) == sh.R && row_stats_in.scalar_type() == acc,
+              "mitkernels_C::loss_backward: row_stats must be ", acc, " [", kRowStats, ", ", sh.R,
+              "], got ",
               row_stats_in.scalar_type(), " ", row_stats_in.sizes());
   TORCH_CHECK(grad_info_in.dim() == 1 && grad_info_in.numel() == 2 + sh.K &&
                   at::isFloatingType(grad_info_in.scalar_type()),
@@ -995,7 +998,8 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
       for (int64_t r = 0; r < R; ++r) {
         const int64_t y = target_at(a, r);
         if (!target_valid(y, sh.C, ignore_index)) continue;
-        gt[sh.K == 1 ? 0 : y] += gr[r] * tau_row_term(p[3 * R + r] - p[R + r], a.coef, p[2 * R + r]);
+        gt[sh.K == 1 ? 0 : y] += gr[r] * tau_row_term(p[kRowCE * R + r] - p[kRowH * R + r], a.coef,
+                                                       p[kRowV * R + r]);
       }
       for (int64_t k = 0; k < sh.K; ++k) {
         double dT = 0.0;

@@ -10,6 +10,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../mit_loss_math.h"  // kRowStats
+
 #define MITK_CUDA_API_ONLY
 #include "mit_loss_cuda.cu"
 #undef MITK_CUDA_API_ONLY
@@ -107,7 +109,7 @@ std::tuple<Tensor, Tensor> row_stats_cuda(const Tensor& logits, const Tensor& ta
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
-  Tensor rs = at::empty({4, sh.R}, logits.options().dtype(acc_type(logits.scalar_type())));
+  Tensor rs = at::empty({mitk::kRowStats, sh.R}, logits.options().dtype(acc_type(logits.scalar_type())));
   Tensor summary = at::empty({kHeader + (sh.K == 1 ? sh.C : 3 * sh.C)},
                              logits.options().dtype(at::kDouble));
   Tensor work = at::empty({summary_workspace_doubles(sh.R, sh.C, sh.K)},
@@ -151,10 +153,11 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cuda(
   TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
                   (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
               "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == 4 &&
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == mitk::kRowStats &&
                   (row_stats_in.scalar_type() == at::kFloat ||
                    row_stats_in.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: row_stats must be float32/float64 [4, R]");
+              "mitkernels_C::finalize_: row_stats must be float32/float64 [", mitk::kRowStats,
+              ", R]");
   const int loss_code = scalar_code(loss_dtype, "loss_dtype");
   TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating");
   const int64_t K = tau_in.numel(), size = summary_in.numel();
@@ -261,9 +264,10 @@ std::tuple<Tensor, Tensor> loss_backward_cuda(const Tensor& grad_loss, const Ten
   const at::ScalarType acc = acc_type(logits.scalar_type());
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "mitkernels_C::loss_backward: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == 4 &&
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == mitk::kRowStats &&
                   row_stats_in.size(1) == sh.R && row_stats_in.scalar_type() == acc,
-              "mitkernels_C::loss_backward: row_stats must be ", acc, " [4, ", sh.R, "], got ",
+              "mitkernels_C::loss_backward: row_stats must be ", acc, " [", mitk::kRowStats, ", ",
+              sh.R, "], got ",
               row_stats_in.scalar_type(), " ", row_stats_in.sizes());
   TORCH_CHECK(grad_info_in.dim() == 1 && grad_info_in.numel() == 2 + sh.K &&
                   at::isFloatingType(grad_info_in.scalar_type()),

@@ -43,7 +43,7 @@ struct RowArgs {
   int64_t K;
   int64_t ignore_index;
   double t_eps, t_min, t_max;
-  void* row_stats;  // [4, R] acc
+  void* row_stats;  // [kRowStats, R] acc: m, H, V, CE, log s (mit_loss_math.h)
   // backward
   void* grad;
   int64_t gn, gc, gs;
@@ -203,7 +203,9 @@ row_stats_kernel(RowArgs a) {
   acc_t* rs = static_cast<acc_t*>(a.row_stats);
   const int64_t y = target_at(a, r);
   if (!target_valid(y, a.C, a.ignore_index)) {
-    if (lane == 0) rs[r] = rs[R + r] = rs[2 * R + r] = rs[3 * R + r] = acc_t(0);
+    if (lane == 0) {
+      for (int64_t k = 0; k < kRowStats; ++k) rs[k * R + r] = acc_t(0);
+    }
     return;
   }
   const int64_t n = r / a.S, sp = r - n * a.S;
@@ -211,18 +213,18 @@ row_stats_kernel(RowArgs a) {
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
                                      a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
   const acc_t ninf = -INFINITY;
-  acc_t m = ninf, s = 0, A = 0, Q = 0;  // m in z units
+  acc_t m = ninf, s = 0, A = 0, Q = 0;  // m in logit units, d = (x - m) / T
   for (int64_t j = lane; j < a.C; j += kWarp) {
-    const acc_t z = to_acc(x[j * a.sc]) * inv_t;
-    if (z > m || z != z) {
+    const acc_t xj = to_acc(x[j * a.sc]);
+    if (xj > m || xj != xj) {
       if (m > ninf) {
-        const acc_t d = clamp_shift(m - z);
+        const acc_t d = clamp_shift((m - xj) * inv_t);
         acc_rescale(s, A, Q, d, exp(d));
       }
-      m = z;
+      m = xj;
     }
     if (m == ninf) continue;
-    const acc_t d = clamp_shift(z - m);
+    const acc_t d = clamp_shift((xj - m) * inv_t);
     acc_add(s, A, Q, acc_t(exp(d)), d);
   }
   for (int off = kWarp / 2; off > 0; off >>= 1) {
@@ -234,15 +236,16 @@ row_stats_kernel(RowArgs a) {
       m = m + mo;  // NaN anywhere in the row: NaN stats
       s = s + so;
     } else {
-      acc_merge(m, s, A, Q, mo, so, Ao, Qo);
+      acc_merge(m, s, A, Q, mo, so, Ao, Qo, inv_t);
     }
   }
   if (lane == 0) {
-    const RowStats<acc_t> st = row_finish<acc_t>(m, s, A, Q, to_acc(x[y * a.sc]) * inv_t);
-    rs[r] = st.lse;
-    rs[R + r] = st.H;
-    rs[2 * R + r] = st.V;
-    rs[3 * R + r] = st.CE;
+    const RowStats<acc_t> st = row_finish<acc_t>(m, inv_t, s, A, Q, to_acc(x[y * a.sc]));
+    rs[kRowMax * R + r] = st.m;
+    rs[kRowH * R + r] = st.H;
+    rs[kRowV * R + r] = st.V;
+    rs[kRowCE * R + r] = st.CE;
+    rs[kRowLogS * R + r] = st.log_s;
   }
 }
 
@@ -263,9 +266,9 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
     const int64_t y = target_at(a, r);
     if (target_valid(y, a.C, a.ignore_index)) {
       v[0] += 1.0;
-      v[1] += static_cast<double>(rs[3 * R + r]);
-      v[2] += static_cast<double>(rs[R + r]);
-      v[3] += static_cast<double>(rs[2 * R + r]);
+      v[1] += static_cast<double>(rs[kRowCE * R + r]);
+      v[2] += static_cast<double>(rs[kRowH * R + r]);
+      v[3] += static_cast<double>(rs[kRowV * R + r]);
       atomicAdd(hist + y, 1.0);  // whole numbers: exact in any order
     } else if (y != a.ignore_index) {
       v[4] += 1.0;
@@ -281,8 +284,8 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
     double ce_h = 0.0, var = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
       if (target_at(a, r) == k) {
-        ce_h += static_cast<double>(rs[3 * R + r]) - static_cast<double>(rs[R + r]);
-        var += static_cast<double>(rs[2 * R + r]);
+        ce_h += static_cast<double>(rs[kRowCE * R + r]) - static_cast<double>(rs[kRowH * R + r]);
+        var += static_cast<double>(rs[kRowV * R + r]);
       }
     }
     class_part[(blockIdx.x * 2) * a.C + k] = ce_h;
@@ -420,8 +423,8 @@ __global__ void loss_rows_kernel(FinalizeArgs f) {
   const acc_t* rs = static_cast<const acc_t*>(f.row_stats);
   const double c = static_cast<double>(static_cast<const acc_t*>(f.grad_info)[0]);
   const double v = f.summary[4] > 0 ? nan("")
-                                    : static_cast<double>(rs[3 * f.R + r]) -
-                                          c * static_cast<double>(rs[f.R + r]);
+                                    : static_cast<double>(rs[kRowCE * f.R + r]) -
+                                          c * static_cast<double>(rs[kRowH * f.R + r]);
   switch (f.loss_code) {
     case kSDouble: static_cast<double*>(f.loss)[r] = v; break;
     case kSFloat: static_cast<float*>(f.loss)[r] = static_cast<float>(v); break;
@@ -455,9 +458,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) 
                                      a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
   const acc_t c = gi[0];
   const acc_t scale = (a.grad_rows ? gl[r] : gl[0]) * gi[1] * inv_t;
-  const acc_t lse = rs[r], H = rs[R + r];
+  const acc_t m = rs[kRowMax * R + r], H = rs[kRowH * R + r], log_s = rs[kRowLogS * R + r];
   for (int64_t j = lane; j < a.C; j += kWarp) {
-    const acc_t logp = clamp_shift(to_acc(x[j * a.sc]) * inv_t - lse);
+    const acc_t logp = clamp_shift(log_prob(to_acc(x[j * a.sc]), m, inv_t, log_s));
     const acc_t p = exp(logp);
     g[j * a.gc] = from_acc<scalar_t>(j == y ? grad_logit_target(p, logp, H, c, scale)
                                             : grad_logit(p, logp, H, c, scale));
@@ -485,8 +488,9 @@ grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
         const int64_t y = target_at(a, r);
         if (!target_valid(y, a.C, a.ignore_index) || (a.K != 1 && y != k)) continue;
         part += static_cast<double>(gl[r]) *
-                tau_row_term(static_cast<double>(rs[3 * R + r]) - static_cast<double>(rs[R + r]), c,
-                             static_cast<double>(rs[2 * R + r]));
+                tau_row_term(static_cast<double>(rs[kRowCE * R + r]) -
+                                 static_cast<double>(rs[kRowH * R + r]),
+                             c, static_cast<double>(rs[kRowV * R + r]));
       }
       const double sum = block_sum(part, smem);
       double dT = 0.0;

@@ -8,7 +8,7 @@ update on the device without a host synchronisation.
 
 Kernels (all launches are asynchronous; nothing reads a tensor value on the host):
 
-* ``_rows_kernel``: per-row ``lse, H, V, CE`` and per-program partial sums (persistent programs,
+* ``_rows_kernel``: per-row ``m, H, V, CE, log s`` and per-program partial sums (persistent programs,
   each walking row tiles in a fixed order, so the partial sums are bitwise reproducible); the
   class histogram by integer atomics (exact in any order) when there is one temperature.
 * ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
@@ -41,11 +41,12 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: tests/test_triton_aot.py loads this file on its own, outside the package.
-from mitkernels.ops import KIND_MIT, STATS_FIELDS, summary_size
+from mitkernels.ops import KIND_MIT, ROW_STATS_FIELDS, STATS_FIELDS, summary_size
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
 SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid
 STATS_LEN = len(STATS_FIELDS)
+ROW_STATS = len(ROW_STATS_FIELDS)
 NUM_STATS = tl.constexpr(STATS_LEN)
 # Kernels decorated under TRITON_INTERPRET=1 run on numpy; one conversion needs a workaround there.
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
@@ -339,36 +340,40 @@ def _clamp_shift(d):
 
 
 @triton.jit
-def _exp2_terms(z2, shift2):
-    """e = 2^w and w = z2 - shift2 (floored by _clamp_shift), in the base-2 units of the row
-    statistics. exp2 of a base-2 argument spares the multiply by log2(e) inside exp: one
+def _exp2_terms(x, shift, inv_temp2):
+    """e = 2^w and w = (x - shift) inv_temp2 (floored by _clamp_shift), in the base-2 units of
+    the row statistics; shift (the running max) in logit units. The difference first: exact near
+    the max, so the logit at the max gives w = 0 and e = 1 whatever |x / T| (csrc's log_prob has
+    the reason). exp2 of a base-2 argument spares the multiply by log2(e) inside exp: one
     instruction less an element, in kernels that are instruction-bound for 16-bit logits.
     """
-    w = _clamp_shift(z2 - shift2)
+    w = _clamp_shift((x - shift) * inv_temp2)
     return tl.exp2(w), w
 
 
 @triton.jit
 def _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                  BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """(m, s, A, Q) in base-2 units of rows that fit one column block: one load, row reductions."""
+    """(m, s, A, Q) of rows that fit one column block: one load, row reductions. m is the row's
+    max logit; s, A, Q are in base-2 units (here and in the other forms)."""
     cols = tl.arange(0, BLOCK_C)
     mask = in_range[:, None] & (cols < C)[None, :]
     x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c), mask=mask,
                 other=float("-inf"))
-    z = x.to(ACC) * inv_temp2[:, None]
-    m = tl.max(z, axis=1)
+    xa = x.to(ACC)
+    m = tl.max(xa, axis=1)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    e, w = _exp2_terms(z, shift[:, None])
+    e, w = _exp2_terms(xa, shift[:, None], inv_temp2[:, None])
     return m, tl.sum(e, axis=1), tl.sum(e * w, axis=1), tl.sum(e * w * w, axis=1)
 
 
 @triton.jit
-def _move_reference(old, new, s, a, q):
-    """Accumulators relative to ``old`` made relative to ``new`` >= old (KERNEL_MATH s.2), in the
-    base-2 units of the row statistics: d = old - new <= 0, f = 2^d: s' = f s, A' = f (A + d s),
-    Q' = f (Q + 2 d A + d^2 s) (the algebra holds in any base whose exponential weighs e)."""
-    d = old - new
+def _move_reference(old, new, inv_temp2, s, a, q):
+    """Accumulators relative to the max ``old`` made relative to ``new`` >= old (logit units;
+    KERNEL_MATH s.2), in the base-2 units of the row statistics: d = (old - new) inv_temp2 <= 0,
+    f = 2^d: s' = f s, A' = f (A + d s), Q' = f (Q + 2 d A + d^2 s) (the algebra holds in any
+    base whose exponential weighs e)."""
+    d = (old - new) * inv_temp2
     f = tl.exp2(d)
     # f = 0 (old far below new, e.g. a span of logits masked with -1e30): 0, not 0 * inf from d^2
     return f * s, tl.where(f > 0.0, f * (a + d * s), 0.0), tl.where(
@@ -376,14 +381,15 @@ def _move_reference(old, new, s, a, q):
 
 
 @triton.jit
-def _online_step(m, s, a, q, z, AXIS: tl.constexpr):
-    """The running (m, s, A, Q) along AXIS of z fed one more block (KERNEL_MATH s.2, base 2): the
-    block's max first, the sums moved to the new max, then the block's terms added."""
-    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+def _online_step(m, s, a, q, x, inv_temp2, AXIS: tl.constexpr):
+    """The running (m, s, A, Q) along AXIS of the logits x fed one more block (KERNEL_MATH s.2,
+    base 2): the block's max first, the sums moved to the new max, then the block's terms added.
+    inv_temp2 broadcasts against m (a row's or a lane's scalars)."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
     # No finite logit yet: m stays -inf and the shift is 0 (s = A = Q = 0).
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
-    e, w = _exp2_terms(z, tl.expand_dims(shift, AXIS))
+    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, inv_temp2, s, a, q)
+    e, w = _exp2_terms(x, tl.expand_dims(shift, AXIS), tl.expand_dims(inv_temp2, AXIS))
     return (m_new, s + tl.sum(e, axis=AXIS), a + tl.sum(e * w, axis=AXIS),
             q + tl.sum(e * w * w, axis=AXIS))
 
@@ -391,7 +397,7 @@ def _online_step(m, s, a, q, z, AXIS: tl.constexpr):
 @triton.jit
 def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """(m, s, A, Q) in base-2 units of rows wider than a column block, online over the blocks:
+    """(m, s, A, Q) of rows wider than a column block, online over the blocks:
     each block's max first, then its s, A, Q relative to the running max (KERNEL_MATH s.2).
 
     (Measured on an H200 against a variant that reduces a block once against the previous max and
@@ -407,7 +413,7 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
                     mask=mask, other=float("-inf"))
-        m, s, a, q = _online_step(m, s, a, q, x.to(ACC) * inv_temp2[:, None], 1)
+        m, s, a, q = _online_step(m, s, a, q, x.to(ACC), inv_temp2, 1)
     return m, s, a, q
 
 
@@ -415,7 +421,7 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
 def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     ACC: tl.constexpr):
-    """(m, s, A, Q) in base-2 units of one row (BLOCK_R = 1) wider than a column block, with no
+    """(m, s, A, Q) of one row (BLOCK_R = 1) wider than a column block, with no
     reduction across threads inside the loop: each of the BLOCK_L lanes keeps its own online
     accumulators, fed a [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside
     each thread (the lane width is the columns the threads load 16 bytes each of:
@@ -432,6 +438,7 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
     # the stride's alignment and vectorizes the loads.
     row_base = _row_bases(row, S, stride_n, stride_s)
     it = tl.sum(inv_temp2, axis=0)
+    it_l = tl.zeros([BLOCK_L], ACC) + it  # the lanes' copy (a splat): _online_step broadcasts it
     offs = tl.arange(0, BLOCK_U)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
     m = tl.full([BLOCK_L], float("-inf"), ACC)
     s = tl.zeros([BLOCK_L], ACC)
@@ -441,10 +448,10 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
         cols = c0 + offs
         x = tl.load(x_ptr + (row_base + cols.to(tl.int64) * stride_c), mask=cols < C,
                     other=float("-inf"))
-        m, s, a, q = _online_step(m, s, a, q, x.to(ACC) * it, 0)
+        m, s, a, q = _online_step(m, s, a, q, x.to(ACC), it_l, 0)
     m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
-    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, s, a, q)
+    s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, it, s, a, q)
     one = tl.zeros([BLOCK_R], ACC)
     return one + m_row, one + tl.sum(s, axis=0), one + tl.sum(a, axis=0), one + tl.sum(q, axis=0)
 
@@ -466,8 +473,6 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     inv_temp = _recip(temp)
     base = _row_bases(rows, S, stride_n, stride_s)
 
-    # The target's logit, gathered (one element a row) rather than picked out of every block.
-    x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
 
     # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
     # ln 2 computed, not a literal: Triton makes a Python float literal a float32 constant.
@@ -476,34 +481,35 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     # Rows that fit one block take the one-pass form: the online loop run once leaves ptxas
     # spilling in the multi-row tiles (bf16 C = 64..512 on sm_80/sm_90, tests/test_triton_aot.py).
     if LOCAL_CLASSES:
-        m2, s, a2, q2 = _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
-                                     BLOCK_C, ACC)
+        m, s, a2, q2 = _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
+                                    BLOCK_C, ACC)
     elif BLOCK_L > 0:
-        m2, s, a2, q2 = _lane_row_stats(x_ptr, tile, S, stride_n, stride_s, inv_temp2, C,
-                                        stride_c, BLOCK_R, BLOCK_C, BLOCK_L, ACC)
+        m, s, a2, q2 = _lane_row_stats(x_ptr, tile, S, stride_n, stride_s, inv_temp2, C,
+                                       stride_c, BLOCK_R, BLOCK_C, BLOCK_L, ACC)
     else:
-        m2, s, a2, q2 = _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
-                                        BLOCK_C, ACC)
-    m = m2 * ln2
+        m, s, a2, q2 = _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R,
+                                       BLOCK_C, ACC)
     a = a2 * ln2
     q = q2 * (ln2 * ln2)
-    # CE from the base-2 difference: the target's z is the same product as in the row max, so a
-    # target at the max gives CE = log s exactly, as it did in base e.
-    z_y2 = x_y.to(ACC) * inv_temp2
 
     s = tl.where(in_range, s, 1.0)  # padding rows: no log(0) (never stored)
     log_s = tl.log(s)
     inv_s = _recip(s)
     mean_w = a * inv_s
-    lse = tl.where(valid, m + log_s, 0.0)
     ent = tl.where(valid, log_s - mean_w, 0.0)  # H = lse - E_p[z]
     var = tl.where(valid, tl.maximum(q * inv_s - mean_w * mean_w, 0.0), 0.0)
-    ce = tl.where(valid, (m2 - z_y2) * ln2 + log_s, 0.0)
+    # The target's logit, gathered (one element a row) rather than picked out of every block;
+    # after the row loop, so that it is not live across it.
+    x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
+    # The difference first (csrc's row_finish): a target at the max gives CE = log s exactly.
+    ce = tl.where(valid, (m - x_y.to(ACC)) * inv_temp + log_s, 0.0)
+    # Rows m, H, V, CE, log s (ops.ROW_STATS_FIELDS); the backward takes log p from m and log s.
     rows64 = rows.to(tl.int64)
-    tl.store(rs_ptr + rows64, lse, mask=in_range)
+    tl.store(rs_ptr + rows64, tl.where(valid, m, 0.0), mask=in_range)
     tl.store(rs_ptr + R + rows64, ent, mask=in_range)
     tl.store(rs_ptr + R + R + rows64, var, mask=in_range)
     tl.store(rs_ptr + R + R + R + rows64, ce, mask=in_range)
+    tl.store(rs_ptr + R + R + R + R + rows64, tl.where(valid, log_s, 0.0), mask=in_range)
 
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     n_invalid = tl.sum(invalid.to(tl.int32), axis=0)
@@ -970,8 +976,9 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
     temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
     rows64 = rows.to(tl.int64)
-    lse = tl.load(rs_ptr + rows64, mask=in_range, other=0.0)
+    row_max = tl.load(rs_ptr + rows64, mask=in_range, other=0.0)
     ent = tl.load(rs_ptr + R + rows64, mask=in_range, other=0.0)
+    log_s = tl.load(rs_ptr + R + R + R + R + rows64, mask=in_range, other=0.0)
     coef = tl.load(gi_ptr)
     row_scale = tl.load(gi_ptr + 1)
     g = tl.load(g_ptr + rows64 * g_stride, mask=in_range, other=0.0).to(ACC)
@@ -984,8 +991,9 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         cols64 = cols.to(tl.int64)
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
-        # Floored: a -inf logit (a masked class) has p = 0 and a zero gradient, not 0 * -inf.
-        log_p = _clamp_shift(x.to(ACC) * inv_temp[:, None] - lse[:, None])
+        # log p = (x - m) / T - log s (csrc's log_prob), floored: a -inf logit (a masked class)
+        # has p = 0 and a zero gradient, not 0 * -inf.
+        log_p = _clamp_shift((x.to(ACC) - row_max[:, None]) * inv_temp[:, None] - log_s[:, None])
         p = tl.exp(log_p)
         onehot = (cols[None, :] == y_safe[:, None]).to(ACC)
         dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
@@ -1062,7 +1070,7 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     rows = n * s
     per_class = tau.shape[0] > 1
     cfg = row_config(c, logits.dtype)
-    row_stats = torch.empty((4, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    row_stats = torch.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
     width = summary_size(c, tau.shape[0])
     summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
     nprog = _num_programs(cfg, rows, logits.device)
@@ -1154,7 +1162,7 @@ def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
     device = logits.device
     acc = _acc_dtype(logits.dtype)
     nprog = _num_programs(cfg, rows, device)
-    rs = torch.empty((4, rows), dtype=acc, device=device)
+    rs = torch.empty((ROW_STATS, rows), dtype=acc, device=device)
     partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
     ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)
     summary = torch.empty((summary_len,), dtype=torch.float64, device=device)
@@ -1219,7 +1227,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
                                            t_min, t_max, reduction, update_state, loss_dtype)
         return loss, stats, rs, grad_info
     acc = _acc_dtype(logits.dtype)
-    rs = torch.empty((4, rows), dtype=acc, device=logits.device)
+    rs = torch.empty((ROW_STATS, rows), dtype=acc, device=logits.device)
     summary = torch.empty((summary_size(c, num_temperatures),), dtype=torch.float64,
                           device=logits.device)
     loss, stats, grad_info = _finalize_outputs(rows, logits.device, acc, num_temperatures,
