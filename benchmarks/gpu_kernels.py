@@ -271,7 +271,7 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
     add("torch.empty(16)", lambda: torch.empty(16, device=DEVICE))
     add("torch.zeros(16)", lambda: torch.zeros(16, device=DEVICE))
     add("x.add_(1) (one ATen launch)", lambda: small.add_(1))
-    rs = torch.zeros(4, 16, device=DEVICE)
+    rs = torch.zeros(tk.ROW_STATS, 16, device=DEVICE)
     gi = torch.zeros(3, device=DEVICE)
     st = torch.zeros(9, dtype=torch.float64, device=DEVICE)
     out = torch.empty(16, device=DEVICE)

@@ -25,18 +25,22 @@ using std::exp;
 using std::log;
 using std::log1p;
 
-// Entries of the summary before the per-class arrays: B, sum CE, sum H, sum V, n_invalid.
+// Entries of the summary before the per-class arrays: B, sum (CE - H), sum H, sum V, n_invalid.
+// CE - H rather than CE: the temperature gradient needs sum (CE - H), and with near-uniform
+// predictions (small logits, as at initialization) CE and H both sit near log C, so their
+// difference taken from rounded values lost its digits (1e-4 relative in float32 at logits of
+// 0.01 and C = 1000, where eager autograd is within 1e-6). The kernels form CE - H directly.
 constexpr int64_t SUMMARY_HEADER_SIZE = 5;
 // Entries of the stats vector: loss, mean CE, mean H, H*, lambda|alpha, T, updated, B, n_invalid.
 constexpr int64_t STATS_SIZE = 9;
 
 // Rows of the row_stats tensor ([kRowStats, R], acc type): the row's max logit m (logit units,
-// not divided by T), H, V, CE, log s with s = sum_j exp((x_j - m) / T). The backward takes
+// not divided by T), H, V, CE - H, log s with s = sum_j exp((x_j - m) / T). The backward takes
 // log p = (x - m) / T - log s from m and log s, not x / T - lse: lse = m / T + log s rounds to the
 // ulp of |x / T|, and log p inherited that error (3e-5 at |z| = 500 in float32, on p of the
 // dominant class too, where eager PyTorch's log_softmax is exact).
 constexpr int64_t kRowStats = 5;
-constexpr int64_t kRowMax = 0, kRowH = 1, kRowV = 2, kRowCE = 3, kRowLogS = 4;
+constexpr int64_t kRowMax = 0, kRowH = 1, kRowV = 2, kRowCEH = 3, kRowLogS = 4;
 
 // Logits shifted by the row max are clamped here before exp: exp(-1e4) is 0 in float and double,
 // and the clamp keeps e * d and e * d^2 at 0 (not NaN) for -inf logits.
@@ -119,12 +123,13 @@ MITK_HD void acc_merge(acc_t& ma, acc_t& sa, acc_t& Aa, acc_t& Qa, acc_t mb, acc
   Qa += Qb;
 }
 
-// Row finish: H (predictive entropy), V (variance of z under p), CE and log s, from the
+// Row finish: H (predictive entropy), V (variance of z under p), CE - H and log s, from the
 // accumulators about the row max m (logit units) and the target's logit. H = log s - A/s without
-// cancelling m; CE = (m - x_y) / T + log s: 0 + log s exactly when the target holds the max.
+// cancelling m; CE - H = E_p[z] - z_y = (m - x_y) / T + A/s, with no log s to cancel
+// (SUMMARY_HEADER_SIZE says why); CE = (CE - H) + H where the loss needs it.
 template <typename acc_t>
 struct RowStats {
-  acc_t m, H, V, CE, log_s;
+  acc_t m, H, V, CEH, log_s;
 };
 
 template <typename acc_t>
@@ -138,7 +143,7 @@ MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t inv_t, acc_t s, acc_t A, acc_t
   r.H = log_s - a;
   acc_t v = Q / s - a * a;
   r.V = v < acc_t(0) ? acc_t(0) : v;  // rounding can leave a tiny negative
-  r.CE = (m - x_target) * inv_t + log_s;
+  r.CEH = (m - x_target) * inv_t + a;
   return r;
 }
 
@@ -163,7 +168,7 @@ MITK_HD V grad_logit_target(const V& p, const V& log_p, const V& H, const V& c, 
   return scale * (p * (V(1) + c * (log_p + H)) - V(1));
 }
 
-// Row term of sum_j (dL/dz_j) z_j (KERNEL_MATH s.4): CE - H + c V.
+// Row term of sum_j (dL/dz_j) z_j (KERNEL_MATH s.4): (CE - H) + c V.
 template <typename acc_t>
 MITK_HD acc_t tau_row_term(acc_t ce_minus_h, acc_t c, acc_t v) {
   return ce_minus_h + c * v;

@@ -40,8 +40,10 @@ def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str)
         # The temperature rides on the clamp: clamp(softplus(0) + 0, t, t) == t exactly.
         _, summary = torch.ops.mitkernels.row_stats(
             logits.unsqueeze(-1), labels, tau, 0.0, t, t, -100, backend)
-        _, sum_ce, sum_h, sum_v = summary[:4].tolist()
-        gap_sum, curv_sum = sum_ce - sum_h, sum_ce - sum_h + sum_v
+        # The header's sum (CE - H) is formed per row by the kernels: a difference of the sums
+        # of CE and H would lose its digits when the logits say little (both near log C).
+        _, gap_sum, _, sum_v = summary[:4].tolist()
+        curv_sum = gap_sum + sum_v
     n = logits.shape[0]
     return -gap_sum / n, curv_sum / n
 

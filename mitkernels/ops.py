@@ -23,13 +23,15 @@ Canonical inputs (``functional.py`` prepares them, views whenever the layout all
 * *acc dtype*: float64 when the logits are float64, else float32. All row math runs in it.
 
 ``row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index) -> (row_stats, summary)``
-  ``row_stats``: ``[5, R]`` acc dtype (``ROW_STATS_FIELDS``); rows ``m, H, V, CE, log s``:
-  ``m = max_j x_j`` (logit units, not divided by ``T_r``), ``H, V, CE`` of ``z = x / T_r``
-  (KERNEL_MATH s.2) and ``log s``, ``s = sum_j exp((x_j - m) / T_r)``, so ``lse = m / T_r + log s``.
-  The backward takes ``log p = (x - m) / T_r - log s`` (exact near the max, whatever ``|z|``);
-  all five are 0 for rows that are not valid.
+  ``row_stats``: ``[5, R]`` acc dtype (``ROW_STATS_FIELDS``); rows ``m, H, V, CE - H, log s``:
+  ``m = max_j x_j`` (logit units, not divided by ``T_r``), ``H, V, CE - H`` of ``z = x / T_r``
+  (KERNEL_MATH s.2) and ``log s``, ``s = sum_j exp((x_j - m) / T_r)``, so ``lse = m / T_r + log s``
+  and ``CE = (CE - H) + H``. The backward takes ``log p = (x - m) / T_r - log s`` (exact near the
+  max, whatever ``|z|``); ``CE - H = E_p[z] - z_y`` is formed directly (the temperature gradient
+  needs it, and it is small where CE and H are not: small logits). All five are 0 for rows that
+  are not valid.
   ``summary``: float64 ``[5 + C]`` (``K = 1``) or ``[5 + 3C]`` (``K = C``):
-  ``[B, sum CE, sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C], (sum_{y=k} V)[C]]``,
+  ``[B, sum (CE - H), sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C], (sum_{y=k} V)[C]]``,
   sums over valid rows, ``B`` the number of valid rows, ``hist`` the valid rows per class.
   Reductions in a fixed order: bitwise identical on every run.
 
@@ -44,9 +46,9 @@ reduction, update_state, loss_dtype) -> (loss, stats, grad_info)``
   ``hparams``: MiT ``[]``; TET ``[lambda]``; CCT-EAL ``[ema_momentum, entropy_eps]``.
   In float64, with ``Bg = max(B, 1)``::
 
-      ok  = B > 0 and n_invalid == 0 and sum CE, sum H, sum V all finite
+      ok  = B > 0 and n_invalid == 0 and sum (CE - H), sum H, sum V all finite
       upd = update_state and ok                   (no state tensor changes unless upd)
-      mean_ce = sum CE / Bg ; mean_H = sum H / Bg
+      mean_ce = (sum (CE - H) + sum H) / Bg ; mean_H = sum H / Bg
       MiT: counts' = counts + hist; H* = -sum q log q, q = counts'/sum(counts') (0 log 0 = 0);
            n' = n + 1; d = max(0, (H* - mean_H) / log C); lam' = clamp((lam (n'-1) + d) / n', 0, 0.5);
            total' = total + B; c = lam'.   When not upd: counts, lam, n, total unchanged, H* from
@@ -54,16 +56,18 @@ reduction, update_state, loss_dtype) -> (loss, stats, grad_info)``
       TET: c = hparams[0]; H* = 0 (not reported).
       CCT: ema' = m ema + (1 - m) hist / Bg (when upd); H* = -sum p log p, p = max(ema', entropy_eps);
            alpha = state[1]; c = -2 alpha (mean_H - H*).
-  loss (Bl, CEl, Hl: valid count and sums of ``local_summary``), dtype ``loss_dtype``:
+  loss (Bl, CEl = sum (CE - H) + sum H, Hl: valid count and sums of ``local_summary``), dtype
+  ``loss_dtype``:
       mean: CEl/max(Bl,1) - c Hl/max(Bl,1)   (CCT: CEl/max(Bl,1) + alpha (mean_H - H*)^2)
       sum:  CEl - c Hl                       (CCT: CEl + Bl alpha (mean_H - H*)^2)
-      none: ``[R]``, ``CE_r - c H_r`` for valid rows, 0 otherwise (not defined for CCT).
+      none: ``[R]``, ``(CE - H)_r + (1 - c) H_r`` for valid rows, 0 otherwise (not defined for
+      CCT).
       0 when Bl == 0; NaN (every element) when n_invalid of ``summary`` (all ranks) > 0.
   ``stats``: float64 ``[9]`` = ``[loss (the mean form, whatever the reduction), mean_ce, mean_H, H*, lambda|alpha,
   T_0 (CCT: T_mean = sum_k hist_k T_k / Bg), updated (0/1), B, n_invalid]``.
   ``grad_info``: acc dtype ``[2 + K]`` = ``[c, row_scale, dL/dtau_0 .. dL/dtau_{K-1}]``;
   ``row_scale = 1/max(Bl,1)`` (mean) or 1 (sum, none); for mean/sum, with ``gs = 1/Bg`` (mean) or 1:
-  ``K = 1``: ``dL/dtau = -gs/T (sum CE - sum H + c sum V) T'(tau)``;
+  ``K = 1``: ``dL/dtau = -gs/T (sum (CE - H) + c sum V) T'(tau)``;
   ``K = C``: ``dL/dtau_k = -gs/T_k (sum_{y=k}(CE-H) + c sum_{y=k} V) T'(tau_k)``; zeros for none.
   Across ranks the temperature gradient is thus that of the global-batch loss on every rank (keep
   the loss module outside DistributedDataParallel), while ``row_scale`` keeps the logits' gradient
@@ -95,9 +99,9 @@ from . import _backends
 KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 STATS_FIELDS = ("loss", "ce", "H", "H_star", "coef", "T", "updated", "valid", "invalid_targets")
-SUMMARY_HEADER = 5  # B, sum CE, sum H, sum V, n_invalid
-# Rows of row_stats (csrc/mit_loss_math.h kRowStats): the row's max logit, H, V, CE, log s.
-ROW_STATS_FIELDS = ("m", "H", "V", "CE", "log_s")
+SUMMARY_HEADER = 5  # B, sum (CE - H), sum H, sum V, n_invalid
+# Rows of row_stats (csrc/mit_loss_math.h kRowStats): the row's max logit, H, V, CE - H, log s.
+ROW_STATS_FIELDS = ("m", "H", "V", "CE_minus_H", "log_s")
 
 # The kernel schemas, without the routing argument: the C++ library registers exactly these
 # (tests/test_ops.py checks it), the public ops add ``str backend``.

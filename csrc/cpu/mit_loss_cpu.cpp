@@ -50,7 +50,7 @@ struct RowArgs {
   const void* inv_temp = nullptr;       // [K] acc: 1 / T_k
   int64_t K = 1;
   int64_t ignore_index = -100;
-  // row_stats: [kRowStats, R] acc, rows m, H, V, CE, log s (mit_loss_math.h; written by stats,
+  // row_stats: [kRowStats, R] acc, rows m, H, V, CE - H, log s (mit_loss_math.h; written by stats,
   // read by grad)
   void* row_stats = nullptr;
   // gradient only
@@ -156,7 +156,7 @@ inline void write_stats(acc_t* rs, int64_t R, int64_t r, const RowStats<acc_t>& 
   rs[kRowMax * R + r] = st.m;
   rs[kRowH * R + r] = st.H;
   rs[kRowV * R + r] = st.V;
-  rs[kRowCE * R + r] = st.CE;
+  rs[kRowCEH * R + r] = st.CEH;
   rs[kRowLogS * R + r] = st.log_s;
 }
 
@@ -612,7 +612,8 @@ int64_t target_at(const RowArgs& a, int64_t r) {
                      : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
 }
 
-// summary = [B, sum CE, sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C], (sum_{y=k} V)[C]]
+// summary = [B, sum (CE - H), sum H, sum V, n_invalid, hist[C], (sum_{y=k}(CE - H))[C],
+//            (sum_{y=k} V)[C]]
 // Fixed-size row chunks (size from R and C only), each summed in row order, then combined in
 // chunk order: the same bits for any thread count.
 template <typename acc_t>
@@ -623,14 +624,14 @@ void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t 
     for (int64_t r = b; r < e; ++r) {
       const int64_t y = target_at(a, r);
       if (target_valid(y, C, a.ignore_index)) {
-        const double ce = rs[kRowCE * R + r], h = rs[kRowH * R + r], v = rs[kRowV * R + r];
+        const double ceh = rs[kRowCEH * R + r], h = rs[kRowH * R + r], v = rs[kRowV * R + r];
         acc[0] += 1.0;
-        acc[1] += ce;
+        acc[1] += ceh;
         acc[2] += h;
         acc[3] += v;
         acc[5 + y] += 1.0;
         if (per_class) {
-          acc[5 + C + y] += ce - h;
+          acc[5 + C + y] += ceh;
           acc[5 + 2 * C + y] += v;
         }
       } else if (y != a.ignore_index) {
@@ -763,7 +764,8 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
                 "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
   }
 
-  const double B = S[0], sum_ce = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double B = S[0], sum_ceh = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double sum_ce = sum_ceh + sum_h;
   const double* hist = S + SUMMARY_HEADER_SIZE;
   const bool ok = B > 0 && n_invalid == 0 && std::isfinite(sum_ce) && std::isfinite(sum_h) &&
                   std::isfinite(sum_v);
@@ -805,7 +807,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   }
 
   // Loss from this rank's sums.
-  const double Bl = L[0], ce_l = L[1], h_l = L[2];
+  const double Bl = L[0], ce_l = L[1] + L[2], h_l = L[2];
   const double Blg = std::max(Bl, 1.0);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double penalty = kind == kCCT ? cct_penalty(alpha, mean_h, h_star) : 0.0;
@@ -828,8 +830,8 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     void* lp = loss.mutable_data_ptr();
     for (int64_t r = 0; r < R; ++r) {
       const double v = n_invalid > 0 ? nan
-                                     : load_as_double(rp, rt, kRowCE * R + r) -
-                                           c * load_as_double(rp, rt, kRowH * R + r);
+                                     : load_as_double(rp, rt, kRowCEH * R + r) +
+                                           (1.0 - c) * load_as_double(rp, rt, kRowH * R + r);
       store_from_double(lp, loss_dtype, r, v);
     }
   } else {
@@ -849,7 +851,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     double dT = 0.0;
     const double T = temperature_of(tau, 0, t_eps, t_min, t_max, &dT);
     t_stat = kind == kCCT ? T * B / Bg : T;
-    if (reduction != 0) gi[2] = grad_tau_value(gs, T, sum_ce - sum_h, c, sum_v, dT);
+    if (reduction != 0) gi[2] = grad_tau_value(gs, T, sum_ceh, c, sum_v, dT);
   } else {
     const double* cls_ce_h = S + SUMMARY_HEADER_SIZE + C;
     const double* cls_v = S + SUMMARY_HEADER_SIZE + 2 * C;
@@ -998,8 +1000,7 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
       for (int64_t r = 0; r < R; ++r) {
         const int64_t y = target_at(a, r);
         if (!target_valid(y, sh.C, ignore_index)) continue;
-        gt[sh.K == 1 ? 0 : y] += gr[r] * tau_row_term(p[kRowCE * R + r] - p[kRowH * R + r], a.coef,
-                                                       p[kRowV * R + r]);
+        gt[sh.K == 1 ? 0 : y] += gr[r] * tau_row_term(p[kRowCEH * R + r], a.coef, p[kRowV * R + r]);
       }
       for (int64_t k = 0; k < sh.K; ++k) {
         double dT = 0.0;

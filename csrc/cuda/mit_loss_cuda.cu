@@ -43,7 +43,7 @@ struct RowArgs {
   int64_t K;
   int64_t ignore_index;
   double t_eps, t_min, t_max;
-  void* row_stats;  // [kRowStats, R] acc: m, H, V, CE, log s (mit_loss_math.h)
+  void* row_stats;  // [kRowStats, R] acc: m, H, V, CE - H, log s (mit_loss_math.h)
   // backward
   void* grad;
   int64_t gn, gc, gs;
@@ -244,7 +244,7 @@ row_stats_kernel(RowArgs a) {
     rs[kRowMax * R + r] = st.m;
     rs[kRowH * R + r] = st.H;
     rs[kRowV * R + r] = st.V;
-    rs[kRowCE * R + r] = st.CE;
+    rs[kRowCEH * R + r] = st.CEH;
     rs[kRowLogS * R + r] = st.log_s;
   }
 }
@@ -266,7 +266,7 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
     const int64_t y = target_at(a, r);
     if (target_valid(y, a.C, a.ignore_index)) {
       v[0] += 1.0;
-      v[1] += static_cast<double>(rs[kRowCE * R + r]);
+      v[1] += static_cast<double>(rs[kRowCEH * R + r]);
       v[2] += static_cast<double>(rs[kRowH * R + r]);
       v[3] += static_cast<double>(rs[kRowV * R + r]);
       atomicAdd(hist + y, 1.0);  // whole numbers: exact in any order
@@ -284,7 +284,7 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
     double ce_h = 0.0, var = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
       if (target_at(a, r) == k) {
-        ce_h += static_cast<double>(rs[kRowCE * R + r]) - static_cast<double>(rs[kRowH * R + r]);
+        ce_h += static_cast<double>(rs[kRowCEH * R + r]);
         var += static_cast<double>(rs[kRowV * R + r]);
       }
     }
@@ -326,7 +326,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   const double* S = f.summary;
   const double* L = f.local;
   const int64_t C = f.C;
-  const double B = S[0], sum_ce = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double B = S[0], sum_ceh = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
+  const double sum_ce = sum_ceh + sum_h;
   const double* hist = S + SUMMARY_HEADER_SIZE;
   const bool ok = B > 0 && n_invalid == 0 && isfinite(sum_ce) && isfinite(sum_h) && isfinite(sum_v);
   const bool upd = f.update_state && ok;
@@ -379,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
     const double T = temperature_at(f.tau, f.tau64, k, f.t_eps, f.t_min, f.t_max, &dT);
     double g = 0.0;
     if (f.reduction != 0) {
-      g = f.K == 1 ? grad_tau_value(gs, T, sum_ce - sum_h, c, sum_v, dT)
+      g = f.K == 1 ? grad_tau_value(gs, T, sum_ceh, c, sum_v, dT)
                    : grad_tau_value(gs, T, S[SUMMARY_HEADER_SIZE + C + k], c,
                                     S[SUMMARY_HEADER_SIZE + 2 * C + k], dT);
     }
@@ -390,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   const double t_sum = block_sum(t_part, smem);
   if (threadIdx.x != 0) return;
 
-  const double Bl = L[0], ce_l = L[1], h_l = L[2];
+  const double Bl = L[0], ce_l = L[1] + L[2], h_l = L[2];
   const double Blg = Bl > 1.0 ? Bl : 1.0;
   const double penalty = f.kind == 2 ? cct_penalty(alpha, mean_h, h_star) : 0.0;
   double loss_mean = f.kind == 2 ? ce_l / Blg + penalty : ce_l / Blg - c * h_l / Blg;
@@ -415,7 +416,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   st[8] = n_invalid;
 }
 
-// reduction 'none': loss_r = CE_r - c H_r (0 for rows that are not valid: their stats are 0).
+// reduction 'none': loss_r = CE_r - c H_r = (CE - H)_r + (1 - c) H_r (0 for rows that are not
+// valid: their stats are 0).
 template <typename acc_t>
 __global__ void loss_rows_kernel(FinalizeArgs f) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -423,8 +425,8 @@ __global__ void loss_rows_kernel(FinalizeArgs f) {
   const acc_t* rs = static_cast<const acc_t*>(f.row_stats);
   const double c = static_cast<double>(static_cast<const acc_t*>(f.grad_info)[0]);
   const double v = f.summary[4] > 0 ? nan("")
-                                    : static_cast<double>(rs[kRowCE * f.R + r]) -
-                                          c * static_cast<double>(rs[kRowH * f.R + r]);
+                                    : static_cast<double>(rs[kRowCEH * f.R + r]) +
+                                          (1.0 - c) * static_cast<double>(rs[kRowH * f.R + r]);
   switch (f.loss_code) {
     case kSDouble: static_cast<double*>(f.loss)[r] = v; break;
     case kSFloat: static_cast<float*>(f.loss)[r] = static_cast<float>(v); break;
@@ -467,7 +469,7 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) 
   }
 }
 
-// dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)(CE - H + c V) T' in a fixed
+// dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)((CE - H) + c V) T' in a fixed
 // order (one block; each thread a fixed stride of rows, then a fixed tree per temperature).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -488,9 +490,8 @@ grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
         const int64_t y = target_at(a, r);
         if (!target_valid(y, a.C, a.ignore_index) || (a.K != 1 && y != k)) continue;
         part += static_cast<double>(gl[r]) *
-                tau_row_term(static_cast<double>(rs[kRowCE * R + r]) -
-                                 static_cast<double>(rs[kRowH * R + r]),
-                             c, static_cast<double>(rs[kRowV * R + r]));
+                tau_row_term(static_cast<double>(rs[kRowCEH * R + r]), c,
+                             static_cast<double>(rs[kRowV * R + r]));
       }
       const double sum = block_sum(part, smem);
       double dT = 0.0;

@@ -8,7 +8,7 @@ update on the device without a host synchronisation.
 
 Kernels (all launches are asynchronous; nothing reads a tensor value on the host):
 
-* ``_rows_kernel``: per-row ``m, H, V, CE, log s`` and per-program partial sums (persistent programs,
+* ``_rows_kernel``: per-row ``m, H, V, CE - H, log s`` and per-program partial sums (persistent programs,
   each walking row tiles in a fixed order, so the partial sums are bitwise reproducible); the
   class histogram by integer atomics (exact in any order) when there is one temperature.
 * ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
@@ -44,7 +44,7 @@ from torch import Tensor
 from mitkernels.ops import KIND_MIT, ROW_STATS_FIELDS, STATS_FIELDS, summary_size
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
-SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum CE, sum H, sum V, n_invalid
+SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum (CE - H), sum H, sum V, n_invalid
 STATS_LEN = len(STATS_FIELDS)
 ROW_STATS = len(ROW_STATS_FIELDS)
 NUM_STATS = tl.constexpr(STATS_LEN)
@@ -501,19 +501,20 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     # The target's logit, gathered (one element a row) rather than picked out of every block;
     # after the row loop, so that it is not live across it.
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
-    # The difference first (csrc's row_finish): a target at the max gives CE = log s exactly.
-    ce = tl.where(valid, (m - x_y.to(ACC)) * inv_temp + log_s, 0.0)
-    # Rows m, H, V, CE, log s (ops.ROW_STATS_FIELDS); the backward takes log p from m and log s.
+    # CE - H = E_p[z] - z_y = (m - x_y) / T + A / s, formed directly (csrc's row_finish): from
+    # rounded CE and H it lost its digits when both sit near log C (small logits).
+    ceh = tl.where(valid, (m - x_y.to(ACC)) * inv_temp + mean_w, 0.0)
+    # Rows m, H, V, CE - H, log s (ops.ROW_STATS_FIELDS); the backward takes log p from m, log s.
     rows64 = rows.to(tl.int64)
     tl.store(rs_ptr + rows64, tl.where(valid, m, 0.0), mask=in_range)
     tl.store(rs_ptr + R + rows64, ent, mask=in_range)
     tl.store(rs_ptr + R + R + rows64, var, mask=in_range)
-    tl.store(rs_ptr + R + R + R + rows64, ce, mask=in_range)
+    tl.store(rs_ptr + R + R + R + rows64, ceh, mask=in_range)
     tl.store(rs_ptr + R + R + R + R + rows64, tl.where(valid, log_s, 0.0), mask=in_range)
 
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     n_invalid = tl.sum(invalid.to(tl.int32), axis=0)
-    sum_ce = tl.sum(ce, axis=0)
+    sum_ceh = tl.sum(ceh, axis=0)
     sum_h = tl.sum(ent, axis=0)
     sum_v = tl.sum(var, axis=0)
     if LOCAL_CLASSES:
@@ -521,7 +522,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
         in_class = valid[:, None] & (y_safe[:, None] == classes[None, :])
         hist = tl.sum(in_class.to(tl.int32), axis=0)
         if PER_CLASS:
-            class_ceh = tl.sum(tl.where(in_class, (ce - ent)[:, None], 0.0), axis=0)
+            class_ceh = tl.sum(tl.where(in_class, ceh[:, None], 0.0), axis=0)
             class_v = tl.sum(tl.where(in_class, var[:, None], 0.0), axis=0)
         else:
             class_ceh = tl.zeros([BLOCK_C], ACC)
@@ -533,7 +534,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
         hist = tl.zeros([BLOCK_C], tl.int32)
         class_ceh = tl.zeros([BLOCK_C], ACC)
         class_v = tl.zeros([BLOCK_C], ACC)
-    return n_valid, n_invalid, sum_ce, sum_h, sum_v, hist, class_ceh, class_v
+    return n_valid, n_invalid, sum_ceh, sum_h, sum_v, hist, class_ceh, class_v
 
 
 @triton.jit
@@ -543,7 +544,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
                LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
 
-    Layout of a partial row: ``[B, sum CE, sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
+    Layout of a partial row: ``[B, sum (CE - H), sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
     and not ATOMIC_HIST ``hist[C]`` (+ ``sum_{y=k}(CE - H)[C], sum_{y=k} V[C]`` with PER_CLASS):
     the summary layout. ATOMIC_HIST counts the classes into the int32 ``hist_ptr`` instead (with
     LOCAL_CLASSES one atomic per class a program, else one a row): integer sums are exact in any
@@ -552,20 +553,20 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
     num_tiles = tl.cdiv(R, BLOCK_R)
     acc_b = tl.zeros([], tl.float64)
     acc_inv = tl.zeros([], tl.float64)
-    acc_ce = tl.zeros([], tl.float64)
+    acc_d = tl.zeros([], tl.float64)  # sum (CE - H)
     acc_h = tl.zeros([], tl.float64)
     acc_v = tl.zeros([], tl.float64)
     acc_hist = tl.zeros([BLOCK_C], tl.float64)
     acc_ceh = tl.zeros([BLOCK_C], tl.float64)
     acc_cv = tl.zeros([BLOCK_C], tl.float64)
     for tile in range(pid, num_tiles, nprog):
-        b, inv, ce, h, v, hist, ceh, cv = _tile_stats(
+        b, inv, d, h, v, hist, ceh, cv = _tile_stats(
             x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
             ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES,
             PER_CLASS, ATOMIC_HIST)
         acc_b += b.to(tl.float64)
         acc_inv += inv.to(tl.float64)
-        acc_ce += ce.to(tl.float64)
+        acc_d += d.to(tl.float64)
         acc_h += h.to(tl.float64)
         acc_v += v.to(tl.float64)
         if LOCAL_CLASSES:
@@ -581,7 +582,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
             width += C
     out = part_ptr + pid * width
     idx = tl.arange(0, 8)
-    header = tl.where(idx == 0, acc_b, tl.where(idx == 1, acc_ce, tl.where(
+    header = tl.where(idx == 0, acc_b, tl.where(idx == 1, acc_d, tl.where(
         idx == 2, acc_h, tl.where(idx == 3, acc_v, acc_inv))))
     tl.store(out + idx, header, mask=idx < SUMMARY_HEADER)
     if LOCAL_CLASSES and ATOMIC_HIST:
@@ -634,35 +635,35 @@ def _summary_kernel(part_ptr, P, WP, rs_ptr, tg_ptr, hist_ptr, sum_ptr, R, C, W,
         for r0 in range(0, R, BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N)
             y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
-            ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0)
             var = tl.load(rs_ptr + R + R + rows, mask=in_range, other=0.0)
-            ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
+            ceh = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
             hit = valid[:, None] & (y_safe[:, None] == cls[None, :]) & scanned[None, :]
             val = tl.where(which[None, :] == 0, 1.0,
-                           tl.where(which[None, :] == 1, (ce - ent)[:, None], var[:, None]))
+                           tl.where(which[None, :] == 1, ceh[:, None], var[:, None]))
             acc += tl.sum(tl.where(hit, val.to(tl.float64), 0.0), axis=0)
     tl.store(sum_ptr + cols, acc, mask=cols < W)
 
 
 @triton.jit
-def _update_flag(big_b, sum_ce, sum_h, sum_v, n_invalid, update_state):
+def _update_flag(big_b, sum_ceh, sum_h, sum_v, n_invalid, update_state):
     """Whether the state updates: a batch with valid rows, no invalid target, finite sums, and
     update_state."""
-    finite = ((sum_ce - sum_ce) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
+    finite = ((sum_ceh - sum_ceh) == 0.0) & ((sum_h - sum_h) == 0.0) & ((sum_v - sum_v) == 0.0)
     ok = (big_b > 0.0) & (n_invalid == 0.0) & finite
     return ok & (tl.cast(update_state, tl.int32) != 0)
 
 
 @triton.jit
 def _summary_header(sum_ptr, update_state):
-    """The summary's header and whether the state updates."""
+    """The summary's header ([B, sum (CE - H), sum H, sum V, n_invalid]) and whether the state
+    updates."""
     big_b = tl.load(sum_ptr)
-    sum_ce = tl.load(sum_ptr + 1)
+    sum_ceh = tl.load(sum_ptr + 1)
     sum_h = tl.load(sum_ptr + 2)
     sum_v = tl.load(sum_ptr + 3)
     n_invalid = tl.load(sum_ptr + 4)
-    upd = _update_flag(big_b, sum_ce, sum_h, sum_v, n_invalid, update_state)
-    return big_b, sum_ce, sum_h, sum_v, n_invalid, upd
+    upd = _update_flag(big_b, sum_ceh, sum_h, sum_v, n_invalid, update_state)
+    return big_b, sum_ceh, sum_h, sum_v, n_invalid, upd
 
 
 @triton.jit
@@ -713,13 +714,13 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     CLASS_PARTS (MiT): other programs have walked the classes (_finalize_classes_kernel) and
     left ``n_cls`` pairs (sum c, sum c log c) at ``cls_ptr``; otherwise this program walks them.
     """
-    big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
+    big_b, sum_ceh, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
     loc_b = tl.load(loc_ptr)
-    loc_ce = tl.load(loc_ptr + 1)
     loc_h = tl.load(loc_ptr + 2)
+    loc_ce = tl.load(loc_ptr + 1) + loc_h
     b_g = tl.maximum(big_b, 1.0)
     inv_bg = _recip(b_g)
-    mean_ce = sum_ce * inv_bg
+    mean_ce = (sum_ceh + sum_h) * inv_bg
     mean_h = sum_h * inv_bg
     hist_ptr = sum_ptr + SUMMARY_HEADER
     nan = _nan_f64()
@@ -794,7 +795,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         temp_sum += tl.sum(hist_k * temp_k, axis=0)
         ceh_k = tl.load(hist_ptr + C + k, mask=per_class, other=0.0)
         var_k = tl.load(hist_ptr + C + C + k, mask=per_class, other=0.0)
-        num = tl.where(multi, ceh_k + coef * var_k, sum_ce - sum_h + coef * sum_v)
+        num = tl.where(multi, ceh_k + coef * var_k, sum_ceh + coef * sum_v)
         dtau = -grad_scale * _recip(temp_k) * num * dtemp_k.to(tl.float64)
         dtau = tl.where(reduction == 0, 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
@@ -829,10 +830,12 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
 @triton.jit
 def _none_loss_rows(rs_ptr, loss_ptr, rows, R, coef, is_nan):
     in_range = rows < R
-    ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0)
-    ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0)
-    loss = ce - coef.to(ce.dtype) * ent  # rows that are not valid hold zeros: loss 0
-    loss = tl.where(is_nan, _nan_f64().to(ce.dtype), loss)
+    ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0).to(tl.float64)
+    ceh = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
+    # CE - c H = (CE - H) + (1 - c) H, in float64 and rounded once (as the C++ kernels);
+    # rows that are not valid hold zeros: loss 0
+    loss = ceh + (1.0 - coef.to(tl.float64)) * ent
+    loss = tl.where(is_nan, _nan_f64(), loss)
     tl.store(loss_ptr + rows, _to_dtype(loss, loss_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -876,7 +879,7 @@ def _finalize_classes_kernel(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_pt
                            _pick(header, 3), _pick(header, 4), update_state)
         total, clogc = _mit_counts(st0_ptr, hist_ptr, pid * CLASS_BLOCK, C, upd, CLASS_BLOCK)
     else:
-        big_b, sum_ce, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
+        big_b, sum_ceh, sum_h, sum_v, n_invalid, upd = _summary_header(sum_ptr, update_state)
         total, clogc = _mit_counts(st0_ptr, sum_ptr + SUMMARY_HEADER, pid * CLASS_BLOCK, C, upd,
                                    CLASS_BLOCK)
     idx = tl.arange(0, 2)
@@ -1023,11 +1026,10 @@ def _grad_tau_none_kernel(g_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr, R, C, 
     for r0 in range(0, R, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
-        ent = tl.load(rs_ptr + R + rows, mask=in_range, other=0.0).to(tl.float64)
         var = tl.load(rs_ptr + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
-        ce = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
+        ceh = tl.load(rs_ptr + R + R + R + rows, mask=in_range, other=0.0).to(tl.float64)
         g = tl.load(g_ptr + rows, mask=in_range, other=0.0).to(tl.float64)
-        val = g * (ce - ent + coef * var)
+        val = g * (ceh + coef * var)
         cls = tl.where(tl.cast(K, tl.int32) > 1, y_safe, 0)
         hit = valid[:, None] & (cls[:, None] == k[None, :])
         acc += tl.sum(tl.where(hit, val[:, None], 0.0), axis=0)
