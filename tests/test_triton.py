@@ -577,6 +577,27 @@ def test_cuda_masked_classes(num_classes, rows, dtype, backend):
 
 
 @gpu_only
+@pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
+@pytest.mark.parametrize("num_classes", [3, 40, 5000])
+def test_cuda_positive_inf_logit(num_classes, backend):
+    """A +inf logit makes its row NaN (loss, H, that row's gradient) and skips the state update,
+    as on the cpu backend. The CUDA warp merge once dropped the lane that held it (finite stats)."""
+    logits = torch.randn(4, num_classes, generator=torch.Generator().manual_seed(num_classes))
+    logits[1, 2] = float("inf")
+    targets = torch.tensor([0, 1, 2, 0])
+    outs = []
+    for name, device in (("cpu", "cpu"), (backend, "cuda")):
+        x = logits.clone().to(device).requires_grad_(True)
+        state = mitkernels.MiTState(num_classes, device=device)
+        loss, stats = mitkernels.mit_loss(x, targets.to(device), state, backend=name)
+        loss.backward()
+        outs.append((float(loss), float(stats["H"]), float(stats["updated"]),
+                     torch.isnan(x.grad).any(1).cpu().tolist()))
+    assert math.isnan(outs[1][0]) and math.isnan(outs[1][1]) and outs[1][2] == 0.0
+    assert outs[1][3] == outs[0][3] == [False, True, False, False]
+
+
+@gpu_only
 def test_cuda_layouts_and_kinds():
     gen = torch.Generator().manual_seed(12)
     spatial = torch.randn(2, 19, 8, 8, generator=gen)

@@ -232,8 +232,11 @@ row_stats_kernel(RowArgs a) {
     const acc_t so = __shfl_down_sync(0xffffffffu, s, off);
     const acc_t Ao = __shfl_down_sync(0xffffffffu, A, off);
     const acc_t Qo = __shfl_down_sync(0xffffffffu, Q, off);
-    if (m != m || mo != mo) {
-      m = m + mo;  // NaN anywhere in the row: NaN stats
+    // NaN anywhere in the row: NaN stats. A lane that saw +inf holds m = inf and s = NaN
+    // (inf - inf): without the s tests acc_merge's empty-lane check (!(s > 0)) dropped it, and
+    // the row came out finite where the CPU and Triton give NaN.
+    if (m != m || mo != mo || s != s || so != so) {
+      m = m + mo;
       s = s + so;
     } else {
       acc_merge(m, s, A, Q, mo, so, Ao, Qo, inv_t);
