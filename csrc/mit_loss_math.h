@@ -155,7 +155,8 @@ MITK_HD V log_prob(const V& x, const V& m, const V& inv_t, const V& log_s) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gradient w.r.t. the logits (KERNEL_MATH s.3), with scale = g row_scale / T_r, log p from log_prob:
+// Gradient w.r.t. the logits (KERNEL_MATH s.3), with scale = g row_scale / T_r and log p from
+// log_prob:
 //   dx = scale (p (1 + c (log p + H)) - [j == y])
 // ---------------------------------------------------------------------------------------------
 template <typename V>

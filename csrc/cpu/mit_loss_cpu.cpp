@@ -735,7 +735,8 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
               "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == kRowStats &&
                   (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: row_stats must be float32/float64 [", kRowStats, ", R], got ",
+              "mitkernels_C::finalize_: row_stats must be float32/float64 [", kRowStats,
+              ", R], got ",
               row_stats.scalar_type(), " ", row_stats.sizes());
   TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating, got ",
               loss_dtype);

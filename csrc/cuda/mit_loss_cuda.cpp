@@ -109,7 +109,8 @@ std::tuple<Tensor, Tensor> row_stats_cuda(const Tensor& logits, const Tensor& ta
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
-  Tensor rs = at::empty({mitk::kRowStats, sh.R}, logits.options().dtype(acc_type(logits.scalar_type())));
+  Tensor rs = at::empty({mitk::kRowStats, sh.R},
+                        logits.options().dtype(acc_type(logits.scalar_type())));
   Tensor summary = at::empty({kHeader + (sh.K == 1 ? sh.C : 3 * sh.C)},
                              logits.options().dtype(at::kDouble));
   Tensor work = at::empty({summary_workspace_doubles(sh.R, sh.C, sh.K)},

@@ -8,9 +8,10 @@ update on the device without a host synchronisation.
 
 Kernels (all launches are asynchronous; nothing reads a tensor value on the host):
 
-* ``_rows_kernel``: per-row ``m, H, V, CE - H, log s`` and per-program partial sums (persistent programs,
-  each walking row tiles in a fixed order, so the partial sums are bitwise reproducible); the
-  class histogram by integer atomics (exact in any order) when there is one temperature.
+* ``_rows_kernel``: per-row ``m, H, V, CE - H, log s`` and per-program partial sums (persistent
+  programs, each walking row tiles in a fixed order, so the partial sums are bitwise
+  reproducible); the class histogram by integer atomics (exact in any order) when there is one
+  temperature.
 * ``_summary_kernel``: sums the partials in a fixed order into the float64 summary; CCT-EAL's
   per-class sums for large C come from a scan of the targets (no float atomics).
 * ``_finalize_kernel``: one program: state update, loss, stats, grad_info.
@@ -472,7 +473,6 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
     inv_temp = _recip(temp)
     base = _row_bases(rows, S, stride_n, stride_s)
-
 
     # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
     # ln 2 computed, not a literal: Triton makes a Python float literal a float32 constant.
