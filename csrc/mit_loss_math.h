@@ -46,6 +46,11 @@ constexpr int64_t kRowMax = 0, kRowH = 1, kRowV = 2, kRowCEH = 3, kRowLogS = 4;
 // and the clamp keeps e * d and e * d^2 at 0 (not NaN) for -inf logits.
 constexpr double kMinShift = -1e4;
 
+template <typename acc_t>
+MITK_HD acc_t clamp_shift(acc_t d) {
+  return d < acc_t(kMinShift) ? acc_t(kMinShift) : d;  // NaN stays NaN
+}
+
 // ---------------------------------------------------------------------------------------------
 // Temperature: T = clamp(softplus(tau) + t_eps, t_min, t_max), torch's softplus (threshold 20).
 // ---------------------------------------------------------------------------------------------
@@ -109,13 +114,11 @@ MITK_HD void acc_merge(acc_t& ma, acc_t& sa, acc_t& Aa, acc_t& Qa, acc_t mb, acc
     return;
   }
   if (mb > ma) {
-    acc_t d = (ma - mb) * inv_t;
-    if (d < acc_t(kMinShift)) d = acc_t(kMinShift);
+    const acc_t d = clamp_shift((ma - mb) * inv_t);
     acc_rescale(sa, Aa, Qa, d, exp(d));
     ma = mb;
   } else if (mb < ma) {
-    acc_t d = (mb - ma) * inv_t;
-    if (d < acc_t(kMinShift)) d = acc_t(kMinShift);
+    const acc_t d = clamp_shift((mb - ma) * inv_t);
     acc_rescale(sb, Ab, Qb, d, exp(d));
   }
   sa += sb;

@@ -123,11 +123,6 @@ inline acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-template <typename acc_t>
-inline acc_t clamp_shift(acc_t d) {
-  return d < acc_t(kMinShift) ? acc_t(kMinShift) : d;  // NaN stays NaN
-}
-
 // Max over the lanes (shuffle tree); NaN wins, as torch.max does.
 template <typename Vec>
 inline typename Vec::value_type hmax(const Vec& v) {

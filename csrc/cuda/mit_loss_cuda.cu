@@ -170,11 +170,6 @@ __device__ __forceinline__ double temperature_at(const void* tau, bool tau64, in
   return t;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t clamp_shift(acc_t d) {
-  return d < acc_t(kMinShift) ? acc_t(kMinShift) : d;
-}
-
 // Fixed-order block sum (tree over shared memory); every thread gets the result.
 template <typename T>
 __device__ T block_sum(T v, T* smem) {
