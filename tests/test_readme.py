@@ -32,8 +32,6 @@ def test_relative_links_resolve(doc):
     assert not missing, missing
 
 
-
-
 def test_compile_example_runs():
     out = run_python(["examples/compile_step.py"], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -43,7 +41,7 @@ def test_compile_example_runs():
 @pytest.mark.skipif(_backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
                     reason="the distributed path runs on the kernel backends")
 def test_ddp_example_runs_on_two_processes():
-    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "examples/ddp_train.py", "--steps", "3"], timeout=300)
+    out = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      "29517", "examples/ddp_train.py", "--steps", "3"], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 ranks agree" in out.stdout

@@ -18,10 +18,10 @@ triton = pytest.importorskip("triton")
 
 import mitkernels  # noqa: E402
 from mitkernels import ops, reference  # noqa: E402
-from conftest import check_golden_step, cuda_backends, gpu_test, masked_class_logits  # noqa: E402
+from conftest import (ROOT, check_golden_step, cuda_backends, gpu_test,  # noqa: E402
+                      masked_class_logits)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ROOT = Path(__file__).resolve().parents[1]
 cpu_only = pytest.mark.skipif(
     not INTERPRET, reason="runs under TRITON_INTERPRET=1 in test_interpreter_suite's subprocess")
 gpu_only = gpu_test(not INTERPRET and torch.cuda.is_available(),
