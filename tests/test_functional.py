@@ -8,7 +8,7 @@ import mitkernels
 from mitkernels import reference
 
 from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis.strategies import sampled_from
 
 from conftest import check_golden_step, cpu_backends, masked_class_logits, mit_cases
 
@@ -292,7 +292,7 @@ def _step_outputs(backend, logits, targets, reduction, tau0, tau_dtype):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
-@given(case=mit_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(case=mit_cases(), dtype=sampled_from([torch.float32, torch.bfloat16]))
 def test_random_low_precision_steps_within_eager_error(backend, case, dtype):
     """float32 and bfloat16 logits: the loss and both gradients are as close to the float64 step
     as eager PyTorch's in the same dtype (twice its error, plus 1e-6 of the scale). At large
