@@ -550,20 +550,49 @@ def test_cuda_against_reference(num_classes, rows, dtype, backend):
     targets = torch.randint(0, num_classes, (rows,), generator=gen)
     targets[::9] = -100
     if dtype in (torch.float16, torch.bfloat16):
-        exact = _mit_step("reference", logits.double(), targets,
-                          _mit_state(num_classes, 0.3, torch.float64))
-        eager = _mit_step("reference", logits, targets, _mit_state(num_classes, 0.3,
-                                                                    torch.float32))
-        got = _mit_step(backend, logits.cuda(), targets.cuda(),
-                        _mit_state(num_classes, 0.3, torch.float32, device="cuda"))
-        for key in ("grad", "grad_tau"):
-            err_eager = float((eager[key].double() - exact[key]).abs().max())
-            err = float((got[key].cpu().double() - exact[key]).abs().max())
-            assert err <= 2 * err_eager + 1e-6, (key, err, err_eager)
-        for key in ("stat_ce", "stat_H", "stat_H_star", "stat_lambda"):
-            assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6)
+        _compare_low_precision(logits, logits.cuda(), targets, backend)
     else:
         _compare_mit(logits.cuda(), targets.cuda(), steps=2, backend=backend)
+
+
+def _compare_low_precision(logits, device_logits, targets, backend):
+    """16-bit logits: ``backend`` on ``device_logits`` (the values of ``logits``) within twice
+    eager PyTorch's error in the same dtype, both against the float64 reference."""
+    num_classes = logits.shape[1]
+    exact = _mit_step("reference", logits.double(), targets,
+                      _mit_state(num_classes, 0.3, torch.float64))
+    eager = _mit_step("reference", logits, targets, _mit_state(num_classes, 0.3, torch.float32))
+    got = _mit_step(backend, device_logits, targets.to(device_logits.device),
+                    _mit_state(num_classes, 0.3, torch.float32, device=device_logits.device))
+    for key in ("grad", "grad_tau"):
+        err_eager = float((eager[key].double() - exact[key]).abs().max())
+        err = float((got[key].cpu().double() - exact[key]).abs().max())
+        assert err <= 2 * err_eager + 1e-6, (key, err, err_eager)
+    for key in ("stat_ce", "stat_H", "stat_H_star", "stat_lambda"):
+        assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6)
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_rows_off_alignment(backend, dtype):
+    """Rows that start off a 16-byte boundary, each at its own offset (a column slice), with a
+    gradient laid out otherwise (contiguous): the CUDA kernels read such rows in 16-byte packets
+    after a head taken element by element, or element by element when the logits' and the
+    gradient's rows sit differently against the boundary."""
+    gen = torch.Generator().manual_seed(21)
+    for num_classes, offset in ((5, 1), (1001, 3), (4099, 1)):
+        base = (torch.randn(33, num_classes + 4, generator=gen) * 3).to(dtype)
+        targets = torch.randint(0, num_classes, (33,), generator=gen)
+        targets[::7] = -100
+        logits = base[:, offset:offset + num_classes]
+        device_logits = base.cuda()[:, offset:offset + num_classes]  # .cuda() of a slice copies
+        assert device_logits.stride() == logits.stride()
+        if dtype == torch.bfloat16:
+            _compare_low_precision(logits, device_logits, targets, backend)
+        else:
+            _compare_mit(device_logits, targets.cuda(), steps=2, backend=backend,
+                         reference_logits=logits)
 
 
 @gpu_only
