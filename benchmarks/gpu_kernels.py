@@ -25,9 +25,11 @@ each shape and dtype, a training step (``mit_loss`` + ``autograd.grad``) taken a
 (``step_timeline``): ``host`` the CPU's time to issue one step while the GPU is held busy (so the
 CPU never waits), ``device`` the GPU's time for a step's work issued ahead of it (no idle gaps),
 ``isolated`` one step timed alone as ``bench_mit_loss`` does. ``isolated`` near ``device``: the
-kernels bound the step; near ``host`` (or above both): the CPU does. ``triton-py`` is the Triton
-step through the Python autograd node (the path without the extension), against ``triton``'s
-C++ node (``mitkernels_C::triton_loss_step_``).
+kernels bound the step; near ``host`` (or above both): the CPU does. ``triton`` is the eager
+Triton step (``mitkernels_C::triton_loss_step_``, a C++ autograd node whose backward is the
+extension's CUDA gradient kernel when it has one), ``triton-tk`` the same with
+``MITKERNELS_TRITON_BACKWARD=triton`` (Triton's backward, launched from Python on the autograd
+thread), ``triton-py`` the Triton step through the Python autograd node (no extension).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import argparse
 import csv
 import dataclasses
 import functools
+import os
 import sys
 from typing import Callable, List, Optional
 
@@ -366,9 +369,10 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
     for n, c in shapes:
         for dtype_name in dtypes:
             case = Case(n, c, DTYPES[dtype_name])
-            # triton-py: the Triton step through the Python autograd node (what runs when the
-            # extension is missing), against the C++ node of triton_loss_step_
-            variants = list(backends) + (["triton-py"] if "triton" in backends else [])
+            # triton-tk: the C++ node with Triton's backward; triton-py: the Triton step through
+            # the Python autograd node (what runs when the extension is missing)
+            variants = list(backends) + (["triton-tk", "triton-py"] if "triton" in backends
+                                         else [])
             for label in variants:
                 backend = label.split("-")[0]
                 if _backends.unavailable_reason(backend, DEVICE) is not None:
@@ -378,8 +382,13 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
 
                 step = functools.partial(_train_step, x, case.y, state, backend)
 
-                python_node = mock.patch.object(functional, "_triton_step_op", lambda: None)
-                with python_node if label.endswith("-py") else contextlib.nullcontext():
+                if label.endswith("-py"):
+                    variant = mock.patch.object(functional, "_triton_step_op", lambda: None)
+                elif label.endswith("-tk"):
+                    variant = mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "triton"})
+                else:
+                    variant = contextlib.nullcontext()
+                with variant:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()

@@ -12,12 +12,16 @@
 // mode), CompositeExplicitAutograd; ops.cpp holds the schema and the Meta kernel.
 // triton_loss_step_ is the same step over triton_loss_forward_ / triton_loss_backward, whose
 // kernels are the Triton launchers (Python, registered by mitkernels/functional.py): the
-// dispatcher calls into Python for the launches only.
+// dispatcher calls into Python for the launches only (and, on a GPU, for the forward only:
+// step_backward_op).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "mit_loss_math.h"
@@ -114,6 +118,30 @@ const auto& loss_backward_op() {
   return op;
 }
 
+// Which backward the eager step runs. The Triton step's, on CUDA tensors, is the extension's
+// C++/CUDA gradient kernel when the extension has CUDA kernels (the same op contract, row
+// statistics and formula): the autograd engine runs a CUDA node's backward on its device thread,
+// and a Triton launch there enters Python, which cost a step about 0.2 ms of host time, more
+// than the kernels of a 4096 x 32000 step (H200: the backward alone 386 us through the Triton
+// launcher against 175 us through the C++ kernel; benchmarks/results/GPU_RUNS.md, session 7).
+// MITKERNELS_TRITON_BACKWARD=triton keeps the Triton kernel (read at every backward).
+template <class Kernels>
+const auto& step_backward_op(const Tensor& logits) {
+  if constexpr (std::is_same_v<Kernels, TritonKernels>) {
+    static const bool has_cuda_kernel = [] {
+      const auto handle =
+          c10::Dispatcher::singleton().findSchema({CompiledKernels::kBackward, ""});
+      return handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+    }();
+    const char* env = std::getenv("MITKERNELS_TRITON_BACKWARD");
+    const bool keep_triton = env != nullptr && std::strcmp(env, "triton") == 0;
+    if (has_cuda_kernel && logits.is_cuda() && !keep_triton) {
+      return loss_backward_op<CompiledKernels>();
+    }
+  }
+  return loss_backward_op<Kernels>();
+}
+
 // The kernels counted invalid targets and left the state as it was. On the CPU, reading the
 // count costs no synchronisation: say which target, now, rather than return a NaN loss (the
 // same message as functional.py's check for the reference backend).
@@ -182,7 +210,7 @@ struct LossStep : public torch::autograd::Function<Node> {
     const auto i = ctx->saved_data["i"].toIntVector();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Canonical in = canonical(logits, saved[2], tau);
-    auto [grad_logits, grad_tau] = loss_backward_op<Kernels>().call(
+    auto [grad_logits, grad_tau] = step_backward_op<Kernels>(logits).call(
         grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
         i[1], needs_tau);
     return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),

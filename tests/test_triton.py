@@ -596,6 +596,28 @@ def test_cuda_rows_off_alignment(backend, dtype):
 
 
 @gpu_only
+@pytest.mark.skipif("cuda" not in cuda_backends(), reason="the extension has no CUDA kernels")
+@pytest.mark.parametrize("choice", [None, "triton"])
+def test_cuda_eager_triton_step_backward(monkeypatch, choice):
+    """The eager Triton step's backward is the extension's CUDA gradient kernel (no Python on
+    the autograd thread), or Triton's with MITKERNELS_TRITON_BACKWARD=triton; both against the
+    reference."""
+    if choice is None:
+        monkeypatch.delenv("MITKERNELS_TRITON_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", choice)
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(64, 1000, generator=gen) * 3
+    targets = torch.randint(0, 1000, (64,), generator=gen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _compare_mit(logits.cuda(), targets.cuda(), backend="triton")
+        torch.cuda.synchronize()
+    names = " ".join(e.key for e in prof.key_averages())
+    ran_cuda, ran_triton = "grad_kernel" in names, "_backward_kernel" in names
+    assert (ran_cuda, ran_triton) == ((False, True) if choice else (True, False)), names
+
+
+@gpu_only
 @pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
 @pytest.mark.parametrize("num_classes,rows,dtype", [
     (7, 1024, torch.float32), (4099, 64, torch.float64), (131_072, 4, torch.float32)])
