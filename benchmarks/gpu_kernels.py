@@ -254,6 +254,7 @@ def _train_step(x: torch.Tensor, y: torch.Tensor, state, backend: str):
 
 def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
     import types
+    from unittest import mock
 
     import mitkernels
     from mitkernels import functional
@@ -298,8 +299,9 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
                                                                      backend=backend))
         # The step's parts: the Triton launchers as the C++ step calls them (through the
         # dispatcher, which boxes their arguments into Python), and each backend's backward alone
-        # (on a GPU the autograd engine runs it on its device thread, which for Triton must take
-        # the GIL).
+        # (on a GPU the autograd engine runs it on its device thread; the Triton step's is the
+        # extension's CUDA kernel when it has one, else Triton's launcher, which takes the GIL
+        # there: "Triton's kernel" times that one).
         if backend == "triton" and functional._triton_step_op() is not None:
             ops = torch.ops.mitkernels_C
             fwd_d, bwd_d, _ = _op_fns(types.SimpleNamespace(
@@ -315,6 +317,12 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         add(f"{backend} backward alone {n}x{c}",
             lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
                                                                     retain_graph=True))
+        if backend == "triton":
+            with mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "triton"}):
+                loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)  # decided here
+            add(f"{backend} backward alone, Triton's kernel {n}x{c}",
+                lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
+                                                                        retain_graph=True))
         del loss
     xg = case.x.detach().requires_grad_(True)
     add(f"F.cross_entropy + grad {n}x{c}",

@@ -12,21 +12,30 @@
 // mode), CompositeExplicitAutograd; ops.cpp holds the schema and the Meta kernel.
 // triton_loss_step_ is the same step over triton_loss_forward_ / triton_loss_backward, whose
 // kernels are the Triton launchers (Python, registered by mitkernels/functional.py): the
-// dispatcher calls into Python for the launches only (and, on a GPU, for the forward only:
-// step_backward_op).
+// dispatcher calls into Python for the launches only (on a GPU, with the extension's CUDA
+// kernels, for the forward's only: triton_step_takes_cuda_backward).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
-#include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "loss_step.h"
 #include "mit_loss_math.h"
 
 namespace mitk {
+
+CudaBackwardCheck& cuda_backward_check() {
+  static CudaBackwardCheck check = nullptr;
+  return check;
+}
+
 namespace {
 
 using at::Tensor;
@@ -118,28 +127,40 @@ const auto& loss_backward_op() {
   return op;
 }
 
-// Which backward the eager step runs. The Triton step's, on CUDA tensors, is the extension's
-// C++/CUDA gradient kernel when the extension has CUDA kernels (the same op contract, row
-// statistics and formula): the autograd engine runs a CUDA node's backward on its device thread,
-// and a Triton launch there enters Python, which cost a step about 0.2 ms of host time, more
-// than the kernels of a 4096 x 32000 step (H200: the backward alone 386 us through the Triton
-// launcher against 175 us through the C++ kernel; benchmarks/results/GPU_RUNS.md, session 7).
-// MITKERNELS_TRITON_BACKWARD=triton keeps the Triton kernel (read at every backward).
-template <class Kernels>
-const auto& step_backward_op(const Tensor& logits) {
-  if constexpr (std::is_same_v<Kernels, TritonKernels>) {
-    static const bool has_cuda_kernel = [] {
-      const auto handle =
-          c10::Dispatcher::singleton().findSchema({CompiledKernels::kBackward, ""});
-      return handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
-    }();
-    const char* env = std::getenv("MITKERNELS_TRITON_BACKWARD");
-    const bool keep_triton = env != nullptr && std::strcmp(env, "triton") == 0;
-    if (has_cuda_kernel && logits.is_cuda() && !keep_triton) {
-      return loss_backward_op<CompiledKernels>();
-    }
+// Which backward the eager Triton step runs on CUDA tensors: the extension's C++/CUDA gradient
+// kernel when it has one for the logits' GPU (the same op contract, row statistics and formula).
+// The autograd engine runs a CUDA node's backward on its device thread, and a Triton launch there
+// enters Python: through Triton's launcher the backward alone took 386 us of host time at
+// 256 x 5, the cuda backend's 175 us (H200, `gpu_kernels --overhead`, run 150227); through the
+// CUDA kernel 107 us, the cuda backend's 99 us (run 152201; benchmarks/results/GPU_RUNS.md,
+// session 7). MITKERNELS_TRITON_BACKWARD: unset or `auto` as above, `triton` Triton's kernel, `cuda`
+// the CUDA kernel or an error. Decided in forward, on the caller's thread (the environment is
+// not read on the engine's threads), before anything is computed.
+bool cuda_backward_runs(c10::DeviceIndex device) {
+  const CudaBackwardCheck check = cuda_backward_check();
+  if (check == nullptr) return false;
+  static std::array<std::atomic<int8_t>, 64> known{};  // per device: 0 not asked, 1 yes, 2 no
+  if (device < 0 || device >= static_cast<c10::DeviceIndex>(known.size())) return check(device);
+  int8_t v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = check(device) ? 1 : 2;
+    known[device].store(v, std::memory_order_relaxed);
   }
-  return loss_backward_op<Kernels>();
+  return v == 1;
+}
+
+bool triton_step_takes_cuda_backward(const Tensor& logits) {
+  const char* env = std::getenv("MITKERNELS_TRITON_BACKWARD");
+  const std::string choice = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(choice.empty() || choice == "auto" || choice == "triton" || choice == "cuda",
+                    "MITKERNELS_TRITON_BACKWARD must be auto, triton or cuda, got '", choice, "'");
+  if (choice == "triton" || !logits.is_cuda() || !is_plain(logits)) return false;
+  const bool runs = cuda_backward_runs(logits.device().index());
+  TORCH_CHECK_VALUE(runs || choice != "cuda",
+                    "MITKERNELS_TRITON_BACKWARD=cuda, but the extension has no CUDA gradient kernel "
+                    "for ", logits.device(), " (build it with MITKERNELS_BUILD_CUDA=1 and that "
+                    "GPU's architecture in TORCH_CUDA_ARCH_LIST)");
+  return runs;
 }
 
 // The kernels counted invalid targets and left the state as it was. On the CPU, reading the
@@ -188,6 +209,10 @@ template <class Kernels, class Node>
 struct LossStep : public torch::autograd::Function<Node> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
                                const StepArgs& a) {
+    bool cuda_backward = false;
+    if constexpr (std::is_same_v<Kernels, TritonKernels>) {
+      cuda_backward = triton_step_takes_cuda_backward(logits);
+    }
     StepOut out = step_forward<Kernels>(logits, tau, a);
     // The stats output never takes a gradient: no zeros for it in backward.
     ctx->set_materialize_grads(false);
@@ -197,6 +222,7 @@ struct LossStep : public torch::autograd::Function<Node> {
     ctx->save_for_backward({logits, tau, a.targets, out.row_stats, out.grad_info});
     ctx->saved_data["t"] = c10::IValue(std::vector<double>{a.t_eps, a.t_min, a.t_max});
     ctx->saved_data["i"] = c10::IValue(std::vector<int64_t>{a.ignore_index, a.reduction});
+    ctx->saved_data["b"] = c10::IValue(cuda_backward);
     return {out.loss, out.stats};
   }
 
@@ -210,7 +236,9 @@ struct LossStep : public torch::autograd::Function<Node> {
     const auto i = ctx->saved_data["i"].toIntVector();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Canonical in = canonical(logits, saved[2], tau);
-    auto [grad_logits, grad_tau] = step_backward_op<Kernels>(logits).call(
+    const auto& backward_op = ctx->saved_data["b"].toBool() ? loss_backward_op<CompiledKernels>()
+                                                            : loss_backward_op<Kernels>();
+    auto [grad_logits, grad_tau] = backward_op.call(
         grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
         i[1], needs_tau);
     return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),

@@ -535,6 +535,31 @@ def test_eager_step_is_the_cpp_node_and_matches_the_python_node(monkeypatch, los
         assert got.shape == want.shape and torch.equal(got, want)
 
 
+@cpu_only
+@pytest.mark.skipif(not _has_triton_step_op(), reason="C++ extension not built")
+def test_eager_step_refuses_an_unknown_backward_choice(monkeypatch):
+    """MITKERNELS_TRITON_BACKWARD is checked before the step computes anything: an unknown value
+    is a ValueError naming it, with the state untouched. On CPU tensors (the interpreter) every
+    valid value runs Triton's backward."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 4, (6,))
+    state = _mit_state(4, 0.3, torch.float64)
+    before = {k: t.clone() for k, t in state.buffers().items()}
+    monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="MITKERNELS_TRITON_BACKWARD must be auto, triton or "
+                                         "cuda, got 'fast'"):
+        mitkernels.mit_loss(logits, targets, state, backend="triton")
+    assert all(torch.equal(t, before[k]) for k, t in state.buffers().items())
+    grads = []
+    for choice in ("auto", "cuda", "triton"):
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", choice)
+        loss, _ = mitkernels.mit_loss(logits, targets, _mit_state(4, 0.3, torch.float64),
+                                      backend="triton")
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------
@@ -576,17 +601,22 @@ def _compare_low_precision(logits, device_logits, targets, backend):
 @pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cuda_rows_off_alignment(backend, dtype):
-    """Rows that start off a 16-byte boundary, each at its own offset (a column slice), with a
-    gradient laid out otherwise (contiguous): the CUDA kernels read such rows in 16-byte packets
-    after a head taken element by element, or element by element when the logits' and the
-    gradient's rows sit differently against the boundary."""
+    """Rows that start off a 16-byte boundary. The CUDA kernels read a contiguous row in 16-byte
+    packets after a head taken element by element; the backward does so only where the gradient's
+    row sits as far from a boundary as the logits' row. Dense logits with an odd C (each row its
+    own offset, the gradient laid out alike): packets and heads in both kernels. A column slice
+    (the gradient then contiguous, placed otherwise): packets in the forward, the element loop in
+    the backward."""
     gen = torch.Generator().manual_seed(21)
-    for num_classes, offset in ((5, 1), (1001, 3), (4099, 1)):
-        base = (torch.randn(33, num_classes + 4, generator=gen) * 3).to(dtype)
+    for num_classes, offset in ((5, None), (1001, None), (4099, None), (5, 1), (1001, 3),
+                                (4099, 1)):
+        width = num_classes if offset is None else num_classes + 4
+        base = (torch.randn(33, width, generator=gen) * 3).to(dtype)
         targets = torch.randint(0, num_classes, (33,), generator=gen)
         targets[::7] = -100
-        logits = base[:, offset:offset + num_classes]
-        device_logits = base.cuda()[:, offset:offset + num_classes]  # .cuda() of a slice copies
+        start = offset or 0
+        logits = base[:, start:start + num_classes]
+        device_logits = base.cuda()[:, start:start + num_classes]  # .cuda() of a slice copies
         assert device_logits.stride() == logits.stride()
         if dtype == torch.bfloat16:
             _compare_low_precision(logits, device_logits, targets, backend)
@@ -597,8 +627,9 @@ def test_cuda_rows_off_alignment(backend, dtype):
 
 @gpu_only
 @pytest.mark.skipif("cuda" not in cuda_backends(), reason="the extension has no CUDA kernels")
-@pytest.mark.parametrize("choice", [None, "triton"])
-def test_cuda_eager_triton_step_backward(monkeypatch, choice):
+@pytest.mark.parametrize("choice", [None, "auto", "cuda", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_eager_triton_step_backward(monkeypatch, choice, reduction):
     """The eager Triton step's backward is the extension's CUDA gradient kernel (no Python on
     the autograd thread), or Triton's with MITKERNELS_TRITON_BACKWARD=triton; both against the
     reference."""
@@ -610,11 +641,12 @@ def test_cuda_eager_triton_step_backward(monkeypatch, choice):
     logits = torch.randn(64, 1000, generator=gen) * 3
     targets = torch.randint(0, 1000, (64,), generator=gen)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _compare_mit(logits.cuda(), targets.cuda(), backend="triton")
+        _compare_mit(logits.cuda(), targets.cuda(), backend="triton", reduction=reduction)
         torch.cuda.synchronize()
     names = " ".join(e.key for e in prof.key_averages())
     ran_cuda, ran_triton = "grad_kernel" in names, "_backward_kernel" in names
-    assert (ran_cuda, ran_triton) == ((False, True) if choice else (True, False)), names
+    want_triton = choice == "triton"
+    assert (ran_cuda, ran_triton) == (not want_triton, want_triton), names
 
 
 @gpu_only

@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../loss_step.h"      // cuda_backward_check
 #include "../mit_loss_math.h"  // kRowStats
 
 #define MITK_CUDA_API_ONLY
@@ -299,6 +300,15 @@ std::tuple<Tensor, Tensor> loss_backward_cuda(const Tensor& grad_loss, const Ten
                                  grad_tau.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
   return {grad, grad_tau};
 }
+
+bool backward_runs_on(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return backward_kernel_available();
+}
+
+// The eager Triton step asks it before taking this extension's gradient kernel for its backward.
+[[maybe_unused]] const bool kBackwardCheckSet =
+    (mitk::cuda_backward_check() = &backward_runs_on, true);
 
 }  // namespace
 }  // namespace cuda

@@ -89,6 +89,8 @@ cudaError_t launch_row_stats(const RowArgs& a, double* summary, double* workspac
 cudaError_t launch_finalize(const FinalizeArgs& f, cudaStream_t stream);
 cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_tau, void* grad_tau,
                             cudaStream_t stream);
+// Whether the gradient kernel has an image for the current device (this build's architectures).
+bool backward_kernel_available();
 
 #ifndef MITK_CUDA_API_ONLY
 namespace {
@@ -699,6 +701,13 @@ cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_t
     }
   }
   return cudaGetLastError();
+}
+bool backward_kernel_available() {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, grad_kernel<float>);
+  // Not a sticky error, but the next launch's cudaGetLastError would report it: clear it.
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err == cudaSuccess;
 }
 #endif  // MITK_CUDA_API_ONLY
 
