@@ -133,9 +133,9 @@ const auto& loss_backward_op() {
 // enters Python: through Triton's launcher the backward alone took 386 us of host time at
 // 256 x 5, the cuda backend's 175 us (H200, `gpu_kernels --overhead`, run 150227); through the
 // CUDA kernel 107 us, the cuda backend's 99 us (run 152201; benchmarks/results/GPU_RUNS.md,
-// session 7). MITKERNELS_TRITON_BACKWARD: unset or `auto` as above, `triton` Triton's kernel, `cuda`
-// the CUDA kernel or an error. Decided in forward, on the caller's thread (the environment is
-// not read on the engine's threads), before anything is computed.
+// session 7). MITKERNELS_TRITON_BACKWARD: unset or `auto` as above, `triton` Triton's kernel,
+// `cuda` the CUDA kernel or an error. Decided in forward, on the caller's thread (the
+// environment is not read on the engine's threads), before anything is computed.
 bool cuda_backward_runs(c10::DeviceIndex device) {
   const CudaBackwardCheck check = cuda_backward_check();
   if (check == nullptr) return false;
@@ -157,9 +157,9 @@ bool triton_step_takes_cuda_backward(const Tensor& logits) {
   if (choice == "triton" || !logits.is_cuda() || !is_plain(logits)) return false;
   const bool runs = cuda_backward_runs(logits.device().index());
   TORCH_CHECK_VALUE(runs || choice != "cuda",
-                    "MITKERNELS_TRITON_BACKWARD=cuda, but the extension has no CUDA gradient kernel "
-                    "for ", logits.device(), " (build it with MITKERNELS_BUILD_CUDA=1 and that "
-                    "GPU's architecture in TORCH_CUDA_ARCH_LIST)");
+                    "MITKERNELS_TRITON_BACKWARD=cuda, but the extension has no CUDA gradient "
+                    "kernel for ", logits.device(), " (build it with MITKERNELS_BUILD_CUDA=1 and "
+                    "that GPU's architecture in TORCH_CUDA_ARCH_LIST)");
   return runs;
 }
 
