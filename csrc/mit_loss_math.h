@@ -150,6 +150,22 @@ MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t inv_t, acc_t s, acc_t A, acc_t
   return r;
 }
 
+// Row r of row_stats ([kRowStats, R], rows kRowMax .. kRowLogS): a valid row's statistics, or
+// zeros for a row that is not valid.
+template <typename acc_t>
+MITK_HD void store_row_stats(acc_t* rs, int64_t R, int64_t r, const RowStats<acc_t>& st) {
+  rs[kRowMax * R + r] = st.m;
+  rs[kRowH * R + r] = st.H;
+  rs[kRowV * R + r] = st.V;
+  rs[kRowCEH * R + r] = st.CEH;
+  rs[kRowLogS * R + r] = st.log_s;
+}
+
+template <typename acc_t>
+MITK_HD void store_zero_row_stats(acc_t* rs, int64_t R, int64_t r) {
+  for (int64_t k = 0; k < kRowStats; ++k) rs[k * R + r] = acc_t(0);
+}
+
 // log p_j = (x_j - m) / T - log s, before the kMinShift clamp (KERNEL_MATH s.3). The difference
 // first: exact for the logits near the max, whose p matter, whatever |x / T|.
 template <typename V>

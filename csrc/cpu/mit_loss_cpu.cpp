@@ -146,20 +146,6 @@ inline int64_t load_target(const RowArgs& a, int64_t r) {
                      : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
 }
 
-template <typename acc_t>
-inline void write_stats(acc_t* rs, int64_t R, int64_t r, const RowStats<acc_t>& st) {
-  rs[kRowMax * R + r] = st.m;
-  rs[kRowH * R + r] = st.H;
-  rs[kRowV * R + r] = st.V;
-  rs[kRowCEH * R + r] = st.CEH;
-  rs[kRowLogS * R + r] = st.log_s;
-}
-
-template <typename acc_t>
-inline void write_zero_stats(acc_t* rs, int64_t R, int64_t r) {
-  for (int64_t k = 0; k < kRowStats; ++k) rs[k * R + r] = acc_t(0);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward: one row with class stride 1, in two passes: the row's max (NaN wins, as in
 // at::vec::maximum), then, with the row in L1/L2, one exp per element relative to it in blocks
@@ -241,7 +227,7 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = load_target(a, r);
     if (!target_valid(y, a.C, a.ignore_index)) {
-      write_zero_stats(rs, R, r);
+      store_zero_row_stats(rs, R, r);
       continue;
     }
     const int64_t n = a.S == 1 ? r : r / a.S;
@@ -252,7 +238,7 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < a.C; ++j) buf[j] = row[j * a.sc];
       row = buf.data();
     }
-    write_stats(rs, R, r, stats_row_contiguous<scalar_t>(row, a.C, inv_t, y));
+    store_row_stats(rs, R, r, stats_row_contiguous<scalar_t>(row, a.C, inv_t, y));
   }
 }
 

@@ -272,9 +272,7 @@ row_stats_kernel(RowArgs a) {
   acc_t* rs = static_cast<acc_t*>(a.row_stats);
   const int64_t y = target_at(a, r);
   if (!target_valid(y, a.C, a.ignore_index)) {
-    if (lane == 0) {
-      for (int64_t k = 0; k < kRowStats; ++k) rs[k * R + r] = acc_t(0);
-    }
+    if (lane == 0) store_zero_row_stats(rs, R, r);
     return;
   }
   const int64_t n = r / a.S, sp = r - n * a.S;
@@ -339,12 +337,7 @@ row_stats_kernel(RowArgs a) {
     }
   }
   if (lane == 0) {
-    const RowStats<acc_t> st = row_finish<acc_t>(m, inv_t, s, A, Q, to_acc(x[y * a.sc]));
-    rs[kRowMax * R + r] = st.m;
-    rs[kRowH * R + r] = st.H;
-    rs[kRowV * R + r] = st.V;
-    rs[kRowCEH * R + r] = st.CEH;
-    rs[kRowLogS * R + r] = st.log_s;
+    store_row_stats(rs, R, r, row_finish<acc_t>(m, inv_t, s, A, Q, to_acc(x[y * a.sc])));
   }
 }
 
