@@ -281,9 +281,11 @@ row_stats_kernel(RowArgs a) {
                                      a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
   const acc_t ninf = -INFINITY;
   acc_t m = ninf, s = 0, A = 0, Q = 0;  // m in logit units, d = (x - m) / T
-  // The lane's max rises to xm (NaN sticks): its sums are re-expressed about it.
+  // x replaces the max cur when larger, or NaN (which then sticks).
+  const auto rises = [](acc_t x, acc_t cur) { return x > cur || x != x; };
+  // The lane's max rises to xm: its sums are re-expressed about it.
   const auto raise_max = [&](acc_t xm) {
-    if (xm > m || xm != xm) {
+    if (rises(xm, m)) {
       if (m > ninf) {
         const acc_t d = clamp_shift((m - xm) * inv_t);
         acc_rescale(s, A, Q, d, exp(d));
@@ -308,7 +310,7 @@ row_stats_kernel(RowArgs a) {
     for (int e = 0; e < P::kSize; ++e) v[e] = to_acc(in.v[e]);
     acc_t xm = v[0];
 #pragma unroll
-    for (int e = 1; e < P::kSize; ++e) xm = (v[e] > xm || v[e] != v[e]) ? v[e] : xm;
+    for (int e = 1; e < P::kSize; ++e) xm = rises(v[e], xm) ? v[e] : xm;
     raise_max(xm);
     if (m != ninf) {
 #pragma unroll
