@@ -313,14 +313,13 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
             # The same step captured once in a CUDA graph (tests/test_cuda_graphs.py): what a
             # small batch costs when no Python runs per step.
             add(f"{backend} mit_loss + grad, graph replay {n}x{c}", _graph_replay(train_step))
-        loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
-        add(f"{backend} backward alone {n}x{c}",
-            lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
-                                                                    retain_graph=True))
+        backwards = [("", {})]
         if backend == "triton":
-            with mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "triton"}):
-                loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)  # decided here
-            add(f"{backend} backward alone, Triton's kernel {n}x{c}",
+            backwards.append((", Triton's kernel", {"MITKERNELS_TRITON_BACKWARD": "triton"}))
+        for suffix, env in backwards:
+            with mock.patch.dict(os.environ, env):  # the step's forward chooses its backward
+                loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
+            add(f"{backend} backward alone{suffix} {n}x{c}",
                 lambda loss=loss, state=state, x=x: torch.autograd.grad(loss, (x, state.tau),
                                                                         retain_graph=True))
         del loss
