@@ -252,6 +252,35 @@ def test_reduced_precision_within_eager_error(dtype, n, c):
     assert_close(out["grad_tau"].double(), exact["grad_tau"].reshape(1), 1e-3 if dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduced_precision_exp_across_the_shift_range(dtype):
+    """The float kernels' own exp (2^n 2^r, mit_loss_cpu.cpp) over every shift it sees: rows
+    [0, d], target 0 and T = 1, so the gradient of the second logit is p = e^d / (1 + e^d), for d
+    from 0 down past float's underflow and -inf (masked: exactly 0, as F.softmax gives)."""
+    d = torch.cat([torch.linspace(-104.0, 0.0, 4001), torch.tensor([-math.inf, -1e30, -87.5])])
+    logits = torch.stack([torch.zeros_like(d), d], 1).to(dtype)
+    targets = torch.zeros(len(d), dtype=torch.long)
+    tau = torch.tensor([math.log(math.expm1(1.0 - reference.MIT_T_EPS))])  # T = 1
+    state = mit_state(2)
+    state[2].fill_(0.0)  # lambda = 0: the gradient is p - onehot
+    out = ops_step(0, logits, targets, tau, state, reduction=NONE, update_state=False,
+                   grad_loss=torch.ones(len(d)))
+    x = logits.double()
+    want = torch.softmax(x, 1)[:, 1]
+    got = out["grad"][:, 1].double()
+    if dtype == torch.float32:
+        # d / T is itself one float rounding: relative 2^-24 of |d| in d, 3e-6 of p at d = -50
+        tol = (4e-7 + 6e-8 * x[:, 1].abs()) * want
+        normal = want >= torch.finfo(torch.float32).tiny
+        assert torch.all((got - want).abs()[normal] <= tol[normal])
+        assert torch.all(got[~normal].abs() <= torch.finfo(torch.float32).tiny)
+    else:  # one rounding to bfloat16 of p
+        assert torch.all((got - want).abs() <= 2 ** -8 * want + torch.finfo(torch.float32).tiny)
+    assert torch.all(got[-3:-1] == 0) and torch.all(got[want == 0] == 0)
+    # the rows' loss, CE = logsumexp - x_0, through the sum s = 1 + e^d that carries the exp
+    torch.testing.assert_close(out["loss"].double(), torch.logsumexp(x, 1), rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------
 # TET and CCT-EAL against the reference.
 # ----------------------------------------------------------------------------------------------
