@@ -107,51 +107,53 @@ struct VecIO<c10::BFloat16> : ReducedVecIO<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : ReducedVecIO<c10::Half> {};
 
-// exp of a vector of shifts d <= 0, floored by the caller at shift_floor<acc_t>().
-// double: Sleef's exp (what at::vec's exp_u20 is for double). float: 2^t, t = d log2(e), split
-// as 2^n 2^r with n = round(t) and r = t - n in [-1/2, 1/2]. Adding 1.5 * 2^23 rounds t to n in
-// the low mantissa bits (the adder's own rounding: no floor, convert or range masks); shifted
-// into the exponent field with the bias they give 2^n. 2^r is a degree-5 polynomial fitted for
-// this library (minimax relative error on [-1/2, 1/2]; 2e-7 in float with Horner's rounding,
-// where exp_u20 allows 20 ulp). About 12 vector operations against exp_u20's 17, in row loops of
-// about 20 that they bound (not memory): the forward and backward ops ran 25-30% faster.
-// -DMITK_CPU_PRECISE_EXP picks Sleef's 1-ulp exp for float too.
+// The exp of the row loops, and the unit of the shifts and log-probabilities they hold.
+// double: e^t with Sleef's exp (what at::vec's exp_u20 is for double); shifts in nats.
+// float: 2^t, shifts in bits (t = d log2(e), the log2(e) folded into 1/T once a row). 2^t is
+// split as 2^n 2^r with n = round(t) and r = t - n in [-1/2, 1/2]. Adding 1.5 * 2^23 rounds t
+// to n in the low mantissa bits (the adder's own rounding: no floor, convert or range masks);
+// shifted into the exponent field with the bias they give 2^n. 2^r is a degree-5 polynomial
+// fitted for this library (minimax relative error on [-1/2, 1/2]; 2e-7 in float with Horner's
+// rounding, where exp_u20 allows 20 ulp). About 11 vector operations against exp_u20's 17 and
+// its log2(e) product, in row loops of about 20 that they bound (not memory).
+// -DMITK_CPU_PRECISE_EXP keeps nats and Sleef's 1-ulp exp for float too.
 template <typename acc_t>
-constexpr acc_t shift_floor() {
-  // float: t = -88 log2(e) = -126.96 rounds to n = -127, whose biased exponent 0 makes 2^n (and
-  // so the exp) exactly 0: masked (-inf) logits add exactly 0 to the sums and get a gradient of
-  // exactly 0, as with an exp that underflows; and n never falls below -127, where the shift
-  // would wrap into the sign bit.
-  return std::is_same<acc_t, float>::value ? acc_t(-88) : static_cast<acc_t>(kMinShift);
-}
+struct ExpUnit {  // double, and float with MITK_CPU_PRECISE_EXP
+  static constexpr acc_t kPerNat = 1;  // shift units in one nat
+  static constexpr acc_t kNat = 1;     // nats in one shift unit
+  static constexpr acc_t kFloor = static_cast<acc_t>(kMinShift);
+  static Vectorized<acc_t> exp(const Vectorized<acc_t>& t) { return t.exp(); }
+};
 
-inline Vectorized<float> exp_shift(const Vectorized<float>& d) {
-#ifdef MITK_CPU_PRECISE_EXP
-  return d.exp();
-#else
-  using Vec = Vectorized<float>;
-  const Vec shifter(12582912.0f + 127.0f);  // 1.5 * 2^23, plus the exponent bias
-  const Vec t = d * Vec(1.44269504088896341f);  // log2(e)
-  const Vec k = t + shifter;  // bits: those of 1.5 * 2^23 + 127 + n
-  const Vec r = t - (k - shifter);
-  Vec p = at::vec::fmadd(Vec(1.326470869e-03f), r, Vec(9.671511129e-03f));
-  p = at::vec::fmadd(p, r, Vec(5.550733954e-02f));
-  p = at::vec::fmadd(p, r, Vec(2.402224243e-01f));
-  p = at::vec::fmadd(p, r, Vec(6.931470037e-01f));
-  p = at::vec::fmadd(p, r, Vec(1.0f));
-  // (bits(k) << 23) mod 2^32 = (127 + n) << 23: the float 2^n (1.5 * 2^23's own bits shift out)
+#ifndef MITK_CPU_PRECISE_EXP
+template <>
+struct ExpUnit<float> {
+  static constexpr float kPerNat = 1.44269504088896341f;  // log2(e)
+  static constexpr float kNat = 0.693147180559945309f;    // ln(2)
+  // t = -127 rounds to n = -127, whose biased exponent 0 makes 2^n (and so the exp) exactly 0:
+  // masked (-inf) logits add exactly 0 to the sums and get a gradient of exactly 0, as with an
+  // exp that underflows; and n never falls below -127, where the shift would reach the sign bit.
+  static constexpr float kFloor = -127.0f;
+  static Vectorized<float> exp(const Vectorized<float>& t) {
+    using Vec = Vectorized<float>;
+    const Vec shifter(12582912.0f + 127.0f);  // 1.5 * 2^23, plus the exponent bias
+    const Vec k = t + shifter;                // bits: those of 1.5 * 2^23 + 127 + n
+    const Vec r = t - (k - shifter);
+    Vec p = at::vec::fmadd(Vec(1.326470869e-03f), r, Vec(9.671511129e-03f));
+    p = at::vec::fmadd(p, r, Vec(5.550733954e-02f));
+    p = at::vec::fmadd(p, r, Vec(2.402224243e-01f));
+    p = at::vec::fmadd(p, r, Vec(6.931470037e-01f));
+    p = at::vec::fmadd(p, r, Vec(1.0f));
+    // (bits(k) << 23) mod 2^32 = (127 + n) << 23, the float 2^n (1.5 * 2^23's bits shift out)
 #if defined(CPU_CAPABILITY_AVX2)
-  const Vec two_n(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23)));
+    const Vec two_n(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23)));
 #else
-  const Vec two_n = at::vec::cast<float>(at::vec::cast<int32_t>(k) << Vectorized<int32_t>(23));
+    const Vec two_n = at::vec::cast<float>(at::vec::cast<int32_t>(k) << Vectorized<int32_t>(23));
 #endif
-  return p * two_n;  // NaN in, NaN out: p is NaN whatever two_n holds
+    return p * two_n;  // NaN in, NaN out: p is NaN whatever two_n holds
+  }
+};
 #endif
-}
-
-inline Vectorized<double> exp_shift(const Vectorized<double>& d) {
-  return d.exp();
-}
 
 template <typename acc_t>
 inline acc_t neg_inf() {
@@ -188,6 +190,7 @@ inline int64_t load_target(const RowArgs& a, int64_t r) {
 // rescaled the lane accumulators as the max grew; a second read of a row in cache costs less.
 // U = 2: with 4 the block's 12 partial sums, exp's constants and the row's own spilled to the
 // stack, and the forward took 12% longer (1024 x 1000 fp32, one thread, alternating builds).
+// Shifts and the sums A, Q are in the exp's unit (ExpUnit), A and Q taken back to nats at the end.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
@@ -198,8 +201,9 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
   constexpr int64_t W = Vec::size();
   constexpr int64_t U = 2;
   const Vec vninf(neg_inf<acc_t>());
-  const Vec vmin(shift_floor<acc_t>());
-  const Vec vinv(inv_t);
+  using Unit = ExpUnit<acc_t>;
+  const Vec vmin(Unit::kFloor);
+  const Vec vinv(inv_t * Unit::kPerNat);  // shifts in the exp's unit
   acc_t xmax;
   {
     Vec m0(vninf), m1(vninf);
@@ -239,13 +243,15 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
       bs[u] = Vec(acc_t(0));
       bA[u] = Vec(acc_t(0));
       bQ[u] = Vec(acc_t(0));
-      acc_add(bs[u], bA[u], bQ[u], exp_shift(d), d);
+      acc_add(bs[u], bA[u], bQ[u], Unit::exp(d), d);
     }
     s = s + (bs[0] + bs[1]);
     A = A + (bA[0] + bA[1]);
     Q = Q + (bQ[0] + bQ[1]);
   }
-  return row_finish<acc_t>(xmax, inv_t, hsum(s), hsum(A), hsum(Q), static_cast<acc_t>(x[y]));
+  // A and Q back to nats (a product by 1 for double)
+  return row_finish<acc_t>(xmax, inv_t, hsum(s), hsum(A) * Unit::kNat,
+                           hsum(Q) * (Unit::kNat * Unit::kNat), static_cast<acc_t>(x[y]));
 }
 
 // Forward over rows [begin, end). A row whose class stride is not 1 is first gathered into a
@@ -279,7 +285,8 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
 
 // ---------------------------------------------------------------------------------------------
 // Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = (x - m) / T - log s
-// (KERNEL_MATH s.3, mit_loss_math.h's log_prob).
+// (KERNEL_MATH s.3, mit_loss_math.h's log_prob), log p in the exp's unit (ExpUnit) and the
+// non-target formula as grad_logit_folded: one FMA and a product an element besides the exp.
 // The vector loop writes the non-target formula everywhere, then the target element is
 // rewritten from its own formula (one rounding to the output dtype either way).
 // ---------------------------------------------------------------------------------------------
@@ -296,22 +303,25 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   using Vec = typename IO::Vec;
   constexpr int64_t W = Vec::size();
   constexpr int64_t U = 2;
-  const Vec vinv(inv_t), vm(m), vlog_s(log_s), vH(H), vc(c), vscale(scale),
-      vmin(shift_floor<acc_t>());
+  using Unit = ExpUnit<acc_t>;
+  // log p in the exp's unit, and the gradient's row constants (grad_logit_folded)
+  const GradCoeffs<acc_t> k = grad_logit_coeffs(H, c, scale, Unit::kNat);
+  const Vec vinv(inv_t * Unit::kPerNat), vm(m), vlog_s(log_s * Unit::kPerNat), va(k.a), vb(k.b),
+      vmin(Unit::kFloor);
   int64_t j = 0;
   for (; j + U * W <= C; j += U * W) {
     Vec v[U];
     for (int64_t u = 0; u < U; ++u) v[u] = IO::load(x + j + u * W);
     for (int64_t u = 0; u < U; ++u) {
       const Vec logp = at::vec::clamp_min(log_prob(v[u], vm, vinv, vlog_s), vmin);
-      IO::store(dx + j + u * W, grad_logit(exp_shift(logp), logp, vH, vc, vscale));
+      IO::store(dx + j + u * W, grad_logit_folded(Unit::exp(logp), logp, va, vb));
     }
   }
   for (; j < C; j += W) {
     const int64_t rem = std::min<int64_t>(W, C - j);
     const Vec v = rem == W ? IO::load(x + j) : IO::load(x + j, rem);
     const Vec logp = at::vec::clamp_min(log_prob(v, vm, vinv, vlog_s), vmin);
-    const Vec g = grad_logit(exp_shift(logp), logp, vH, vc, vscale);
+    const Vec g = grad_logit_folded(Unit::exp(logp), logp, va, vb);
     if (rem == W) {
       IO::store(dx + j, g);
     } else {
