@@ -235,19 +235,12 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
                         : (rem > 0 ? Vec::set(vninf, IO::load(x + j0 + u * W, rem), rem) : vninf);
       }
     }
-    // The block's terms are summed as a tree first: shorter add chains, and each lane's
-    // running sums take C / (U W) terms instead of C / W (less fp32 rounding growth).
-    Vec bs[U], bA[U], bQ[U];
+    static_assert(U == 2, "acc_add2 sums a block of two vectors");
+    Vec d[U];
     for (int64_t u = 0; u < U; ++u) {
-      const Vec d = at::vec::clamp_min((v[u] - vm) * vinv, vmin);  // NaN stays NaN
-      bs[u] = Vec(acc_t(0));
-      bA[u] = Vec(acc_t(0));
-      bQ[u] = Vec(acc_t(0));
-      acc_add(bs[u], bA[u], bQ[u], Unit::exp(d), d);
+      d[u] = at::vec::clamp_min((v[u] - vm) * vinv, vmin);  // NaN stays NaN
     }
-    s = s + (bs[0] + bs[1]);
-    A = A + (bA[0] + bA[1]);
-    Q = Q + (bQ[0] + bQ[1]);
+    acc_add2(s, A, Q, Unit::exp(d[0]), d[0], Unit::exp(d[1]), d[1]);
   }
   // A and Q back to nats (a product by 1 for double)
   return row_finish<acc_t>(xmax, inv_t, hsum(s), hsum(A) * Unit::kNat,
