@@ -1,0 +1,97 @@
+"""The C++ CPU kernel ops timed alone, in nanoseconds per logit.
+
+``python -m benchmarks.cpu_ops [--shapes 1024x1000,...] [--dtypes fp32,bf16] [--threads 1]``
+
+``bench_mit_loss`` times whole training steps, where Python, autograd and the machine's noise
+add up to more than a kernel change moves. This times ``torch.ops.mitkernels_C.loss_forward_``
+(the row pass and the finalize, no state update) and ``loss_backward`` (the gradient) by
+themselves on canonical ``[N, C, 1]`` logits, and reports the best of ``--rounds`` means of
+``--calls`` calls each: the least disturbed time, which is what an A/B of two builds needs. On a
+shared VM, alternate the builds (run this with one, then the other, several times) rather than
+compare runs minutes apart.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, List, Tuple
+
+import torch
+
+from mitkernels import reference
+from mitkernels.state import initial_buffers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
+MEAN = 1
+
+
+def best_ns_per_elem(fn: Callable[[], object], elements: int, rounds: int, calls: int) -> float:
+    for _ in range(max(2, calls)):  # warm caches, allocator and thread pool
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e9 / elements
+
+
+def time_ops(n: int, c: int, dtype: torch.dtype, rounds: int, calls: int,
+             seed: int = 0) -> Tuple[float, float]:
+    """(forward, backward) ns per logit of the CPU ops at ``[n, c]``."""
+    import mitkernels._C  # noqa: F401 - registers torch.ops.mitkernels_C
+
+    ops = torch.ops.mitkernels_C
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, 1, generator=g).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    tau = torch.zeros(1, dtype=torch.float32)
+    state = list(initial_buffers(c).values())
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def forward():
+        return ops.loss_forward_(x, y, tau, state, 0, [], *TEMP, -100, MEAN, False, loss_dtype)
+
+    _, _, row_stats, grad_info = forward()
+    grad_loss = torch.ones((), dtype=loss_dtype)
+
+    def backward():
+        return ops.loss_backward(grad_loss, x, y, tau, row_stats, grad_info, *TEMP, -100, MEAN,
+                                 True)
+
+    return (best_ns_per_elem(forward, n * c, rounds, calls),
+            best_ns_per_elem(backward, n * c, rounds, calls))
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        n, c = item.lower().split("x")
+        shapes.append((int(n), int(c)))
+    return shapes
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1024x1000", help="NxC,... (default 1024x1000)")
+    p.add_argument("--dtypes", default="fp32", help=f"of {','.join(DTYPES)} (default fp32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--calls", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# ns per logit, best of {args.rounds} means of {args.calls} calls, "
+          f"{args.threads} thread(s), torch {torch.__version__}")
+    print(f"{'shape':>12} {'dtype':>5} {'forward':>8} {'backward':>8}")
+    for n, c in parse_shapes(args.shapes):
+        for name in args.dtypes.split(","):
+            fwd, bwd = time_ops(n, c, DTYPES[name], args.rounds, args.calls)
+            print(f"{f'{n}x{c}':>12} {name:>5} {fwd:8.3f} {bwd:8.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
