@@ -1,6 +1,7 @@
 """The C++ CPU kernel ops timed alone, in nanoseconds per logit.
 
-``python -m benchmarks.cpu_ops [--shapes 1024x1000,...] [--dtypes fp32,bf16] [--threads 1]``
+``python -m benchmarks.cpu_ops [--shapes 1024x1000,...] [--dtypes fp32,bf16] [--threads 1]
+[--overhead]``
 
 ``bench_mit_loss`` times whole training steps, where Python, autograd and the machine's noise
 add up to more than a kernel change moves. This times ``torch.ops.mitkernels_C.loss_forward_``
@@ -9,10 +10,16 @@ themselves on canonical ``[N, C, 1]`` logits, and reports the best of ``--rounds
 ``--calls`` calls each: the least disturbed time, which is what an A/B of two builds needs. On a
 shared VM, alternate the builds (run this with one, then the other, several times) rather than
 compare runs minutes apart.
+
+``--overhead``: where a small training step's time goes (microseconds a call, median of 3000):
+each op, ``mitkernels.mit_loss`` + ``torch.autograd.grad`` as ``bench_mit_loss`` times it, and
+the autograd machinery alone on a two-op graph (``(w * 2).sum()``): its forward, with
+``torch.autograd.grad``, and with the engine called directly (no Python wrapper).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable, List, Tuple
 
@@ -66,6 +73,53 @@ def time_ops(n: int, c: int, dtype: torch.dtype, rounds: int, calls: int,
             best_ns_per_elem(backward, n * c, rounds, calls))
 
 
+def median_us(fn: Callable[[], object], calls: int = 3000) -> float:
+    for _ in range(200):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def step_overhead(n: int, c: int) -> List[Tuple[str, float]]:
+    """Microseconds a call of a step's pieces at ``[n, c]`` fp32 (see the module docstring)."""
+    import mitkernels
+    import mitkernels._C  # noqa: F401
+
+    ops = torch.ops.mitkernels_C
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=g).requires_grad_(True)
+    y = torch.randint(0, c, (n,), generator=g)
+    state = mitkernels.MiTState(c)
+    bufs = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
+    x3, tau = x.detach().unsqueeze(-1), state.tau.detach().reshape(1)
+    _, _, row_stats, grad_info = ops.loss_forward_(x3, y, tau, bufs, 0, [], *TEMP, -100, MEAN,
+                                                   False, torch.float32)
+    one = torch.ones(())
+    w = torch.randn(n, c, generator=g).requires_grad_(True)
+    engine = torch.autograd.Variable._execution_engine
+
+    def step():
+        loss, _ = mitkernels.mit_loss(x, y, state, backend="cpu")
+        return torch.autograd.grad(loss, (x, state.tau))
+
+    pieces = [
+        ("op loss_forward_", lambda: ops.loss_forward_(x3, y, tau, bufs, 0, [], *TEMP, -100,
+                                                       MEAN, False, torch.float32)),
+        ("op loss_backward", lambda: ops.loss_backward(one, x3, y, tau, row_stats, grad_info,
+                                                       *TEMP, -100, MEAN, True)),
+        ("mit_loss + autograd.grad (the bench step)", step),
+        ("(w * 2).sum()", lambda: (w * 2).sum()),
+        ("(w * 2).sum() + autograd.grad", lambda: torch.autograd.grad((w * 2).sum(), (w,))),
+        ("(w * 2).sum() + engine.run_backward",
+         lambda: engine.run_backward(((w * 2).sum(),), (one,), False, False, (w,), False)),
+    ]
+    return [(name, median_us(fn)) for name, fn in pieces]
+
+
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
     shapes = []
     for item in text.split(","):
@@ -81,8 +135,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--overhead", action="store_true",
+                   help="also a 32x5 step's pieces, microseconds a call")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.overhead:
+        print(f"# a 32x5 fp32 step's pieces, us a call (median of 3000), {args.threads} "
+              f"thread(s)")
+        for name, us in step_overhead(32, 5):
+            print(f"{name:>42} {us:8.1f}", flush=True)
     print(f"# ns per logit, best of {args.rounds} means of {args.calls} calls, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"{'shape':>12} {'dtype':>5} {'forward':>8} {'backward':>8}")
