@@ -6,7 +6,8 @@
 ``bench_mit_loss`` times whole training steps, where Python, autograd and the machine's noise
 add up to more than a kernel change moves. This times ``torch.ops.mitkernels_C.loss_forward_``
 (the row pass and the finalize, no state update) and ``loss_backward`` (the gradient) by
-themselves on canonical ``[N, C, 1]`` logits, and reports the best of ``--rounds`` means of
+themselves on canonical ``[N, C, S]`` logits (``NxC``, or ``NxCxHxW..`` for spatial logits,
+laid out as NCHW is), and reports the best of ``--rounds`` means of
 ``--calls`` calls each: the least disturbed time, which is what an A/B of two builds needs. On a
 shared VM, alternate the builds (run this with one, then the other, several times) rather than
 compare runs minutes apart.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -46,15 +47,16 @@ def best_ns_per_elem(fn: Callable[[], object], elements: int, rounds: int, calls
     return best * 1e9 / elements
 
 
-def time_ops(n: int, c: int, dtype: torch.dtype, rounds: int, calls: int,
+def time_ops(shape: Sequence[int], dtype: torch.dtype, rounds: int, calls: int,
              seed: int = 0) -> Tuple[float, float]:
-    """(forward, backward) ns per logit of the CPU ops at ``[n, c]``."""
+    """(forward, backward) ns per logit of the CPU ops at ``shape`` (``[N, C, ..]``)."""
     import mitkernels._C  # noqa: F401 - registers torch.ops.mitkernels_C
 
     ops = torch.ops.mitkernels_C
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, 1, generator=g).to(dtype)
-    y = torch.randint(0, c, (n,), generator=g)
+    n, c = shape[:2]
+    x = torch.randn(*shape, generator=g).to(dtype).reshape(n, c, -1)
+    y = torch.randint(0, c, (x.shape[0] * x.shape[2],), generator=g)
     tau = torch.zeros(1, dtype=torch.float32)
     state = list(initial_buffers(c).values())
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -69,8 +71,8 @@ def time_ops(n: int, c: int, dtype: torch.dtype, rounds: int, calls: int,
         return ops.loss_backward(grad_loss, x, y, tau, row_stats, grad_info, *TEMP, -100, MEAN,
                                  True)
 
-    return (best_ns_per_elem(forward, n * c, rounds, calls),
-            best_ns_per_elem(backward, n * c, rounds, calls))
+    return (best_ns_per_elem(forward, x.numel(), rounds, calls),
+            best_ns_per_elem(backward, x.numel(), rounds, calls))
 
 
 def median_us(fn: Callable[[], object], calls: int = 3000) -> float:
@@ -120,17 +122,20 @@ def step_overhead(n: int, c: int) -> List[Tuple[str, float]]:
     return [(name, median_us(fn)) for name, fn in pieces]
 
 
-def parse_shapes(text: str) -> List[Tuple[int, int]]:
+def parse_shapes(text: str) -> List[Tuple[int, ...]]:
     shapes = []
     for item in text.split(","):
-        n, c = item.lower().split("x")
-        shapes.append((int(n), int(c)))
+        dims = tuple(int(d) for d in item.lower().split("x"))
+        if len(dims) < 2:
+            raise ValueError(f"a shape is NxC or NxCxHxW.., got {item!r}")
+        shapes.append(dims)
     return shapes
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1024x1000", help="NxC,... (default 1024x1000)")
+    p.add_argument("--shapes", default="1024x1000",
+                   help="NxC or NxCxHxW.., comma-separated (default 1024x1000)")
     p.add_argument("--dtypes", default="fp32", help=f"of {','.join(DTYPES)} (default fp32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--rounds", type=int, default=40)
@@ -146,11 +151,12 @@ def main(argv=None) -> int:
             print(f"{name:>42} {us:8.1f}", flush=True)
     print(f"# ns per logit, best of {args.rounds} means of {args.calls} calls, "
           f"{args.threads} thread(s), torch {torch.__version__}")
-    print(f"{'shape':>12} {'dtype':>5} {'forward':>8} {'backward':>8}")
-    for n, c in parse_shapes(args.shapes):
+    print(f"{'shape':>14} {'dtype':>5} {'forward':>8} {'backward':>8}")
+    for shape in parse_shapes(args.shapes):
+        label = "x".join(str(d) for d in shape)
         for name in args.dtypes.split(","):
-            fwd, bwd = time_ops(n, c, DTYPES[name], args.rounds, args.calls)
-            print(f"{f'{n}x{c}':>12} {name:>5} {fwd:8.3f} {bwd:8.3f}", flush=True)
+            fwd, bwd = time_ops(shape, DTYPES[name], args.rounds, args.calls)
+            print(f"{label:>14} {name:>5} {fwd:8.3f} {bwd:8.3f}", flush=True)
     return 0
 
 

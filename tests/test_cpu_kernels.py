@@ -435,6 +435,51 @@ def test_bitwise_deterministic_across_threads(n, c, s, k):
             assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
 
 
+def _channels_last_like(x):
+    """The same values with the class dimension innermost (class stride 1: the row kernels)."""
+    order = (0, *range(2, x.dim()), 1)
+    inverse = [order.index(d) for d in range(x.dim())]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("c,spatial,k,reduction", [
+    (2, (5, 7), 1, MEAN), (5, (3, 11), 5, NONE), (9, (2, 9), 1, NONE), (17, (4, 5), 17, MEAN),
+    (40, (19,), 1, MEAN), (3, (8231,), 1, NONE)])
+def test_spatial_lanes_are_bitwise_equal_to_rows(dtype, c, spatial, k, reduction):
+    """Logits laid out as NCHW (spatial stride 1) take the spatial-lane kernels, W rows to a
+    vector; with the classes innermost every row takes the row kernels. Same bits, with ignored
+    rows, masked (-inf) classes, one or per-class temperatures, per-row incoming gradients, and
+    on 1 and 2 threads (the 3 x 8231 rows split between threads inside a vector of rows)."""
+    g = torch.Generator().manual_seed(c * 31 + len(spatial))
+    n = 3 if c == 3 else 2
+    x = (torch.randn(n, c, *spatial, generator=g) * 3).to(dtype)
+    x[0, 1, 0] = -math.inf  # a masked class in a few rows
+    targets = torch.randint(0, c, (n, *spatial), generator=g)
+    targets.view(-1)[::7] = -100
+    targets[0, 0] = 0  # not ignored: the row holding a -inf logit counts
+    tau = torch.linspace(-0.4, 0.8, k)
+    grad_loss = None if reduction != NONE else torch.linspace(0.5, 1.5, targets.numel()).reshape(
+        targets.shape).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for layout, nt in ((lambda t: t, 1), (lambda t: t, 2), (_channels_last_like, 1)):
+            torch.set_num_threads(nt)
+            xl = layout(x)
+            out = ops_step(0, xl, targets, tau, mit_state(c), reduction=reduction,
+                           update_state=False,
+                           grad_loss=None if grad_loss is None else grad_loss.reshape(-1))
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0]["grad"].is_contiguous() and not outs[2]["grad"].is_contiguous()
+    for other in outs[1:]:
+        for key in ("loss", "stats", "row_stats", "grad", "grad_tau"):
+            assert torch.equal(outs[0][key], other[key]), key
+    assert torch.all(outs[0]["grad"][0, 1, 0] == 0)  # masked: exactly 0
+
+
 # ----------------------------------------------------------------------------------------------
 # opcheck of each mitkernels_C op (the Meta kernels in csrc/ops.cpp make them traceable).
 # ----------------------------------------------------------------------------------------------

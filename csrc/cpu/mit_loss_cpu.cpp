@@ -257,6 +257,96 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
                            hsum(Q) * (Unit::kNat * Unit::kNat), static_cast<acc_t>(x[y]));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Spatial rows ([N, C, d1, ..] logits with spatial stride 1, as NCHW is): W consecutive rows of
+// one image are the W lanes of a vector and the classes are the loop, so every load is a
+// contiguous vector where a row alone gathered C scalars a plane apart and paid its horizontal
+// sums, partial loads and log for C = 2 .. 20 values.
+// A lane computes for its row what stats_row_contiguous computes, operation for operation and
+// in the same order, so the two paths give the same bits (the tests compare layouts bitwise):
+// there, lane i of block b holds classes 2Wb + i and 2Wb + W + i (acc_add2 from a zero block
+// sum), and the lanes are summed in order (hsum); here the loop runs over i, then b. The terms
+// the row form pads with (a -inf logit: the floor shift, whose exp is exactly 0) add exactly
+// nothing to sums that are never -0, so classes past C are skipped, and the padded second term
+// of a pair is the constant pair (floor, exp(floor)).
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+inline void stats_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  using Unit = ExpUnit<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = a.C, sc = a.sc, R = a.N * a.S;
+  const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
+  acc_t* rs = static_cast<acc_t*>(a.row_stats);
+  int64_t y[W];
+  bool valid[W];
+  alignas(64) acc_t inv_t[W], inv_u[W];
+  bool any = false;
+  for (int64_t i = 0; i < W; ++i) {
+    y[i] = load_target(a, r0 + i);
+    valid[i] = target_valid(y[i], C, a.ignore_index);
+    any = any || valid[i];
+    inv_t[i] = valid[i] ? inv_temp[a.K == 1 ? 0 : y[i]] : acc_t(1);
+    inv_u[i] = inv_t[i] * Unit::kPerNat;
+  }
+  if (!any) {
+    for (int64_t i = 0; i < W; ++i) store_zero_row_stats(rs, R, r0 + i);
+    return;
+  }
+  Vec vm(neg_inf<acc_t>());
+  for (int64_t c = 0; c < C; ++c) vm = at::vec::maximum(vm, IO::load(x0 + c * sc));
+  const Vec vinv = Vec::loadu(inv_u), vmin(Unit::kFloor);
+  const Vec e_pad = Unit::exp(vmin);
+  Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
+  const int64_t lanes_used = std::min<int64_t>(W, C);
+  for (int64_t i = 0; i < lanes_used; ++i) {
+    Vec ls(acc_t(0)), lA(acc_t(0)), lQ(acc_t(0));
+    for (int64_t c0 = i; c0 < C; c0 += 2 * W) {
+      const Vec d0 = at::vec::clamp_min((IO::load(x0 + c0 * sc) - vm) * vinv, vmin);
+      if (c0 + W < C) {
+        const Vec d1 = at::vec::clamp_min((IO::load(x0 + (c0 + W) * sc) - vm) * vinv, vmin);
+        acc_add2(ls, lA, lQ, Unit::exp(d0), d0, Unit::exp(d1), d1);
+      } else {
+        acc_add2(ls, lA, lQ, Unit::exp(d0), d0, e_pad, vmin);
+      }
+    }
+    if (i == 0) {
+      s = ls;
+      A = lA;
+      Q = lQ;
+    } else {
+      s = s + ls;
+      A = A + lA;
+      Q = Q + lQ;
+    }
+  }
+  alignas(64) acc_t m_[W], s_[W], A_[W], Q_[W];
+  vm.store(m_);
+  s.store(s_);
+  A.store(A_);
+  Q.store(Q_);
+  for (int64_t i = 0; i < W; ++i) {
+    if (!valid[i]) {
+      store_zero_row_stats(rs, R, r0 + i);
+      continue;
+    }
+    const acc_t x_y = static_cast<acc_t>(x0[y[i] * sc + i]);
+    store_row_stats(rs, R, r0 + i,
+                    m_[i] == neg_inf<acc_t>()
+                        ? row_finish<acc_t>(m_[i], inv_t[i], acc_t(0), acc_t(0), acc_t(0), x_y)
+                        : row_finish<acc_t>(m_[i], inv_t[i], s_[i], A_[i] * Unit::kNat,
+                                            Q_[i] * (Unit::kNat * Unit::kNat), x_y));
+  }
+}
+
+// Rows r with W rows of the same image from r on (spatial stride 1) go through the lanes.
+inline bool lanes_fit(const RowArgs& a, int64_t r, int64_t end, int64_t W) {
+  if (a.S < W || a.ss != 1 || r + W > end) return false;
+  return (r % a.S) + W <= a.S;
+}
+
 // Forward over rows [begin, end). A row whose class stride is not 1 is first gathered into a
 // contiguous buffer (one per range, not per row), so every layout runs the same code and gives
 // the same bits as its contiguous copy.
@@ -268,7 +358,14 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
   acc_t* rs = static_cast<acc_t*>(a.row_stats);
   const int64_t R = a.N * a.S;
   std::vector<scalar_t> buf(a.sc == 1 ? 0 : static_cast<size_t>(a.C));
+  constexpr int64_t W = VecIO<scalar_t>::Vec::size();
   for (int64_t r = begin; r < end; ++r) {
+    if (lanes_fit(a, r, end, W)) {
+      const int64_t n = r / a.S;
+      stats_lanes<scalar_t>(a, r, x + n * a.sn + (r - n * a.S));
+      r += W - 1;
+      continue;
+    }
     const int64_t y = load_target(a, r);
     if (!target_valid(y, a.C, a.ignore_index)) {
       store_zero_row_stats(rs, R, r);
@@ -338,6 +435,57 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
 }
 
+// The backward of W spatial rows as the lanes of a vector (stats_lanes says why); every element
+// gets grad_row_contiguous's operations, so either path gives the same bits.
+template <typename scalar_t>
+inline void grad_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0, scalar_t* g0) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  using Unit = ExpUnit<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t C = a.C, sc = a.sc, gc = a.gc, R = a.N * a.S;
+  const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
+  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+  const acc_t* grad_rows_in = static_cast<const acc_t*>(a.grad_rows);
+  const acc_t coef = static_cast<acc_t>(a.coef);
+  int64_t y[W];
+  bool valid[W];
+  alignas(64) acc_t inv_t[W], m[W], H[W], log_s[W], scale[W], inv_u[W], log_s_u[W], ka[W], kb[W];
+  for (int64_t i = 0; i < W; ++i) {
+    const int64_t r = r0 + i;
+    y[i] = load_target(a, r);
+    valid[i] = target_valid(y[i], C, a.ignore_index);
+    inv_t[i] = valid[i] ? inv_temp[a.K == 1 ? 0 : y[i]] : acc_t(0);
+    const acc_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<acc_t>(a.grad_scalar);
+    scale[i] = g_r * static_cast<acc_t>(a.row_scale) * inv_t[i];
+    m[i] = rs[kRowMax * R + r];
+    H[i] = rs[kRowH * R + r];
+    log_s[i] = rs[kRowLogS * R + r];
+    const GradCoeffs<acc_t> k = grad_logit_coeffs(H[i], coef, scale[i], Unit::kNat);
+    inv_u[i] = inv_t[i] * Unit::kPerNat;
+    log_s_u[i] = log_s[i] * Unit::kPerNat;
+    ka[i] = k.a;
+    kb[i] = k.b;
+  }
+  const Vec vm = Vec::loadu(m), vinv = Vec::loadu(inv_u), vlog_s = Vec::loadu(log_s_u),
+            va = Vec::loadu(ka), vb = Vec::loadu(kb), vmin(Unit::kFloor);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec logp = at::vec::clamp_min(log_prob(IO::load(x0 + c * sc), vm, vinv, vlog_s), vmin);
+    IO::store(g0 + c * gc, grad_logit_folded(Unit::exp(logp), logp, va, vb));
+  }
+  for (int64_t i = 0; i < W; ++i) {
+    if (!valid[i]) {  // computed on whatever the row holds: overwritten
+      for (int64_t c = 0; c < C; ++c) g0[c * gc + i] = scalar_t(0);
+      continue;
+    }
+    const acc_t logp =
+        clamp_shift(log_prob(static_cast<acc_t>(x0[y[i] * sc + i]), m[i], inv_t[i], log_s[i]));
+    g0[y[i] * gc + i] = static_cast<scalar_t>(
+        grad_logit_target(std::exp(logp), logp, H[i], coef, scale[i]));
+  }
+}
+
 template <typename scalar_t>
 void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
@@ -352,10 +500,16 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const bool gather = a.sc != 1 || a.gc != 1;
   std::vector<scalar_t> xbuf(gather ? static_cast<size_t>(a.C) : 0);
   std::vector<scalar_t> gbuf(gather ? static_cast<size_t>(a.C) : 0);
+  constexpr int64_t W = VecIO<scalar_t>::Vec::size();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = a.S == 1 ? r : r / a.S;
     const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
     scalar_t* grow = g + n * a.gn + sp * a.gs;
+    if (a.gs == 1 && lanes_fit(a, r, end, W)) {
+      grad_lanes<scalar_t>(a, r, x + n * a.sn + sp, grow);
+      r += W - 1;
+      continue;
+    }
     const int64_t y = load_target(a, r);
     if (!target_valid(y, a.C, a.ignore_index)) {
       for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = scalar_t(0);
