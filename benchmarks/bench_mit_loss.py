@@ -16,6 +16,9 @@ Providers, timed on the same tensors:
                 roofline is 1.5 copy times for ``fwdbwd`` (2 reads + 1 write of the logits, the
                 traffic of docs/KERNEL_MATH.md s.5) and 0.5 copy times for ``fwd`` (1 read).
 
+Shapes are ``NxC`` or, for segmentation, ``NxCxHxW..``: logits ``[N, C, H, W, ..]`` laid out as
+NCHW, targets ``[N, H, W, ..]``.
+
 Modes: ``fwd`` (forward with state update, no grad) and ``fwdbwd`` (forward with state update and
 backward to the logits and ``tau``: a training step of the loss).
 
@@ -70,36 +73,45 @@ ERROR_TOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 3e-2, tor
 
 @dataclass(frozen=True)
 class Shape:
-    family: str  # medical | mid | large
+    family: str  # medical | mid | large | segmentation
     n: int
     c: int
     dtypes: Optional[Tuple[str, ...]] = None  # None: every dtype of the sweep
+    spatial: Tuple[int, ...] = ()  # d1, d2, ..: logits [N, C, d1, ..] (NCHW), targets [N, d1, ..]
 
     @property
     def label(self) -> str:
-        return f"{self.n}x{self.c}"
+        return "x".join(str(d) for d in (self.n, self.c, *self.spatial))
+
+    @property
+    def numel(self) -> int:
+        return self.n * self.c * math.prod(self.spatial)
 
 
 # CPU quick mode keeps the large shape at 1024 x 32000: the eager step at 4096 x 32000 takes
 # seconds a call on two cores, and --quick must finish within minutes, compiles included.
 SWEEPS = {
     ("cpu", "quick"): ([Shape("medical", 256, 5), Shape("mid", 1024, 1000),
-                        Shape("large", 1024, 32000)], ("fp32",)),
+                        Shape("large", 1024, 32000),
+                        Shape("segmentation", 8, 5, spatial=(128, 128))], ("fp32",)),
     ("cpu", "full"): ([Shape("medical", 32, 2), Shape("medical", 128, 3), Shape("medical", 256, 5),
                        Shape("medical", 1024, 7), Shape("mid", 1024, 1000),
-                       Shape("large", 4096, 32000)], ("fp32", "bf16")),
+                       Shape("large", 4096, 32000),
+                       Shape("segmentation", 8, 5, spatial=(128, 128))], ("fp32", "bf16")),
     ("cuda", "quick"): ([Shape("medical", 256, 5), Shape("mid", 1024, 1000),
-                         Shape("large", 4096, 32000), Shape("large", 16384, 131072, ("bf16",))],
+                         Shape("large", 4096, 32000), Shape("large", 16384, 131072, ("bf16",)),
+                         Shape("segmentation", 16, 5, spatial=(256, 256))],
                         ("fp32", "bf16")),
     ("cuda", "full"): ([Shape("medical", 32, 2), Shape("medical", 256, 5), Shape("medical", 1024, 7),
                         Shape("mid", 1024, 1000), Shape("large", 4096, 32000),
-                        Shape("large", 8192, 65536), Shape("large", 16384, 131072, ("bf16",))],
+                        Shape("large", 8192, 65536), Shape("large", 16384, 131072, ("bf16",)),
+                        Shape("segmentation", 16, 5, spatial=(256, 256))],
                        ("fp32", "bf16")),
 }
 
 CSV_FIELDS = [
     "run_id", "timestamp", "device_kind", "device_name", "torch", "triton", "python", "git_commit",
-    "threads", "load_avg", "family", "n", "c", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
+    "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
     "p80_ms", "repeats", "bytes", "gbps", "roofline_ms", "roofline_frac", "speedup_vs_eager",
     "speedup_vs_compiled", "peak_extra_mb", "max_rel_err", "compile_s", "note",
 ]
@@ -475,6 +487,8 @@ class LigerCEProvider(Provider):
     def make(self, case, state):
         if case.device.type != "cuda":
             raise Skip("Liger-Kernel runs on CUDA")
+        if case.x.dim() != 2:
+            raise Skip("Liger's cross-entropy takes [N, C] logits")
         loss_mod = self.cls()
         # Liger writes the gradient into its input during the forward: give it its own copy.
         x = case.x.detach().clone().requires_grad_(case.backward)
@@ -573,8 +587,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     # Drawn on the device itself: gigabytes of logits must not be made on the host and copied.
     gen = torch.Generator(device=device).manual_seed(seed)
     # Logits with a spread like a trained classifier's (std 2), targets uniform over classes.
-    x = torch.randn(shape.n, shape.c, generator=gen, device=device, dtype=dtype).mul_(2.0)
-    y = torch.randint(0, shape.c, (shape.n,), generator=gen, device=device)
+    x = torch.randn(shape.n, shape.c, *shape.spatial, generator=gen, device=device,
+                    dtype=dtype).mul_(2.0)
+    y = torch.randint(0, shape.c, (shape.n, *shape.spatial), generator=gen, device=device)
     return x, y
 
 
@@ -732,6 +747,19 @@ class CsvSink:
         self.file.close()
 
 
+def _spatial(row: dict) -> Tuple[int, ...]:
+    text = row.get("spatial") or ""
+    return tuple(int(d) for d in text.split("x")) if text else ()
+
+
+def _elements(row: dict) -> int:
+    return row["n"] * row["c"] * math.prod(_spatial(row))
+
+
+def _label(row: dict) -> str:
+    return "x".join(str(d) for d in (row["n"], row["c"], *_spatial(row)))
+
+
 def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
     try:
         import matplotlib
@@ -753,9 +781,9 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.6 * len(panels)), squeeze=False)
     for (dtype_name, mode), (ax_t, ax_s) in zip(panels, axes):
         sel = [r for r in ok if r["dtype"] == dtype_name and r["mode"] == mode]
-        sizes = sorted({(r["n"] * r["c"], f"{r['n']}x{r['c']}") for r in sel})
+        sizes = sorted({(_elements(r), _label(r)) for r in sel})
         for p in providers:
-            pts = sorted((r["n"] * r["c"], r["median_ms"], r.get("speedup_vs_eager"))
+            pts = sorted((_elements(r), r["median_ms"], r.get("speedup_vs_eager"))
                          for r in sel if r["provider"] == p)
             if not pts:
                 continue
@@ -766,10 +794,10 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
             sp = [(a, s) for a, _, s in pts if s]
             if sp and p not in ("copy", "eager"):
                 ax_s.plot([a for a, _ in sp], [s for _, s in sp], label=p, **style)
-        roof = sorted((r["n"] * r["c"], r["roofline_ms"]) for r in sel
+        roof = sorted((_elements(r), r["roofline_ms"]) for r in sel
                       if r["provider"] == "eager" and r.get("roofline_ms"))
         if not roof:
-            roof = sorted({(r["n"] * r["c"], r["roofline_ms"]) for r in sel if r.get("roofline_ms")})
+            roof = sorted({(_elements(r), r["roofline_ms"]) for r in sel if r.get("roofline_ms")})
         if roof:
             ax_t.plot([a for a, _ in roof], [b for _, b in roof], color="k", ls="--", lw=1,
                       label=f"roofline ({TRAFFIC[mode] / 2:g} x copy)")
@@ -781,8 +809,8 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
             ax.grid(True, which="major", alpha=0.3)
         ax_t.set_yscale("log")
         ax_t.set_ylabel("median time (ms)")
-        ax_t.set_xlabel("logits N x C (axis: N*C, log)", fontsize=8)
-        ax_s.set_xlabel("logits N x C (axis: N*C, log)", fontsize=8)
+        ax_t.set_xlabel("logits N x C (x d1 ..) (axis: elements, log)", fontsize=8)
+        ax_s.set_xlabel("logits N x C (x d1 ..) (axis: elements, log)", fontsize=8)
         ax_t.set_title(f"{dtype_name} {mode}: time", fontsize=10)
         ax_s.set_yscale("log")
         ax_s.axhline(1.0, color="gray", lw=0.8, label="eager")
@@ -800,15 +828,21 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+def _spatial_text(shape: Shape) -> str:
+    return "x".join(str(d) for d in shape.spatial)
+
+
 def parse_shapes(text: str) -> List[Shape]:
     shapes = []
     for item in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
-        if not m:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxC")
-        n, c = int(m.group(1)), int(m.group(2))
-        family = "medical" if c <= 16 else ("mid" if n * c <= 4_000_000 else "large")
-        shapes.append(Shape(family, n, c))
+        if not re.fullmatch(r"\s*\d+(\s*x\s*\d+)+\s*", item):
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxC or NxCxHxW..")
+        n, c, *spatial = (int(d) for d in item.split("x"))
+        if spatial:
+            family = "segmentation"
+        else:
+            family = "medical" if c <= 16 else ("mid" if n * c <= 4_000_000 else "large")
+        shapes.append(Shape(family, n, c, spatial=tuple(spatial)))
     return shapes
 
 
@@ -846,7 +880,9 @@ def parse_args(argv=None):
     sweep.add_argument("--quick", action="store_true", help="few shapes, fp32 on CPU (default)")
     sweep.add_argument("--full", action="store_true", help="the whole sweep")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
-    p.add_argument("--shapes", type=parse_shapes, help="override: comma list of NxC, e.g. 256x5,1024x1000")
+    p.add_argument("--shapes", type=parse_shapes,
+                   help="override: comma list of NxC or NxCxHxW.. (segmentation, NCHW), "
+                        "e.g. 256x5,1024x1000,8x5x128x128")
     p.add_argument("--dtypes", help="override: comma list of fp32,bf16,fp16")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd,fwdbwd")
     p.add_argument("--providers", help="only these (eager,compiled,cpu,cuda,triton,torch_ce,"
@@ -973,7 +1009,8 @@ def main(argv=None) -> int:
         for shape, dtype_name, mode in groups:
             if cfg.budget_s is not None and time.perf_counter() - t_start > cfg.budget_s:
                 skipped_groups += 1
-                rows = [{"family": shape.family, "n": shape.n, "c": shape.c, "dtype": dtype_name,
+                rows = [{"family": shape.family, "n": shape.n, "c": shape.c,
+                         "spatial": _spatial_text(shape), "dtype": dtype_name,
                          "mode": mode, "provider": p.name, "status": "skipped",
                          "note": f"time budget of {cfg.budget_s:g}s spent",
                          "timestamp": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -987,7 +1024,7 @@ def main(argv=None) -> int:
             if current != (shape, dtype_name):
                 x = y = None
                 free_memory(device)
-                need = shape.n * shape.c * torch.empty((), dtype=dtype).element_size()
+                need = shape.numel * torch.empty((), dtype=dtype).element_size()
                 if device.type == "cuda":
                     free_bytes, _ = torch.cuda.mem_get_info(device)
                     if need * 3 > free_bytes:
@@ -1007,7 +1044,8 @@ def main(argv=None) -> int:
                 row, new_ref = run_provider(provider, case, cfg, ref)
                 if new_ref is not None:
                     ref = new_ref
-                row.update(family=shape.family, n=shape.n, c=shape.c, dtype=dtype_name, mode=mode,
+                row.update(family=shape.family, n=shape.n, c=shape.c,
+                           spatial=_spatial_text(shape), dtype=dtype_name, mode=mode,
                            timestamp=_dt.datetime.now().isoformat(timespec="seconds"),
                            load_avg=load_average())
                 rows.append(row)

@@ -24,12 +24,14 @@ from mitkernels.state import MiTState  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cuda":
     SHAPES = [bench.Shape("medical", 256, 5), bench.Shape("mid", 1024, 1000),
-              bench.Shape("large", 4096, 32000)]
+              bench.Shape("large", 4096, 32000),
+              bench.Shape("segmentation", 16, 5, spatial=(256, 256))]
     DTYPES = ["fp32", "bf16"]
 else:
     # Small enough that the eager step stays well under a second a call on two cores.
     SHAPES = [bench.Shape("medical", 256, 5), bench.Shape("mid", 1024, 1000),
-              bench.Shape("large", 256, 32000)]
+              bench.Shape("large", 256, 32000),
+              bench.Shape("segmentation", 4, 5, spatial=(64, 64))]
     DTYPES = ["fp32"]
 
 
@@ -110,14 +112,14 @@ def test_mit_step(benchmark, inputs, shape, dtype_name, provider_name, mode):
 
     benchmark.group = f"{shape.label} {dtype_name} {mode}"
     benchmark.extra_info.update(device=bench.device_name(DEVICE), n=shape.n, c=shape.c,
-                                dtype=dtype_name, mode=mode, provider=provider_name,
+                                spatial=list(shape.spatial), dtype=dtype_name, mode=mode, provider=provider_name,
                                 bytes=int(x.numel() * x.element_size() * bench.TRAFFIC[mode]))
     benchmark.pedantic(_timed(step), rounds=_rounds(shape), warmup_rounds=1, iterations=1)
 
 
 def _rounds(shape: bench.Shape) -> int:
     # Enough rounds for a stable median, bounded time on a small CPU.
-    elements = shape.n * shape.c
+    elements = shape.numel
     if DEVICE.type == "cuda":
         return 50
     return 30 if elements < 1_000_000 else 8
