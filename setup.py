@@ -104,7 +104,10 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     windows = sys.platform == "win32"
     linux = sys.platform.startswith("linux")
-    cxx = ["/O2"] if windows else opt + ["-fvisibility=hidden"]
+    # -ffp-contract=off: no multiply-add fused unless the source says so (at::vec::fmadd). The CPU
+    # kernels' row and spatial-lane paths give the same bits by running the same operations,
+    # which must not depend on which ones the optimizer chose to fuse in each (MSVC does not).
+    cxx = ["/O2"] if windows else opt + ["-fvisibility=hidden", "-ffp-contract=off"]
     link = []
     if linux:  # torch's at::parallel_for is OpenMP: the inline parts need -fopenmp here too
         cxx.append("-fopenmp")

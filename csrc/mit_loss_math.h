@@ -146,19 +146,37 @@ struct RowStats {
   acc_t m, H, V, CEH, log_s;
 };
 
-template <typename acc_t>
-MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t inv_t, acc_t s, acc_t A, acc_t Q,
-                                   acc_t x_target) {
-  RowStats<acc_t> r;
-  const acc_t log_s = log(s);
-  const acc_t a = A / s;
+// The log (ln) and the floor at 0 (max0) of row_finish, for scalars. The CPU kernels finish
+// their rows W at a time on vectors, with their own (VecFinishOps in csrc/cpu/).
+struct ScalarFinishOps {
+  template <typename acc_t>
+  MITK_HD static acc_t ln(acc_t v) {
+    return log(v);  // as everywhere here: std:: on the host, CUDA's on the device
+  }
+  template <typename acc_t>
+  MITK_HD static acc_t max0(acc_t v) {
+    return v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN
+  }
+};
+
+template <typename V, typename Ops>
+MITK_HD RowStats<V> row_finish_with(const V& m, const V& inv_t, const V& s, const V& A,
+                                    const V& Q, const V& x_target) {
+  RowStats<V> r;
+  const V log_s = Ops::ln(s);
+  const V a = A / s;
   r.m = m;
   r.log_s = log_s;
   r.H = log_s - a;
-  acc_t v = Q / s - a * a;
-  r.V = v < acc_t(0) ? acc_t(0) : v;  // rounding can leave a tiny negative
+  r.V = Ops::max0(Q / s - a * a);  // rounding can leave a tiny negative
   r.CEH = (m - x_target) * inv_t + a;
   return r;
+}
+
+template <typename acc_t>
+MITK_HD RowStats<acc_t> row_finish(acc_t m, acc_t inv_t, acc_t s, acc_t A, acc_t Q,
+                                   acc_t x_target) {
+  return row_finish_with<acc_t, ScalarFinishOps>(m, inv_t, s, A, Q, x_target);
 }
 
 // Row r of row_stats ([kRowStats, R], rows kRowMax .. kRowLogS): a valid row's statistics, or
@@ -203,14 +221,15 @@ MITK_HD V grad_logit_target(const V& p, const V& log_p, const V& H, const V& c, 
 // b = scale c. Two operations an element where grad_logit takes five, for the vector loops;
 // log p may be held in another unit (the CPU's float exp works in bits: u = log2 p, and
 // nats_per_unit = ln 2 makes b u = scale c log p).
-template <typename acc_t>
+template <typename V>
 struct GradCoeffs {
-  acc_t a, b;
+  V a, b;
 };
 
-template <typename acc_t>
-MITK_HD GradCoeffs<acc_t> grad_logit_coeffs(acc_t H, acc_t c, acc_t scale, acc_t nats_per_unit) {
-  return {scale * (acc_t(1) + c * H), scale * c * nats_per_unit};
+template <typename V>
+MITK_HD GradCoeffs<V> grad_logit_coeffs(const V& H, const V& c, const V& scale,
+                                        const V& nats_per_unit) {
+  return {scale * (V(1) + c * H), scale * c * nats_per_unit};
 }
 
 template <typename V>

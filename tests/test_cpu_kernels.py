@@ -269,8 +269,9 @@ def test_reduced_precision_exp_across_the_shift_range(dtype):
     want = torch.softmax(x, 1)[:, 1]
     got = out["grad"][:, 1].double()
     if dtype == torch.float32:
-        # the shift (x - m) log2(e) / T carries two float roundings of relative 2^-24, as eager
-        # float32's z = x / T then z - max z does: 1.2e-7 |d| of p (6e-6 at d = -50)
+        # the shift (x - m) log2(e) / T carries float roundings of relative 2^-24 (here, with
+        # T = 1 and m = 0, those of log2(e) and of the product), as eager float32's z = x / T
+        # then z - max z does: up to 1.2e-7 |d| of p (6e-6 at d = -50)
         tol = (4e-7 + 1.2e-7 * x[:, 1].abs()) * want
         normal = want >= torch.finfo(torch.float32).tiny
         assert torch.all((got - want).abs()[normal] <= tol[normal])
@@ -435,6 +436,14 @@ def test_bitwise_deterministic_across_threads(n, c, s, k):
             assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
 
 
+def _same_bits(a, b):
+    """Equal bit for bit (so +0 is not -0), NaN matching any NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool(torch.all((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())))
+
+
 def _channels_last_like(x):
     """The same values with the class dimension innermost (class stride 1: the row kernels)."""
     order = (0, *range(2, x.dim()), 1)
@@ -454,10 +463,14 @@ def test_spatial_lanes_are_bitwise_equal_to_rows(dtype, c, spatial, k, reduction
     g = torch.Generator().manual_seed(c * 31 + len(spatial))
     n = 3 if c == 3 else 2
     x = (torch.randn(n, c, *spatial, generator=g) * 3).to(dtype)
-    x[0, 1, 0] = -math.inf  # a masked class in a few rows
+    flat = x.view(n, c, -1)  # pixel p of image i: flat[i, :, p]
+    flat[0, 1, :3] = -math.inf  # a masked class in a few rows
+    flat[1, :, 0] = torch.tensor([(-1.0) ** k * 0.0 for k in range(c)]).to(dtype)  # +0, -0
+    flat[1, 0, -1] = math.nan  # a NaN row
     targets = torch.randint(0, c, (n, *spatial), generator=g)
     targets.view(-1)[::7] = -100
-    targets[0, 0] = 0  # not ignored: the row holding a -inf logit counts
+    targets.view(n, -1)[:, :3] = 0  # not ignored: the rows holding -inf logits count
+    targets.view(n, -1)[1, -1] = 0  # nor the NaN row
     tau = torch.linspace(-0.4, 0.8, k)
     grad_loss = None if reduction != NONE else torch.linspace(0.5, 1.5, targets.numel()).reshape(
         targets.shape).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -476,8 +489,9 @@ def test_spatial_lanes_are_bitwise_equal_to_rows(dtype, c, spatial, k, reduction
     assert outs[0]["grad"].is_contiguous() and not outs[2]["grad"].is_contiguous()
     for other in outs[1:]:
         for key in ("loss", "stats", "row_stats", "grad", "grad_tau"):
-            assert torch.equal(outs[0][key], other[key]), key
-    assert torch.all(outs[0]["grad"][0, 1, 0] == 0)  # masked: exactly 0
+            assert _same_bits(outs[0][key], other[key]), key
+    assert torch.all(outs[0]["grad"].view(n, c, -1)[0, 1, :3] == 0)  # masked: exactly 0
+    assert torch.isnan(outs[0]["row_stats"]).any()  # the NaN row went through
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,6 +568,9 @@ for n, c in ((3, 2), (5, 37), (2, 4099)):
     t.compare_mit(x.t().contiguous().t(), y)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     t.test_reduced_precision_within_eager_error(dtype, 4, 1000)
+for dtype in (torch.float32, torch.float64):  # the spatial lanes and the exp's portable branch
+    t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 17, (4, 5), 17, t.MEAN)
+    t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 5, (3, 11), 5, t.NONE)
 print("ok")
 """ % os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")

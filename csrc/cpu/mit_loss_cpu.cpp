@@ -144,6 +144,8 @@ struct ExpUnit<float> {
   // masked (-inf) logits add exactly 0 to the sums and get a gradient of exactly 0, as with an
   // exp that underflows; and n never falls below -127, where the shift would reach the sign bit.
   static constexpr float kFloor = -127.0f;
+  // t in [kFloor, 0]: the forward's shifts are below the row max, the backward's log p are
+  // capped at 0 (above 128 the exponent would wrap into the sign bit)
   static Vectorized<float> exp(const Vectorized<float>& t) {
     using Vec = Vectorized<float>;
     const Vec shifter(12582912.0f + 127.0f);  // 1.5 * 2^23, plus the exponent bias
@@ -169,6 +171,130 @@ template <typename acc_t>
 inline acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
+
+// row_finish's log and floor at 0 on vectors (mit_loss_math.h's ScalarFinishOps): the spatial
+// lanes finish W rows at once, and the row kernels finish theirs through the same code, one row
+// a vector, so that both give the same bits.
+struct VecFinishOps {
+  template <typename Vec>
+  static Vec ln(const Vec& v) {
+    return v.log();
+  }
+  template <typename Vec>
+  static Vec max0(const Vec& v) {
+    return at::vec::clamp_min(v, Vec(0));  // NaN stays NaN
+  }
+};
+
+// A row's sums about its max m, A and Q in nats; all 0 for a row of -inf logits.
+template <typename acc_t>
+struct RowSums {
+  acc_t m, s, A, Q;
+};
+
+// Finishes the row kernels' rows W at a time, through the vector code of the spatial lanes
+// (row_finish_with with VecFinishOps): one vector log for W rows, and the same bits as a lane.
+template <typename acc_t>
+class RowFinisher {
+ public:
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
+
+  RowFinisher(acc_t* rs, int64_t R) : rs_(rs), R_(R) {}
+  ~RowFinisher() { flush(); }
+
+  void add(int64_t r, const RowSums<acc_t>& sums, acc_t inv_t, acc_t x_y) {
+    row_[n_] = r;
+    m_[n_] = sums.m;
+    s_[n_] = sums.s;
+    A_[n_] = sums.A;
+    Q_[n_] = sums.Q;
+    inv_t_[n_] = inv_t;
+    xy_[n_] = x_y;
+    if (++n_ == W) flush();
+  }
+
+  void flush() {
+    if (n_ == 0) return;
+    for (int64_t i = n_; i < W; ++i) {  // unused lanes: a harmless row, never stored
+      m_[i] = A_[i] = Q_[i] = xy_[i] = acc_t(0);
+      s_[i] = inv_t_[i] = acc_t(1);
+    }
+    const RowStats<Vec> st = row_finish_with<Vec, VecFinishOps>(
+        Vec::loadu(m_), Vec::loadu(inv_t_), Vec::loadu(s_), Vec::loadu(A_), Vec::loadu(Q_),
+        Vec::loadu(xy_));
+    alignas(64) acc_t out[kRowStats][W];
+    st.m.store(out[kRowMax]);
+    st.H.store(out[kRowH]);
+    st.V.store(out[kRowV]);
+    st.CEH.store(out[kRowCEH]);
+    st.log_s.store(out[kRowLogS]);
+    for (int64_t i = 0; i < n_; ++i) {
+      for (int64_t k = 0; k < kRowStats; ++k) rs_[k * R_ + row_[i]] = out[k][i];
+    }
+    n_ = 0;
+  }
+
+ private:
+  acc_t* rs_;
+  int64_t R_;
+  int64_t n_ = 0;
+  int64_t row_[W];
+  alignas(64) acc_t m_[W], s_[W], A_[W], Q_[W], inv_t_[W], xy_[W];
+};
+
+// The gradient of W rows' target logits, dx_y = scale (p (1 + c (log p + H)) - 1) with log p
+// in nats floored at kMinShift (grad_logit_target), shared by the lanes and TargetFixer.
+template <typename Vec>
+inline Vec target_grads(const Vec& x_y, const Vec& inv_t, const Vec& m, const Vec& log_s,
+                        const Vec& H, const Vec& c, const Vec& scale) {
+  using acc_t = typename Vec::value_type;
+  const Vec logp = at::vec::clamp_min(log_prob(x_y, m, inv_t, log_s),
+                                      Vec(static_cast<acc_t>(kMinShift)));
+  return grad_logit_target(logp.exp(), logp, H, c, scale);
+}
+
+// Rewrites the row kernels' target elements W rows at a time (target_grads), after their rows'
+// non-target formula was written: the same bits as the lanes, one vector exp for W rows.
+template <typename scalar_t, typename acc_t>
+class TargetFixer {
+ public:
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
+
+  explicit TargetFixer(acc_t c) : c_(c) {}
+  ~TargetFixer() { flush(); }
+
+  void add(scalar_t* dst, acc_t x_y, acc_t inv_t, acc_t m, acc_t log_s, acc_t H, acc_t scale) {
+    dst_[n_] = dst;
+    xy_[n_] = x_y;
+    inv_t_[n_] = inv_t;
+    m_[n_] = m;
+    log_s_[n_] = log_s;
+    H_[n_] = H;
+    scale_[n_] = scale;
+    if (++n_ == W) flush();
+  }
+
+  void flush() {
+    if (n_ == 0) return;
+    for (int64_t i = n_; i < W; ++i) {  // unused lanes: never stored
+      xy_[i] = inv_t_[i] = m_[i] = log_s_[i] = H_[i] = scale_[i] = acc_t(0);
+    }
+    alignas(64) acc_t g[W];
+    target_grads(Vec::loadu(xy_), Vec::loadu(inv_t_), Vec::loadu(m_), Vec::loadu(log_s_),
+                 Vec::loadu(H_), Vec(c_), Vec::loadu(scale_))
+        .store(g);
+    for (int64_t i = 0; i < n_; ++i) *dst_[i] = static_cast<scalar_t>(g[i]);
+    n_ = 0;
+  }
+
+ private:
+  acc_t c_;
+  int64_t n_ = 0;
+  scalar_t* dst_[W];
+  alignas(64) acc_t xy_[W], inv_t_[W], m_[W], log_s_[W], H_[W], scale_[W];
+};
 
 // Max over the lanes (shuffle tree); NaN wins, as torch.max does.
 template <typename Vec>
@@ -203,8 +329,8 @@ inline int64_t load_target(const RowArgs& a, int64_t r) {
 // Shifts and the sums A, Q are in the exp's unit (ExpUnit), A and Q taken back to nats at the end.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
-    const scalar_t* x, int64_t C, typename VecIO<scalar_t>::acc_t inv_t, int64_t y) {
+inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
+    const scalar_t* x, int64_t C, typename VecIO<scalar_t>::acc_t inv_t) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -227,11 +353,13 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
       m0 = at::vec::maximum(m0, rem >= W ? IO::load(x + j)
                                          : Vec::set(vninf, IO::load(x + j, rem), rem));
     }
-    xmax = hmax(at::vec::maximum(m0, m1));
+    // + 0: the max of +0 and -0 is whichever comes second, and the lanes compare in another
+    // order; -0 + 0 = +0 makes the stored max the same either way
+    xmax = hmax(at::vec::maximum(m0, m1)) + acc_t(0);
   }
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
   if (xmax == neg_inf<acc_t>()) {  // every logit -inf: nothing to add
-    return row_finish<acc_t>(xmax, inv_t, acc_t(0), acc_t(0), acc_t(0), static_cast<acc_t>(x[y]));
+    return {xmax, acc_t(0), acc_t(0), acc_t(0)};
   }
   const Vec vm(xmax);
   for (int64_t j0 = 0; j0 < C; j0 += U * W) {
@@ -253,8 +381,7 @@ inline RowStats<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
     acc_add2(s, A, Q, Unit::exp(d[0]), d[0], Unit::exp(d[1]), d[1]);
   }
   // A and Q back to nats (a product by 1 for double)
-  return row_finish<acc_t>(xmax, inv_t, hsum(s), hsum(A) * Unit::kNat,
-                           hsum(Q) * (Unit::kNat * Unit::kNat), static_cast<acc_t>(x[y]));
+  return {xmax, hsum(s), hsum(A) * Unit::kNat, hsum(Q) * (Unit::kNat * Unit::kNat)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,6 +424,7 @@ inline void stats_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0) {
   }
   Vec vm(neg_inf<acc_t>());
   for (int64_t c = 0; c < C; ++c) vm = at::vec::maximum(vm, IO::load(x0 + c * sc));
+  vm = vm + Vec(acc_t(0));  // -0 to +0, as the row kernels do
   const Vec vinv = Vec::loadu(inv_u), vmin(Unit::kFloor);
   const Vec e_pad = Unit::exp(vmin);
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
@@ -322,23 +450,25 @@ inline void stats_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0) {
       Q = Q + lQ;
     }
   }
-  alignas(64) acc_t m_[W], s_[W], A_[W], Q_[W];
-  vm.store(m_);
-  s.store(s_);
-  A.store(A_);
-  Q.store(Q_);
+  // The finish of the W rows at once (RowFinisher's code); a row whose logits are all -inf has
+  // sums of 0, as the row kernels give it, and a row that is not valid zeros.
+  alignas(64) acc_t xy[W], valid_f[W];
   for (int64_t i = 0; i < W; ++i) {
-    if (!valid[i]) {
-      store_zero_row_stats(rs, R, r0 + i);
-      continue;
-    }
-    const acc_t x_y = static_cast<acc_t>(x0[y[i] * sc + i]);
-    store_row_stats(rs, R, r0 + i,
-                    m_[i] == neg_inf<acc_t>()
-                        ? row_finish<acc_t>(m_[i], inv_t[i], acc_t(0), acc_t(0), acc_t(0), x_y)
-                        : row_finish<acc_t>(m_[i], inv_t[i], s_[i], A_[i] * Unit::kNat,
-                                            Q_[i] * (Unit::kNat * Unit::kNat), x_y));
+    xy[i] = valid[i] ? static_cast<acc_t>(x0[y[i] * sc + i]) : acc_t(0);
+    valid_f[i] = valid[i] ? acc_t(1) : acc_t(0);
   }
+  const Vec zero(acc_t(0));
+  const Vec empty = vm == Vec(neg_inf<acc_t>());
+  const RowStats<Vec> st = row_finish_with<Vec, VecFinishOps>(
+      vm, Vec::loadu(inv_t), Vec::blendv(s, zero, empty),
+      Vec::blendv(A * Vec(Unit::kNat), zero, empty),
+      Vec::blendv(Q * Vec(Unit::kNat * Unit::kNat), zero, empty), Vec::loadu(xy));
+  const Vec invalid = Vec::loadu(valid_f) == zero;
+  Vec::blendv(st.m, zero, invalid).store(rs + kRowMax * R + r0);
+  Vec::blendv(st.H, zero, invalid).store(rs + kRowH * R + r0);
+  Vec::blendv(st.V, zero, invalid).store(rs + kRowV * R + r0);
+  Vec::blendv(st.CEH, zero, invalid).store(rs + kRowCEH * R + r0);
+  Vec::blendv(st.log_s, zero, invalid).store(rs + kRowLogS * R + r0);
 }
 
 // Rows r with W rows of the same image from r on (spatial stride 1) go through the lanes.
@@ -359,6 +489,7 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const int64_t R = a.N * a.S;
   std::vector<scalar_t> buf(a.sc == 1 ? 0 : static_cast<size_t>(a.C));
   constexpr int64_t W = VecIO<scalar_t>::Vec::size();
+  RowFinisher<acc_t> finisher(rs, R);  // flushed as it fills, and when it goes out of scope
   for (int64_t r = begin; r < end; ++r) {
     if (lanes_fit(a, r, end, W)) {
       const int64_t n = r / a.S;
@@ -379,7 +510,8 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < a.C; ++j) buf[j] = row[j * a.sc];
       row = buf.data();
     }
-    store_row_stats(rs, R, r, stats_row_contiguous<scalar_t>(row, a.C, inv_t, y));
+    finisher.add(r, stats_row_contiguous<scalar_t>(row, a.C, inv_t), inv_t,
+                 static_cast<acc_t>(row[y]));
   }
 }
 
@@ -387,8 +519,8 @@ void stats_rows(const RowArgs& a, int64_t begin, int64_t end) {
 // Backward: dx = scale (p (1 + c (log p + H)) - [j == y]), log p = (x - m) / T - log s
 // (KERNEL_MATH s.3, mit_loss_math.h's log_prob), log p in the exp's unit (ExpUnit) and the
 // non-target formula as grad_logit_folded: one FMA and a product an element besides the exp.
-// The vector loop writes the non-target formula everywhere, then the target element is
-// rewritten from its own formula (one rounding to the output dtype either way).
+// This writes the non-target formula everywhere; grad_rows then has the target element
+// rewritten from its own formula (TargetFixer: one rounding to the output dtype either way).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
@@ -397,7 +529,7 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
                                 typename VecIO<scalar_t>::acc_t log_s,
                                 typename VecIO<scalar_t>::acc_t H,
                                 typename VecIO<scalar_t>::acc_t c,
-                                typename VecIO<scalar_t>::acc_t scale, int64_t y) {
+                                typename VecIO<scalar_t>::acc_t scale) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -406,8 +538,10 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   using Unit = ExpUnit<acc_t>;
   // log p in the exp's unit, and the gradient's row constants (grad_logit_folded)
   const GradCoeffs<acc_t> k = grad_logit_coeffs(H, c, scale, Unit::kNat);
+  // log p <= 0 for row statistics of these logits; the ceiling at 0 keeps the exp's exponent
+  // from wrapping into the sign bit should loss_backward be handed statistics of other logits
   const Vec vinv(inv_t * Unit::kPerNat), vm(m), vlog_s(log_s * Unit::kPerNat), va(k.a), vb(k.b),
-      vmin(Unit::kFloor);
+      vmin(Unit::kFloor), vzero(acc_t(0));
   int64_t j = 0;
   for (; j + U * W <= C; j += U * W) {
     Vec v[U];
@@ -415,7 +549,7 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
     static_assert(U == 2, "store2 writes a block of two vectors");
     Vec g[U];
     for (int64_t u = 0; u < U; ++u) {
-      const Vec logp = at::vec::clamp_min(log_prob(v[u], vm, vinv, vlog_s), vmin);
+      const Vec logp = at::vec::clamp(log_prob(v[u], vm, vinv, vlog_s), vmin, vzero);
       g[u] = grad_logit_folded(Unit::exp(logp), logp, va, vb);
     }
     IO::store2(dx + j, g[0], g[1]);
@@ -423,7 +557,7 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   for (; j < C; j += W) {
     const int64_t rem = std::min<int64_t>(W, C - j);
     const Vec v = rem == W ? IO::load(x + j) : IO::load(x + j, rem);
-    const Vec logp = at::vec::clamp_min(log_prob(v, vm, vinv, vlog_s), vmin);
+    const Vec logp = at::vec::clamp(log_prob(v, vm, vinv, vlog_s), vmin, vzero);
     const Vec g = grad_logit_folded(Unit::exp(logp), logp, va, vb);
     if (rem == W) {
       IO::store(dx + j, g);
@@ -431,12 +565,11 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
       IO::store(dx + j, g, rem);
     }
   }
-  const acc_t logp = clamp_shift(log_prob(static_cast<acc_t>(x[y]), m, inv_t, log_s));
-  dx[y] = static_cast<scalar_t>(grad_logit_target(std::exp(logp), logp, H, c, scale));
 }
 
 // The backward of W spatial rows as the lanes of a vector (stats_lanes says why); every element
-// gets grad_row_contiguous's operations, so either path gives the same bits.
+// gets grad_row_contiguous's operations, the row constants and the target element included, so
+// either path gives the same bits.
 template <typename scalar_t>
 inline void grad_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0, scalar_t* g0) {
   using IO = VecIO<scalar_t>;
@@ -448,41 +581,37 @@ inline void grad_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0, scalar_
   const acc_t* inv_temp = static_cast<const acc_t*>(a.inv_temp);
   const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
   const acc_t* grad_rows_in = static_cast<const acc_t*>(a.grad_rows);
-  const acc_t coef = static_cast<acc_t>(a.coef);
   int64_t y[W];
-  bool valid[W];
-  alignas(64) acc_t inv_t[W], m[W], H[W], log_s[W], scale[W], inv_u[W], log_s_u[W], ka[W], kb[W];
+  alignas(64) acc_t inv_t[W], valid_f[W], xy[W];
   for (int64_t i = 0; i < W; ++i) {
-    const int64_t r = r0 + i;
-    y[i] = load_target(a, r);
-    valid[i] = target_valid(y[i], C, a.ignore_index);
-    inv_t[i] = valid[i] ? inv_temp[a.K == 1 ? 0 : y[i]] : acc_t(0);
-    const acc_t g_r = grad_rows_in ? grad_rows_in[r] : static_cast<acc_t>(a.grad_scalar);
-    scale[i] = g_r * static_cast<acc_t>(a.row_scale) * inv_t[i];
-    m[i] = rs[kRowMax * R + r];
-    H[i] = rs[kRowH * R + r];
-    log_s[i] = rs[kRowLogS * R + r];
-    const GradCoeffs<acc_t> k = grad_logit_coeffs(H[i], coef, scale[i], Unit::kNat);
-    inv_u[i] = inv_t[i] * Unit::kPerNat;
-    log_s_u[i] = log_s[i] * Unit::kPerNat;
-    ka[i] = k.a;
-    kb[i] = k.b;
+    y[i] = load_target(a, r0 + i);
+    const bool valid = target_valid(y[i], C, a.ignore_index);
+    inv_t[i] = valid ? inv_temp[a.K == 1 ? 0 : y[i]] : acc_t(0);
+    valid_f[i] = valid ? acc_t(1) : acc_t(0);
+    xy[i] = valid ? static_cast<acc_t>(x0[y[i] * sc + i]) : acc_t(0);
   }
-  const Vec vm = Vec::loadu(m), vinv = Vec::loadu(inv_u), vlog_s = Vec::loadu(log_s_u),
-            va = Vec::loadu(ka), vb = Vec::loadu(kb), vmin(Unit::kFloor);
+  const Vec zero(acc_t(0)), coef(static_cast<acc_t>(a.coef));
+  const Vec invalid = Vec::loadu(valid_f) == zero;  // computed on whatever they hold; zeroed
+  const Vec vinv_t = Vec::loadu(inv_t);
+  const Vec g_r = grad_rows_in ? Vec::loadu(grad_rows_in + r0)
+                               : Vec(static_cast<acc_t>(a.grad_scalar));
+  const Vec scale = g_r * Vec(static_cast<acc_t>(a.row_scale)) * vinv_t;
+  const Vec m = Vec::loadu(rs + kRowMax * R + r0), H = Vec::loadu(rs + kRowH * R + r0),
+            log_s = Vec::loadu(rs + kRowLogS * R + r0);
+  const GradCoeffs<Vec> k = grad_logit_coeffs(H, coef, scale, Vec(Unit::kNat));
+  const Vec vinv = vinv_t * Vec(Unit::kPerNat), vlog_s = log_s * Vec(Unit::kPerNat),
+            vmin(Unit::kFloor);
   for (int64_t c = 0; c < C; ++c) {
-    const Vec logp = at::vec::clamp_min(log_prob(IO::load(x0 + c * sc), vm, vinv, vlog_s), vmin);
-    IO::store(g0 + c * gc, grad_logit_folded(Unit::exp(logp), logp, va, vb));
+    const Vec logp =
+        at::vec::clamp(log_prob(IO::load(x0 + c * sc), m, vinv, vlog_s), vmin, zero);
+    IO::store(g0 + c * gc, Vec::blendv(grad_logit_folded(Unit::exp(logp), logp, k.a, k.b), zero,
+                                       invalid));
   }
+  // the target elements, rewritten from their own formula
+  alignas(64) acc_t gt[W];
+  target_grads(Vec::loadu(xy), vinv_t, m, log_s, H, coef, scale).store(gt);
   for (int64_t i = 0; i < W; ++i) {
-    if (!valid[i]) {  // computed on whatever the row holds: overwritten
-      for (int64_t c = 0; c < C; ++c) g0[c * gc + i] = scalar_t(0);
-      continue;
-    }
-    const acc_t logp =
-        clamp_shift(log_prob(static_cast<acc_t>(x0[y[i] * sc + i]), m[i], inv_t[i], log_s[i]));
-    g0[y[i] * gc + i] = static_cast<scalar_t>(
-        grad_logit_target(std::exp(logp), logp, H[i], coef, scale[i]));
+    if (valid_f[i] != acc_t(0)) g0[y[i] * gc + i] = static_cast<scalar_t>(gt[i]);
   }
 }
 
@@ -501,6 +630,7 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
   std::vector<scalar_t> xbuf(gather ? static_cast<size_t>(a.C) : 0);
   std::vector<scalar_t> gbuf(gather ? static_cast<size_t>(a.C) : 0);
   constexpr int64_t W = VecIO<scalar_t>::Vec::size();
+  TargetFixer<scalar_t, acc_t> targets(c);  // flushed as it fills, and when it goes out of scope
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = a.S == 1 ? r : r / a.S;
     const int64_t sp = a.S == 1 ? 0 : r - n * a.S;
@@ -521,12 +651,13 @@ void grad_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const acc_t scale = g_r * static_cast<acc_t>(a.row_scale) * inv_t;
     const acc_t m = rs[kRowMax * R + r], H = rs[kRowH * R + r], log_s = rs[kRowLogS * R + r];
     if (!gather) {
-      grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, m, log_s, H, c, scale, y);
-      continue;
+      grad_row_contiguous<scalar_t>(row, grow, a.C, inv_t, m, log_s, H, c, scale);
+    } else {
+      for (int64_t j = 0; j < a.C; ++j) xbuf[j] = row[j * a.sc];
+      grad_row_contiguous<scalar_t>(xbuf.data(), gbuf.data(), a.C, inv_t, m, log_s, H, c, scale);
+      for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = gbuf[j];
     }
-    for (int64_t j = 0; j < a.C; ++j) xbuf[j] = row[j * a.sc];
-    grad_row_contiguous<scalar_t>(xbuf.data(), gbuf.data(), a.C, inv_t, m, log_s, H, c, scale, y);
-    for (int64_t j = 0; j < a.C; ++j) grow[j * a.gc] = gbuf[j];
+    targets.add(grow + y * a.gc, static_cast<acc_t>(row[y * a.sc]), inv_t, m, log_s, H, scale);
   }
 }
 
