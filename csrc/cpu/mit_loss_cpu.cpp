@@ -11,8 +11,9 @@
 // with AVX").
 //
 // Kernel part: pure functions over row ranges [begin, end) of the canonical [N, C, S] logits.
-// Every row is computed by the same code whatever range or thread it falls in, so the per-row
-// outputs (and the fixed-order sums built from them) are bitwise reproducible.
+// Every row gets the same operations whatever range or thread it falls in (a spatial row may go
+// through the lanes or the row kernels, which agree bit for bit), so the per-row outputs (and
+// the fixed-order sums built from them) are bitwise reproducible.
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -173,8 +174,8 @@ inline acc_t neg_inf() {
 }
 
 // row_finish's log and floor at 0 on vectors (mit_loss_math.h's ScalarFinishOps): the spatial
-// lanes finish W rows at once, and the row kernels finish theirs through the same code, one row
-// a vector, so that both give the same bits.
+// lanes finish W rows at once, and the row kernels theirs W at a time (RowFinisher) through the
+// same code, so that both give the same bits.
 struct VecFinishOps {
   template <typename Vec>
   static Vec ln(const Vec& v) {
@@ -304,6 +305,7 @@ inline typename Vec::value_type hmax(const Vec& v) {
       [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
 }
 
+// Sum over the lanes in lane order (stats_lanes reproduces this order for its rows).
 template <typename Vec>
 inline typename Vec::value_type hsum(const Vec& v) {
   using acc_t = typename Vec::value_type;
