@@ -297,6 +297,29 @@ class TargetFixer {
   alignas(64) acc_t xy_[W], inv_t_[W], m_[W], log_s_[W], H_[W], scale_[W];
 };
 
+// The two per-element operations of the row loops, each written once: the row kernels and the
+// spatial lanes call the same ones (with their row constants as vectors), so they agree bit for
+// bit. inv_u and log_s_u are 1/T and log s in the exp's unit (ExpUnit::kPerNat).
+// Forward: the shift of logit x below the row max m, floored (NaN stays NaN).
+template <typename Vec>
+inline Vec shift_of(const Vec& x, const Vec& m, const Vec& inv_u) {
+  using Unit = ExpUnit<typename Vec::value_type>;
+  return at::vec::clamp_min((x - m) * inv_u, Vec(Unit::kFloor));
+}
+
+// Backward: the non-target gradient (grad_logit_folded, row constants a and b) of logit x. log p
+// <= 0 for row statistics of these logits; the ceiling at 0 keeps the exp's exponent from
+// wrapping into the sign bit should loss_backward be handed statistics of other logits.
+template <typename Vec>
+inline Vec grad_element(const Vec& x, const Vec& m, const Vec& inv_u, const Vec& log_s_u,
+                        const Vec& a, const Vec& b) {
+  using acc_t = typename Vec::value_type;
+  using Unit = ExpUnit<acc_t>;
+  const Vec logp = at::vec::clamp(log_prob(x, m, inv_u, log_s_u), Vec(Unit::kFloor),
+                                  Vec(acc_t(0)));
+  return grad_logit_folded(Unit::exp(logp), logp, a, b);
+}
+
 // Max over the lanes (shuffle tree); NaN wins, as torch.max does.
 template <typename Vec>
 inline typename Vec::value_type hmax(const Vec& v) {
@@ -340,7 +363,6 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
   constexpr int64_t U = 2;
   const Vec vninf(neg_inf<acc_t>());
   using Unit = ExpUnit<acc_t>;
-  const Vec vmin(Unit::kFloor);
   const Vec vinv(inv_t * Unit::kPerNat);  // shifts in the exp's unit
   acc_t xmax;
   {
@@ -377,9 +399,7 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
     }
     static_assert(U == 2, "acc_add2 sums a block of two vectors");
     Vec d[U];
-    for (int64_t u = 0; u < U; ++u) {
-      d[u] = at::vec::clamp_min((v[u] - vm) * vinv, vmin);  // NaN stays NaN
-    }
+    for (int64_t u = 0; u < U; ++u) d[u] = shift_of(v[u], vm, vinv);
     acc_add2(s, A, Q, Unit::exp(d[0]), d[0], Unit::exp(d[1]), d[1]);
   }
   // A and Q back to nats (a product by 1 for double)
@@ -427,19 +447,19 @@ inline void stats_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0) {
   Vec vm(neg_inf<acc_t>());
   for (int64_t c = 0; c < C; ++c) vm = at::vec::maximum(vm, IO::load(x0 + c * sc));
   vm = vm + Vec(acc_t(0));  // -0 to +0, as the row kernels do
-  const Vec vinv = Vec::loadu(inv_u), vmin(Unit::kFloor);
-  const Vec e_pad = Unit::exp(vmin);
+  // the row kernels' padding: a -inf logit, whose shift is the floor and its exp exactly 0
+  const Vec vinv = Vec::loadu(inv_u), d_pad(Unit::kFloor), e_pad = Unit::exp(d_pad);
   Vec s(acc_t(0)), A(acc_t(0)), Q(acc_t(0));
   const int64_t lanes_used = std::min<int64_t>(W, C);
   for (int64_t i = 0; i < lanes_used; ++i) {
     Vec ls(acc_t(0)), lA(acc_t(0)), lQ(acc_t(0));
     for (int64_t c0 = i; c0 < C; c0 += 2 * W) {
-      const Vec d0 = at::vec::clamp_min((IO::load(x0 + c0 * sc) - vm) * vinv, vmin);
+      const Vec d0 = shift_of(IO::load(x0 + c0 * sc), vm, vinv);
       if (c0 + W < C) {
-        const Vec d1 = at::vec::clamp_min((IO::load(x0 + (c0 + W) * sc) - vm) * vinv, vmin);
+        const Vec d1 = shift_of(IO::load(x0 + (c0 + W) * sc), vm, vinv);
         acc_add2(ls, lA, lQ, Unit::exp(d0), d0, Unit::exp(d1), d1);
       } else {
-        acc_add2(ls, lA, lQ, Unit::exp(d0), d0, e_pad, vmin);
+        acc_add2(ls, lA, lQ, Unit::exp(d0), d0, e_pad, d_pad);
       }
     }
     if (i == 0) {
@@ -538,29 +558,22 @@ inline void grad_row_contiguous(const scalar_t* x, scalar_t* dx, int64_t C,
   constexpr int64_t W = Vec::size();
   constexpr int64_t U = 2;
   using Unit = ExpUnit<acc_t>;
-  // log p in the exp's unit, and the gradient's row constants (grad_logit_folded)
+  // log p in the exp's unit, and the gradient's row constants (grad_element)
   const GradCoeffs<acc_t> k = grad_logit_coeffs(H, c, scale, Unit::kNat);
-  // log p <= 0 for row statistics of these logits; the ceiling at 0 keeps the exp's exponent
-  // from wrapping into the sign bit should loss_backward be handed statistics of other logits
-  const Vec vinv(inv_t * Unit::kPerNat), vm(m), vlog_s(log_s * Unit::kPerNat), va(k.a), vb(k.b),
-      vmin(Unit::kFloor), vzero(acc_t(0));
+  const Vec vinv(inv_t * Unit::kPerNat), vm(m), vlog_s(log_s * Unit::kPerNat), va(k.a), vb(k.b);
   int64_t j = 0;
   for (; j + U * W <= C; j += U * W) {
     Vec v[U];
     for (int64_t u = 0; u < U; ++u) v[u] = IO::load(x + j + u * W);
     static_assert(U == 2, "store2 writes a block of two vectors");
     Vec g[U];
-    for (int64_t u = 0; u < U; ++u) {
-      const Vec logp = at::vec::clamp(log_prob(v[u], vm, vinv, vlog_s), vmin, vzero);
-      g[u] = grad_logit_folded(Unit::exp(logp), logp, va, vb);
-    }
+    for (int64_t u = 0; u < U; ++u) g[u] = grad_element(v[u], vm, vinv, vlog_s, va, vb);
     IO::store2(dx + j, g[0], g[1]);
   }
   for (; j < C; j += W) {
     const int64_t rem = std::min<int64_t>(W, C - j);
     const Vec v = rem == W ? IO::load(x + j) : IO::load(x + j, rem);
-    const Vec logp = at::vec::clamp(log_prob(v, vm, vinv, vlog_s), vmin, vzero);
-    const Vec g = grad_logit_folded(Unit::exp(logp), logp, va, vb);
+    const Vec g = grad_element(v, vm, vinv, vlog_s, va, vb);
     if (rem == W) {
       IO::store(dx + j, g);
     } else {
@@ -601,13 +614,10 @@ inline void grad_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0, scalar_
   const Vec m = Vec::loadu(rs + kRowMax * R + r0), H = Vec::loadu(rs + kRowH * R + r0),
             log_s = Vec::loadu(rs + kRowLogS * R + r0);
   const GradCoeffs<Vec> k = grad_logit_coeffs(H, coef, scale, Vec(Unit::kNat));
-  const Vec vinv = vinv_t * Vec(Unit::kPerNat), vlog_s = log_s * Vec(Unit::kPerNat),
-            vmin(Unit::kFloor);
+  const Vec vinv = vinv_t * Vec(Unit::kPerNat), vlog_s = log_s * Vec(Unit::kPerNat);
   for (int64_t c = 0; c < C; ++c) {
-    const Vec logp =
-        at::vec::clamp(log_prob(IO::load(x0 + c * sc), m, vinv, vlog_s), vmin, zero);
-    IO::store(g0 + c * gc, Vec::blendv(grad_logit_folded(Unit::exp(logp), logp, k.a, k.b), zero,
-                                       invalid));
+    const Vec g = grad_element(IO::load(x0 + c * sc), m, vinv, vlog_s, k.a, k.b);
+    IO::store(g0 + c * gc, Vec::blendv(g, zero, invalid));
   }
   // the target elements, rewritten from their own formula
   alignas(64) acc_t gt[W];
