@@ -26,6 +26,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
+from benchmarks.bench_mit_loss import parse_shapes
 from mitkernels import reference
 from mitkernels.state import initial_buffers
 
@@ -122,19 +123,9 @@ def step_overhead(n: int, c: int) -> List[Tuple[str, float]]:
     return [(name, median_us(fn)) for name, fn in pieces]
 
 
-def parse_shapes(text: str) -> List[Tuple[int, ...]]:
-    shapes = []
-    for item in text.split(","):
-        dims = tuple(int(d) for d in item.lower().split("x"))
-        if len(dims) < 2:
-            raise ValueError(f"a shape is NxC or NxCxHxW.., got {item!r}")
-        shapes.append(dims)
-    return shapes
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1024x1000",
+    p.add_argument("--shapes", type=parse_shapes, default="1024x1000",
                    help="NxC or NxCxHxW.., comma-separated (default 1024x1000)")
     p.add_argument("--dtypes", default="fp32", help=f"of {','.join(DTYPES)} (default fp32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -152,11 +143,11 @@ def main(argv=None) -> int:
     print(f"# ns per logit, best of {args.rounds} means of {args.calls} calls, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"{'shape':>14} {'dtype':>5} {'forward':>8} {'backward':>8}")
-    for shape in parse_shapes(args.shapes):
-        label = "x".join(str(d) for d in shape)
+    for shape in args.shapes:  # bench_mit_loss's Shape: NxC or NxCxHxW..
         for name in args.dtypes.split(","):
-            fwd, bwd = time_ops(shape, DTYPES[name], args.rounds, args.calls)
-            print(f"{label:>14} {name:>5} {fwd:8.3f} {bwd:8.3f}", flush=True)
+            fwd, bwd = time_ops((shape.n, shape.c, *shape.spatial), DTYPES[name], args.rounds,
+                                args.calls)
+            print(f"{shape.label:>14} {name:>5} {fwd:8.3f} {bwd:8.3f}", flush=True)
     return 0
 
 
