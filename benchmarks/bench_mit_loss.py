@@ -87,6 +87,10 @@ class Shape:
     def numel(self) -> int:
         return self.n * self.c * math.prod(self.spatial)
 
+    @property
+    def spatial_text(self) -> str:  # the CSV's spatial column: "128x128", or "" for [N, C]
+        return "x".join(str(d) for d in self.spatial)
+
 
 # CPU quick mode keeps the large shape at 1024 x 32000: the eager step at 4096 x 32000 takes
 # seconds a call on two cores, and --quick must finish within minutes, compiles included.
@@ -747,17 +751,19 @@ class CsvSink:
         self.file.close()
 
 
-def _spatial(row: dict) -> Tuple[int, ...]:
+def _row_shape(row: dict) -> Shape:
+    """The shape a CSV row measured (its spatial column is Shape.spatial_text)."""
     text = row.get("spatial") or ""
-    return tuple(int(d) for d in text.split("x")) if text else ()
+    spatial = tuple(int(d) for d in text.split("x")) if text else ()
+    return Shape(row.get("family", ""), row["n"], row["c"], spatial=spatial)
 
 
 def _elements(row: dict) -> int:
-    return row["n"] * row["c"] * math.prod(_spatial(row))
+    return _row_shape(row).numel
 
 
 def _label(row: dict) -> str:
-    return "x".join(str(d) for d in (row["n"], row["c"], *_spatial(row)))
+    return _row_shape(row).label
 
 
 def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
@@ -828,10 +834,6 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _spatial_text(shape: Shape) -> str:
-    return "x".join(str(d) for d in shape.spatial)
-
-
 def parse_shapes(text: str) -> List[Shape]:
     shapes = []
     for item in text.split(","):
@@ -1010,7 +1012,7 @@ def main(argv=None) -> int:
             if cfg.budget_s is not None and time.perf_counter() - t_start > cfg.budget_s:
                 skipped_groups += 1
                 rows = [{"family": shape.family, "n": shape.n, "c": shape.c,
-                         "spatial": _spatial_text(shape), "dtype": dtype_name,
+                         "spatial": shape.spatial_text, "dtype": dtype_name,
                          "mode": mode, "provider": p.name, "status": "skipped",
                          "note": f"time budget of {cfg.budget_s:g}s spent",
                          "timestamp": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -1045,7 +1047,7 @@ def main(argv=None) -> int:
                 if new_ref is not None:
                     ref = new_ref
                 row.update(family=shape.family, n=shape.n, c=shape.c,
-                           spatial=_spatial_text(shape), dtype=dtype_name, mode=mode,
+                           spatial=shape.spatial_text, dtype=dtype_name, mode=mode,
                            timestamp=_dt.datetime.now().isoformat(timespec="seconds"),
                            load_avg=load_average())
                 rows.append(row)
