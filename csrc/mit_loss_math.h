@@ -208,19 +208,14 @@ MITK_HD V log_prob(const V& x, const V& m, const V& inv_t, const V& log_s) {
 //   dx = scale (p (1 + c (log p + H)) - [j == y])
 // ---------------------------------------------------------------------------------------------
 template <typename V>
-MITK_HD V grad_logit(const V& p, const V& log_p, const V& H, const V& c, const V& scale) {
-  return scale * (p * (V(1) + c * (log_p + H)));
-}
-
-template <typename V>
 MITK_HD V grad_logit_target(const V& p, const V& log_p, const V& H, const V& c, const V& scale) {
   return scale * (p * (V(1) + c * (log_p + H)) - V(1));
 }
 
-// grad_logit with the row's constants gathered: p (a + b log p), a = scale (1 + c H),
-// b = scale c. Two operations an element where grad_logit takes five, for the vector loops;
-// log p may be held in another unit (the CPU's float exp works in bits: u = log2 p, and
-// nats_per_unit = ln 2 makes b u = scale c log p).
+// The non-target elements' dx with the row's constants gathered: p (a + b log p),
+// a = scale (1 + c H), b = scale c; two operations an element, for the per-element loops of the
+// CPU and CUDA kernels. log p may be held in another unit (both take u = log2 p, whose exp is
+// the cheaper one, and nats_per_unit = ln 2 makes b u = scale c log p).
 template <typename V>
 struct GradCoeffs {
   V a, b;

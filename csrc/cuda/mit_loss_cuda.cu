@@ -208,6 +208,14 @@ struct alignas(16) Packet {
 // kernels use, a few ulp), double's exp. The per-row terms (acc_merge, row_finish) keep exp.
 __device__ __forceinline__ float fast_exp(float d) { return __expf(d); }
 __device__ __forceinline__ double fast_exp(double d) { return exp(d); }
+// 2^u, for the backward's base-2 log p: ex2.approx itself, one instruction (__expf is a multiply
+// by log2 e before it).
+__device__ __forceinline__ float fast_exp2(float u) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(u));
+  return r;
+}
+__device__ __forceinline__ double fast_exp2(double u) { return exp2(u); }
 
 // Whether a row at p (and its gradient at g, when given) can be read in packets: unit class
 // stride, and p and g equally far from a 16-byte boundary.
@@ -532,8 +540,17 @@ __global__ void loss_rows_kernel(FinalizeArgs f) {
 // ---------------------------------------------------------------------------------------------
 // Backward: one warp per row.
 // ---------------------------------------------------------------------------------------------
+// Register bounds per architecture (ptxas 13.0): without a minimum of blocks, sm_80 held the
+// 16-bit grad_kernel at 64 registers and spilled 4-8 bytes (the target's fix-up stays live
+// across the walk); a minimum of 2 blocks an SM lets it take 91-93. sm_90 takes 64-71 without
+// spilling, and any minimum (even 1) lets it take 96-99, which leaves room for fewer blocks.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MITK_GRAD_BOUNDS __launch_bounds__(kWarp * kRowsPerBlock, 2)
+#else
+#define MITK_GRAD_BOUNDS __launch_bounds__(kWarp * kRowsPerBlock)
+#endif
 template <typename scalar_t>
-__global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) {
+__global__ void MITK_GRAD_BOUNDS grad_kernel(RowArgs a) {
   using acc_t = typename Acc<scalar_t>::type;
   const int lane = threadIdx.x % kWarp;
   const int64_t R = a.N * a.S;
@@ -555,17 +572,22 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) 
   const acc_t c = gi[0];
   const acc_t scale = (a.grad_rows ? gl[r] : gl[0]) * gi[1] * inv_t;
   const acc_t m = rs[kRowMax * R + r], H = rs[kRowH * R + r], log_s = rs[kRowLogS * R + r];
-  const auto grad = [&](int64_t j, acc_t xj) {
-    const acc_t logp = clamp_shift(log_prob(xj, m, inv_t, log_s));
-    const acc_t p = fast_exp(logp);
-    return from_acc<scalar_t>(j == y ? grad_logit_target(p, logp, H, c, scale)
-                                     : grad_logit(p, logp, H, c, scale));
+  // In base 2, as the CPU kernels: u = log2 p = (x - m) inv_t / ln 2 - log_s / ln 2 and
+  // dx = p (a + b u) (grad_logit_folded); every element takes this non-target form, and the
+  // target's element is written again after the walk, minus scale.
+  const acc_t ln2 = acc_t(0.693147180559945309417232121458176568);
+  const acc_t inv_t2 = inv_t / ln2, log_s2 = log_s / ln2;
+  const GradCoeffs<acc_t> k = grad_logit_coeffs(H, c, scale, ln2);
+  const auto folded = [&](acc_t xj) {
+    const acc_t u = clamp_shift(log_prob(xj, m, inv_t2, log_s2));
+    return grad_logit_folded(fast_exp2(u), u, k.a, k.b);
   };
+  const auto grad = [&](int64_t, acc_t xj) { return from_acc<scalar_t>(folded(xj)); };
   using P = Packet<scalar_t>;
-  const auto grad_packet = [&](int64_t j0, const P& in) {
+  const auto grad_packet = [&](int64_t, const P& in) {
     P out;
 #pragma unroll
-    for (int e = 0; e < P::kSize; ++e) out.v[e] = grad(j0 + e, to_acc(in.v[e]));
+    for (int e = 0; e < P::kSize; ++e) out.v[e] = from_acc<scalar_t>(folded(to_acc(in.v[e])));
     return out;
   };
   if (packets_fit<scalar_t>(x, a.sc, g, a.gc)) {
@@ -573,6 +595,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock) grad_kernel(RowArgs a) 
   } else {
     for (int64_t j = lane; j < a.C; j += kWarp) g[j * a.gc] = grad(j, to_acc(x[j * a.sc]));
   }
+  // Ordered after the walk's store of the same element, which another lane may have made.
+  __syncwarp();
+  if (lane == 0) g[y * a.gc] = from_acc<scalar_t>(folded(to_acc(x[y * a.sc])) - scale);
 }
 
 // dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)((CE - H) + c V) T' in a fixed
