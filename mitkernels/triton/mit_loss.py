@@ -258,6 +258,18 @@ def _to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _widen(x, ACC: tl.constexpr):
+    """Logits in the accumulation dtype. bfloat16 by its bits (a bfloat16 is the top half of a
+    float32): ptxas makes cvt.f32.bf16 of a register's upper half two instructions, the shift or
+    mask here one."""
+    if x.dtype == tl.bfloat16 and not INTERPRETED:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return x.to(ACC)
+
+
+@triton.jit
 def _recip(x):
     """1/x without an IEEE division.
 
@@ -987,6 +999,15 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     g = tl.load(g_ptr + rows64 * g_stride, mask=in_range, other=0.0).to(ACC)
     inv_temp = _recip(temp)
     scale = tl.where(valid, g * row_scale * inv_temp, 0.0)
+    # In base 2, as the forward (and csrc's grad_logit_folded): with l = log2 p,
+    # dx = p (a + b l) - scale onehot(y), a = scale (1 + c H), b = scale c ln 2. Per element that
+    # is exp2 (one instruction; exp is a multiply and a range fix-up around it) and one FMA.
+    ln2 = tl.log(tl.full([], 2.0, ACC))
+    inv_ln2 = _recip(ln2)
+    inv_temp2 = inv_temp * inv_ln2
+    log_s2 = log_s * inv_ln2
+    coef_a = scale * (1.0 + coef * ent)
+    coef_b = scale * coef * ln2
     base = _row_bases(rows, S, stride_n, stride_s)
     dbase = _row_bases(rows, S, dstride_n, dstride_s)
     for c0 in range(0, C, BLOCK_C):
@@ -994,15 +1015,24 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         cols64 = cols.to(tl.int64)
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
-        # log p = (x - m) / T - log s (csrc's log_prob), floored: a -inf logit (a masked class)
-        # has p = 0 and a zero gradient, not 0 * -inf.
-        log_p = _clamp_shift((x.to(ACC) - row_max[:, None]) * inv_temp[:, None] - log_s[:, None])
-        p = tl.exp(log_p)
-        onehot = (cols[None, :] == y_safe[:, None]).to(ACC)
-        dx = scale[:, None] * (p * (1.0 + coef * (log_p + ent[:, None])) - onehot)
-        dx = tl.where(valid[:, None], dx, 0.0)
+        # log2 p = (x - m) / T / ln 2 - log2 s (csrc's log_prob), floored: a -inf logit (a masked
+        # class) has p = 0 and a zero gradient, not 0 * -inf.
+        log_p2 = _clamp_shift((_widen(x, ACC) - row_max[:, None]) * inv_temp2[:, None]
+                              - log_s2[:, None])
+        p = tl.exp2(log_p2)
+        dx = tl.where(valid[:, None], p * (coef_a[:, None] + coef_b[:, None] * log_p2), 0.0)
         tl.store(dx_ptr + (dbase[:, None] + cols64[None, :] * dstride_c),
                  _to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
+    # The target's element again, now with its -scale: one gathered load and store a row instead
+    # of a compare and select an element. The barrier orders it after the loop's store of the
+    # same element, which another thread of the program may have made.
+    tl.debug_barrier()
+    y64 = y_safe.to(tl.int64)
+    x_y = tl.load(x_ptr + (base + y64 * stride_c), mask=valid, other=0.0)
+    log_p2_y = _clamp_shift((_widen(x_y, ACC) - row_max) * inv_temp2 - log_s2)
+    dx_y = tl.exp2(log_p2_y) * (coef_a + coef_b * log_p2_y) - scale
+    tl.store(dx_ptr + (dbase + y64 * dstride_c), _to_dtype(dx_y, dx_ptr.dtype.element_ty),
+             mask=valid)
     if pid == 0:
         g0 = tl.load(g_ptr).to(tl.float64)
         for k0 in range(0, K, 128):
