@@ -15,8 +15,8 @@ each one can be held against the bandwidth it could reach:
 
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
-``ROW_TABLE`` (the launchers read the table at call time). Times: ``triton.testing.do_bench``
-medians (L2 flushed between calls). Prints a table; ``--csv`` writes it too.
+``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time). Times:
+``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
 the CPU: a Triton launch, allocations, each backend's ops, whole training steps at 256x5 (eager,
@@ -49,8 +49,10 @@ from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
 
 TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
-# (columns, warps, lanes) of the large-C row; lanes: the per-lane form of _lane_row_stats.
-SWEEP_TILES = ((8192, 8, False), (8192, 8, True), (16384, 8, True), (32768, 16, True))
+# (columns, warps, lanes) of the large-C row; lanes: the per-thread form of _lane_row_stats
+# (else the row-block form).
+SWEEP_TILES = ((8192, 8, False), (16384, 8, True), (4096, 4, True), (4096, 8, True),
+               (2048, 4, True))
 
 
 DEVICE = torch.device("cuda")
@@ -183,11 +185,12 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
     if sweep:
         from mitkernels.triton import mit_loss as tk
 
-        saved = tk.ROW_TABLE
+        saved = tk.ROW_TABLE, tk.ROW_TABLE_16
         kernels = _backends.get("triton", case.x.device)
         try:
             for block_c, warps, lanes in SWEEP_TILES:
-                tk.ROW_TABLE = saved[:-1] + (tk.RowConfig(None, block_c, 1, warps, lanes),)
+                wide = (tk.RowConfig(None, block_c, 1, warps, lanes),)
+                tk.ROW_TABLE, tk.ROW_TABLE_16 = saved[0][:-1] + wide, saved[1][:-1] + wide
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
                 fwd, bwd, _ = _op_fns(kernels, case)
@@ -195,7 +198,7 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
                 add(f"sweep.fwd.{tag}", fwd, 1.0)
                 add(f"sweep.bwd.{tag}", bwd, 2.0)
         finally:
-            tk.ROW_TABLE = saved
+            tk.ROW_TABLE, tk.ROW_TABLE_16 = saved
     for r in rows:
         if r.ms == r.ms and r.ms > 0:
             r.gbps = r.traffic * case.nbytes / r.ms / 1e6

@@ -25,9 +25,9 @@ Kernels (all launches are asynchronous; nothing reads a tensor value on the host
 * ``_backward_kernel``: gradient of the logits; program 0 writes ``grad_tau`` for mean/sum.
 * ``_grad_tau_none_kernel``: ``grad_tau`` for ``reduction='none'`` (weighted row-stat sums).
 
-Every block size and warp count comes from ``ROW_TABLE`` / ``row_config``; ``launch_variants``
-lists every constexpr combination the launchers can pick (``tests/test_triton_aot.py`` compiles
-exactly that list for sm_80 and sm_90).
+Every block size and warp count comes from the row tables (``row_table``, ``row_config``);
+``launch_variants`` lists every constexpr combination the launchers can pick
+(``tests/test_triton_aot.py`` compiles exactly that list for sm_80 and sm_90).
 """
 from __future__ import annotations
 
@@ -75,12 +75,13 @@ class RowConfig:
 
     def __post_init__(self):
         if self.lanes and (self.block_r != 1 or self.local_classes):
-            raise ValueError("the per-lane form is for wide rows, one row a tile")
+            raise ValueError("the per-thread form is for wide rows, one row a tile")
 
     def lane_width(self, dtype: torch.dtype) -> int:
         """Wide rows with ``lanes``: the column block as a [block_c / L, L] tile, L the columns
-        one pass of the program's threads loads 16 bytes each of, so that the reduction over
-        the first axis stays inside each thread. 0: the row-block form (``_wide_row_stats``)."""
+        one pass of the program's threads loads 16 bytes each of, so that each thread's share
+        of a block is its own (``_lane_row_stats``). 0: the row-block form
+        (``_wide_row_stats``)."""
         if not self.lanes:
             return 0
         per_thread = 16 // dtype.itemsize
@@ -106,17 +107,21 @@ ROW_TABLE = (
     RowConfig(512, 512, 2, 4),
     RowConfig(1024, 1024, 1, 4),
     RowConfig(8192, 2048, 1, 4),
-    # 16384 x 8 warps, per-lane (the configuration that ran the GPU tests, memcheck and the
-    # step benchmark on an H200: benchmarks/results/gpu-nvidia-h200-20261126-060708). In the
-    # repeated sweep after the base-2 change (gpu-nvidia-h200-20261126-061500, rep2) it and the
-    # row-block form at 8192 x 8 are level: whole step within 3% at 4096 x 32000 and
-    # 8192 x 65536, fp32 and bf16 (per-lane 1.5% ahead in fp32, 2.7% behind in bf16).
-    # For 16-bit logits, 16384 x 4 warps (16 elements a lane between rescales: 16.8 instructions
-    # an element in the forward's loop on sm_90 against 22.1) was no faster: at 16384 x 131072
-    # bf16 its forward took 1.399 ms against 1.380 and its backward 2.449 against 2.205 ms
-    # (gpu-nvidia-h200-20261126-083606, sweep rows c16384w4l / c16384w8l).
+    # 16384 x 8 warps, per-thread accumulators (_lane_row_stats) for float32 logits. Earlier
+    # sweeps (gpu-nvidia-h200-20261126-061500, -083606) had it level with the row-block form at
+    # 8192 x 8 when the accumulators were a column's; with a thread's (this form), on an H200
+    # (gpu-nvidia-h200-20261126-221800, sweep.csv) its forward at 8192 x 65536 reads at 102% of
+    # the copy (0.497 ms; 8192 x 8 row-block 0.499, 2048 x 4 per-thread 0.498) and 81% at
+    # 4096 x 32000 (0.154 ms; 2048 x 4 0.146, 8192 x 8 row-block 0.148).
     RowConfig(None, 16384, 1, 8, lanes=True),
 )
+# 16-bit logits: the same table but its large-C row, 4096 x 4 warps per-thread. In the same
+# sweep its bf16 forward read at 74% of the copy at 8192 x 65536 (0.345 ms) and 56% at
+# 4096 x 32000 (0.115 ms), against 52% / 33% at 16384 x 8 (0.484 / 0.194 ms, ptxas takes 254
+# registers there: one program an SM) and 65% / 32% for the row-block 8192 x 8; 4096 x 8 warps
+# 68% / 52%, 2048 x 4 61% / 29%. The commit before, with a column's accumulators at 16384 x 8,
+# ran at 62% / 50% in that call (head_kernels2.log). Its backward is level (93%, 0.548 ms).
+ROW_TABLE_16 = ROW_TABLE[:-1] + (RowConfig(None, 4096, 1, 4, lanes=True),)
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
     RowConfig(2, 2, 128, 4),
@@ -163,8 +168,14 @@ GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
+    if dtype == torch.float64:
+        return ROW_TABLE_FP64
+    return ROW_TABLE_16 if dtype.itemsize == 2 else ROW_TABLE
+
+
 def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
-    table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
+    table = row_table(dtype)
     for cfg in table:
         if cfg.max_classes is None or num_classes <= cfg.max_classes:
             return cfg
@@ -202,8 +213,7 @@ def classes_constexprs(from_parts: bool) -> dict:
 def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
     """Every ``(kernel name, logits dtype, constexprs, num_warps)`` a launcher can launch."""
     for dtype in LOGITS_DTYPES:
-        table = ROW_TABLE_FP64 if dtype == torch.float64 else ROW_TABLE
-        for cfg in table:
+        for cfg in row_table(dtype):
             for per_class in (False, True):
                 ce = rows_constexprs(cfg, per_class, dtype)
                 yield ("_rows_kernel", dtype, dict(ce, ATOMIC_HIST=atomic_hist(per_class)),
@@ -373,7 +383,7 @@ def _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.cons
     mask = in_range[:, None] & (cols < C)[None, :]
     x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c), mask=mask,
                 other=float("-inf"))
-    xa = x.to(ACC)
+    xa = _widen(x, ACC)
     m = tl.max(xa, axis=1)
     shift = tl.where(m == float("-inf"), 0.0, m)
     e, w = _exp2_terms(xa, shift[:, None], inv_temp2[:, None])
@@ -394,17 +404,44 @@ def _move_reference(old, new, inv_temp2, s, a, q):
 
 
 @triton.jit
+def _fold_max(x, AXIS: tl.constexpr):
+    """Max along AXIS; AXIS = -1: a [U, NT, V] tile's axes 0 and 2, the ones inside a thread."""
+    if AXIS == -1:
+        return tl.max(tl.max(x, axis=2), axis=0)
+    else:
+        return tl.max(x, axis=AXIS)
+
+
+@triton.jit
+def _fold_sum(x, AXIS: tl.constexpr):
+    """Sum along AXIS, as _fold_max."""
+    if AXIS == -1:
+        return tl.sum(tl.sum(x, axis=2), axis=0)
+    else:
+        return tl.sum(x, axis=AXIS)
+
+
+@triton.jit
+def _unfold(v, AXIS: tl.constexpr):
+    """v (reduced along AXIS, as _fold_max) broadcastable against the tile again."""
+    if AXIS == -1:
+        return v[None, :, None]
+    else:
+        return tl.expand_dims(v, AXIS)
+
+
+@triton.jit
 def _online_step(m, s, a, q, x, inv_temp2, AXIS: tl.constexpr):
     """The running (m, s, A, Q) along AXIS of the logits x fed one more block (KERNEL_MATH s.2,
     base 2): the block's max first, the sums moved to the new max, then the block's terms added.
-    inv_temp2 broadcasts against m (a row's or a lane's scalars)."""
-    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+    inv_temp2 broadcasts against m (a row's or a thread's scalars)."""
+    m_new = tl.maximum(m, _fold_max(x, AXIS))
     # No finite logit yet: m stays -inf and the shift is 0 (s = A = Q = 0).
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, inv_temp2, s, a, q)
-    e, w = _exp2_terms(x, tl.expand_dims(shift, AXIS), tl.expand_dims(inv_temp2, AXIS))
-    return (m_new, s + tl.sum(e, axis=AXIS), a + tl.sum(e * w, axis=AXIS),
-            q + tl.sum(e * w * w, axis=AXIS))
+    e, w = _exp2_terms(x, _unfold(shift, AXIS), _unfold(inv_temp2, AXIS))
+    return (m_new, s + _fold_sum(e, AXIS), a + _fold_sum(e * w, AXIS),
+            q + _fold_sum(e * w * w, AXIS))
 
 
 @triton.jit
@@ -426,7 +463,7 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c),
                     mask=mask, other=float("-inf"))
-        m, s, a, q = _online_step(m, s, a, q, x.to(ACC), inv_temp2, 1)
+        m, s, a, q = _online_step(m, s, a, q, _widen(x, ACC), inv_temp2, 1)
     return m, s, a, q
 
 
@@ -434,34 +471,46 @@ def _wide_row_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.c
 def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     ACC: tl.constexpr):
-    """(m, s, A, Q) of one row (BLOCK_R = 1) wider than a column block, with no
-    reduction across threads inside the loop: each of the BLOCK_L lanes keeps its own online
-    accumulators, fed a [BLOCK_C / BLOCK_L, BLOCK_L] tile a step whose first axis lies inside
-    each thread (the lane width is the columns the threads load 16 bytes each of:
-    RowConfig.lane_width). The lanes are merged once, at the end of the row (KERNEL_MATH s.2).
+    """(m, s, A, Q) of one row (BLOCK_R = 1) wider than a column block, with no reduction
+    across threads inside the loop: each thread keeps its own online accumulators. A block is a
+    [BLOCK_C / BLOCK_L, NT, V] tile, NT the program's threads and V the logits in 16 bytes
+    (RowConfig.lane_width: BLOCK_L = NT V), so that axes 0 and 2 lie inside each thread: it
+    loads 16 bytes a row of the tile, and its accumulators are moved to a new max once a block.
+    The threads are merged once, at the end of the row (KERNEL_MATH s.2).
 
     Why: the row-block form (``_wide_row_stats``) reduces across all warps four times a block.
-    Measured on an H200 the two are level (ROW_TABLE's comment); this one pays a rescale per lane
-    and block instead of the cross-warp reductions.
+    Accumulators a column of the tile (the form before this one) paid a rescale every
+    BLOCK_C / BLOCK_L logits, about 2 of the 14 instructions an element of the bf16 loop on
+    sm_90. Full blocks are read without a mask; the partial block last.
     """
-    tl.static_assert(BLOCK_R == 1, "the per-lane form reads one row a tile")
+    tl.static_assert(BLOCK_R == 1, "the per-thread form reads one row a tile")
+    BLOCK_V: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    BLOCK_T: tl.constexpr = BLOCK_L // BLOCK_V
     BLOCK_U: tl.constexpr = BLOCK_C // BLOCK_L
     # BLOCK_R = 1: the row's scalars (row < R: the callers walk tiles below cdiv(R, 1)). The
     # base from the row index, not from the caller's [1] tensor, so that the compiler still sees
     # the stride's alignment and vectorizes the loads.
     row_base = _row_bases(row, S, stride_n, stride_s)
     it = tl.sum(inv_temp2, axis=0)
-    it_l = tl.zeros([BLOCK_L], ACC) + it  # the lanes' copy (a splat): _online_step broadcasts it
+    it_t = tl.zeros([BLOCK_T], ACC) + it  # the threads' copy (a splat): _online_step broadcasts it
+    # Loaded as a [BLOCK_U, BLOCK_L] tile (the threads along the columns, V each), then
+    # reshaped: a tile loaded in 3-d may get its threads along axis 0 (the compiler's choice).
     offs = tl.arange(0, BLOCK_U)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
-    m = tl.full([BLOCK_L], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_L], ACC)
-    a = tl.zeros([BLOCK_L], ACC)
-    q = tl.zeros([BLOCK_L], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
+    m = tl.full([BLOCK_T], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_T], ACC)
+    a = tl.zeros([BLOCK_T], ACC)
+    q = tl.zeros([BLOCK_T], ACC)
+    c_full = C - C % BLOCK_C
+    for c0 in range(0, c_full, BLOCK_C):
+        x = tl.load(x_ptr + (row_base + (c0 + offs).to(tl.int64) * stride_c))
+        x = tl.reshape(_widen(x, ACC), [BLOCK_U, BLOCK_T, BLOCK_V])
+        m, s, a, q = _online_step(m, s, a, q, x, it_t, -1)
+    if c_full < C:
+        cols = c_full + offs
         x = tl.load(x_ptr + (row_base + cols.to(tl.int64) * stride_c), mask=cols < C,
                     other=float("-inf"))
-        m, s, a, q = _online_step(m, s, a, q, x.to(ACC), it_l, 0)
+        x = tl.reshape(_widen(x, ACC), [BLOCK_U, BLOCK_T, BLOCK_V])
+        m, s, a, q = _online_step(m, s, a, q, x, it_t, -1)
     m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, it, s, a, q)
@@ -515,7 +564,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
     # CE - H = E_p[z] - z_y = (m - x_y) / T + A / s, formed directly (csrc's row_finish): from
     # rounded CE and H it lost its digits when both sit near log C (small logits).
-    ceh = tl.where(valid, (m - x_y.to(ACC)) * inv_temp + mean_w, 0.0)
+    ceh = tl.where(valid, (m - _widen(x_y, ACC)) * inv_temp + mean_w, 0.0)
     # Rows m, H, V, CE - H, log s (ops.ROW_STATS_FIELDS); the backward takes log p from m, log s.
     rows64 = rows.to(tl.int64)
     tl.store(rs_ptr + rows64, tl.where(valid, m, 0.0), mask=in_range)
@@ -1332,5 +1381,6 @@ KERNELS = {
     "_grad_tau_none_kernel": _grad_tau_none_kernel,
 }
 
-__all__ = ["ROW_TABLE", "ROW_TABLE_FP64", "RowConfig", "finalize_", "launch_variants",
-           "loss_backward", "loss_forward_", "row_config", "row_stats"]
+__all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig", "finalize_",
+           "launch_variants", "loss_backward", "loss_forward_", "row_config", "row_stats",
+           "row_table"]
