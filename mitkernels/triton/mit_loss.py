@@ -404,26 +404,20 @@ def _move_reference(old, new, inv_temp2, s, a, q):
 
 
 @triton.jit
-def _fold_max(x, AXIS: tl.constexpr):
-    """Max along AXIS; AXIS = -1: a [U, NT, V] tile's axes 0 and 2, the ones inside a thread."""
+def _fold(x, AXIS: tl.constexpr, MAX: tl.constexpr):
+    """x summed (MAX: maxed) along AXIS; AXIS = -1: a [U, NT, V] tile's axes 0 and 2, the ones
+    inside a thread."""
     if AXIS == -1:
-        return tl.max(tl.max(x, axis=2), axis=0)
-    else:
+        return _fold(_fold(x, 2, MAX), 0, MAX)
+    elif MAX:
         return tl.max(x, axis=AXIS)
-
-
-@triton.jit
-def _fold_sum(x, AXIS: tl.constexpr):
-    """Sum along AXIS, as _fold_max."""
-    if AXIS == -1:
-        return tl.sum(tl.sum(x, axis=2), axis=0)
     else:
         return tl.sum(x, axis=AXIS)
 
 
 @triton.jit
 def _unfold(v, AXIS: tl.constexpr):
-    """v (reduced along AXIS, as _fold_max) broadcastable against the tile again."""
+    """v (reduced along AXIS, as _fold) broadcastable against the tile again."""
     if AXIS == -1:
         return v[None, :, None]
     else:
@@ -435,13 +429,13 @@ def _online_step(m, s, a, q, x, inv_temp2, AXIS: tl.constexpr):
     """The running (m, s, A, Q) along AXIS of the logits x fed one more block (KERNEL_MATH s.2,
     base 2): the block's max first, the sums moved to the new max, then the block's terms added.
     inv_temp2 broadcasts against m (a row's or a thread's scalars)."""
-    m_new = tl.maximum(m, _fold_max(x, AXIS))
+    m_new = tl.maximum(m, _fold(x, AXIS, True))
     # No finite logit yet: m stays -inf and the shift is 0 (s = A = Q = 0).
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, inv_temp2, s, a, q)
     e, w = _exp2_terms(x, _unfold(shift, AXIS), _unfold(inv_temp2, AXIS))
-    return (m_new, s + _fold_sum(e, AXIS), a + _fold_sum(e * w, AXIS),
-            q + _fold_sum(e * w * w, AXIS))
+    return (m_new, s + _fold(e, AXIS, False), a + _fold(e * w, AXIS, False),
+            q + _fold(e * w * w, AXIS, False))
 
 
 @triton.jit
