@@ -127,7 +127,7 @@ def test_golden_trajectory(golden_trajectory, case_index):
 
 
 # (C, N): fused one-program path, single-launch multi-program path, wide rows (C > 1024: rows
-# kernel + MiT's finalize spread over programs), per-lane wide rows (C > 8192).
+# kernel + MiT's finalize spread over programs), per-thread wide rows (C > 8192).
 SHAPES = [(2, 37), (3, 3000), (1000, 6), (1000, 20), (4099, 3), (9000, 3)]
 
 
@@ -163,7 +163,7 @@ def test_layouts_one_row_strided_spatial():
 
 
 @cpu_only
-# 4099: row-block form; 9000: per-lane, one block (fp32) or several (fp64); 17000: per-lane,
+# 4099: row-block form; 9000: per-thread, one block (fp32) or several (fp64); 17000: per-thread,
 # two blocks in fp32.
 @pytest.mark.parametrize("num_classes", [4099, 9000, 17000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -183,7 +183,7 @@ def test_wide_rows_with_masked_spans(num_classes, dtype):
 
 
 @cpu_only
-# 5: fused small batch; 4099: row-block form; 17000: per-lane, two blocks in fp32.
+# 5: fused small batch; 4099: row-block form; 17000: per-thread, two blocks in fp32.
 @pytest.mark.parametrize("num_classes,rows", [(5, 9), (4099, 3), (17000, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_masked_classes(num_classes, rows, dtype):
@@ -252,6 +252,11 @@ def test_half_inputs_within_eager_error(dtype, num_classes, rows):
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(rows, num_classes, generator=gen) * 3).to(dtype)
     targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    _assert_half_within_eager_error(logits, targets)
+
+
+def _assert_half_within_eager_error(logits, targets):
+    dtype, num_classes = logits.dtype, logits.shape[1]
     exact = _mit_step("reference", logits.double(), targets, _mit_state(num_classes, 0.3,
                                                                           torch.float64))
     eager = _mit_step("reference", logits, targets, _mit_state(num_classes, 0.3, torch.float32))
@@ -266,6 +271,33 @@ def test_half_inputs_within_eager_error(dtype, num_classes, rows):
     assert float(got["loss"]) == pytest.approx(float(exact["loss"]), rel=eps, abs=eps)
     for key in ("stat_ce", "stat_H", "stat_H_star", "stat_lambda", "stat_T"):
         assert float(got[key]) == pytest.approx(float(exact[key]), rel=1e-5, abs=1e-6), key
+
+
+@cpu_only
+@pytest.mark.parametrize("num_classes", [1100, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_per_thread_rows_on_small_tiles(monkeypatch, dtype, num_classes):
+    """The per-thread form of wide rows (_lane_row_stats: whole blocks unmasked, then the masked
+    partial block) in every logits dtype, on tiles small enough for the interpreter: every table's
+    rows above 1024 classes replaced by one per-thread row of one warp and two 16-byte loads a
+    thread, so that 1100 classes end in a partial block and 1536 fill whole blocks in each dtype.
+    Rows: a masked span, an ignored row, targets in the first and the last block."""
+    kernels = _kernels()
+    per_thread = 16 // dtype.itemsize
+    wide = (kernels.RowConfig(None, 2 * per_thread * 32, 1, 1, lanes=True),)
+    for table in ("ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64"):
+        monkeypatch.setattr(kernels, table, getattr(kernels, table)[:-2] + wide)
+    assert kernels.row_config(num_classes, dtype) == wide[0]
+    gen = torch.Generator().manual_seed(num_classes)
+    logits = (torch.randn(4, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    targets = torch.tensor([num_classes - 1, 3, -100, 600])
+    if dtype.itemsize == 2:  # against the float64 reference on the rounded values
+        logits[1, 200:] = -1e4
+        _assert_half_within_eager_error(logits, targets)
+    else:
+        logits[1, 100:] = -1e30 if dtype == torch.float32 else -1e200
+        _compare_mit(logits, targets, steps=2)
 
 
 @cpu_only
@@ -578,6 +610,28 @@ def test_cuda_against_reference(num_classes, rows, dtype, backend):
         _compare_low_precision(logits, logits.cuda(), targets, backend)
     else:
         _compare_mit(logits.cuda(), targets.cuda(), steps=2, backend=backend)
+
+
+@gpu_only
+@pytest.mark.parametrize("num_classes,rows,dtype", [
+    (7, 1024, torch.float32), (32_000, 16, torch.bfloat16), (33_000, 4, torch.bfloat16),
+    (9000, 8, torch.float16), (131_072, 4, torch.float32)])
+def test_cuda_triton_backward_against_reference(monkeypatch, num_classes, rows, dtype):
+    """The Triton step with Triton's own backward (MITKERNELS_TRITON_BACKWARD=triton; by default
+    it runs the extension's CUDA kernel, which the other tests then cover): the base-2 gradient,
+    the target's element rewritten after the barrier, 16-bit rows ending in a partial block
+    (33,000 and 9,000 classes), ignored rows, a masked span."""
+    monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", "triton")
+    gen = torch.Generator().manual_seed(rows + num_classes)
+    logits = (torch.randn(rows, num_classes, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, num_classes, (rows,), generator=gen)
+    targets[::9] = -100
+    targets[1] = num_classes - 1
+    logits[2, num_classes // 2:] = -1e4
+    if dtype in (torch.float16, torch.bfloat16):
+        _compare_low_precision(logits, logits.cuda(), targets, "triton")
+    else:
+        _compare_mit(logits.cuda(), targets.cuda(), steps=2, backend="triton")
 
 
 def _compare_low_precision(logits, device_logits, targets, backend):
