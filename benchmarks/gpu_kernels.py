@@ -16,7 +16,8 @@ each one can be held against the bandwidth it could reach:
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
 ``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time). Times:
-``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes it too.
+``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes
+it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
 the CPU: a Triton launch, allocations, each backend's ops, whole training steps at 256x5 (eager,

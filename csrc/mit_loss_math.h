@@ -214,8 +214,9 @@ MITK_HD V grad_logit_target(const V& p, const V& log_p, const V& H, const V& c, 
 
 // The non-target elements' dx with the row's constants gathered: p (a + b log p),
 // a = scale (1 + c H), b = scale c; two operations an element, for the per-element loops of the
-// CPU and CUDA kernels. log p may be held in another unit (both take u = log2 p, whose exp is
-// the cheaper one, and nats_per_unit = ln 2 makes b u = scale c log p).
+// CPU and CUDA kernels. log p may be held in another unit: the base-2 kernels (CUDA's backward,
+// the CPU's float exp) take u = log2 p, whose exp is the cheaper one, and nats_per_unit = ln 2
+// makes b u = scale c log p; the CPU's double (and MITK_CPU_PRECISE_EXP) stays in nats, 1.
 template <typename V>
 struct GradCoeffs {
   V a, b;

@@ -204,8 +204,9 @@ struct alignas(16) Packet {
   scalar_t v[kSize];
 };
 
-// exp of a shift d <= 0 in the per-element loops: float's __expf (ex2.approx, the exp Triton's
-// kernels use, a few ulp), double's exp. The per-row terms (acc_merge, row_finish) keep exp.
+// exp of a shift d <= 0 in the forward's per-element loop: float's __expf (ex2.approx after a
+// multiply by log2 e, a few ulp), double's exp. The per-row terms (acc_merge, row_finish) keep
+// exp; the backward works in base 2 (fast_exp2).
 __device__ __forceinline__ float fast_exp(float d) { return __expf(d); }
 __device__ __forceinline__ double fast_exp(double d) { return exp(d); }
 // 2^u, for the backward's base-2 log p: ex2.approx itself, one instruction (__expf is a multiply

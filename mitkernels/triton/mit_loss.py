@@ -481,6 +481,8 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
     BLOCK_V: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
     BLOCK_T: tl.constexpr = BLOCK_L // BLOCK_V
     BLOCK_U: tl.constexpr = BLOCK_C // BLOCK_L
+    tl.static_assert(BLOCK_L % BLOCK_V == 0 and BLOCK_C % BLOCK_L == 0,
+                     "a block is whole rows of 16 bytes a thread (RowConfig.lane_width)")
     # BLOCK_R = 1: the row's scalars (row < R: the callers walk tiles below cdiv(R, 1)). The
     # base from the row index, not from the caller's [1] tensor, so that the compiler still sees
     # the stride's alignment and vectorizes the loads.
@@ -1044,7 +1046,8 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     scale = tl.where(valid, g * row_scale * inv_temp, 0.0)
     # In base 2, as the forward (and csrc's grad_logit_folded): with l = log2 p,
     # dx = p (a + b l) - scale onehot(y), a = scale (1 + c H), b = scale c ln 2. Per element that
-    # is exp2 (one instruction; exp is a multiply and a range fix-up around it) and one FMA.
+    # is exp2 (one instruction; exp is a multiply and a range fix-up around it), an FMA and a
+    # multiply, and the select of ignored rows.
     ln2 = tl.log(tl.full([], 2.0, ACC))
     inv_ln2 = _recip(ln2)
     inv_temp2 = inv_temp * inv_ln2
