@@ -354,6 +354,12 @@ def _row_bases(rows, S, stride_n, stride_s):
 
 
 @triton.jit
+def _ln2(ACC: tl.constexpr):
+    """ln 2 in ACC, computed: Triton makes a Python float literal a float32 constant."""
+    return tl.log(tl.full([], 2.0, ACC))
+
+
+@triton.jit
 def _clamp_shift(d):
     """d floored at -1e4 (csrc's kMinShift), where exp(d) and exp2(d) are 0 anyway.
 
@@ -532,8 +538,7 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     base = _row_bases(rows, S, stride_n, stride_s)
 
     # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
-    # ln 2 computed, not a literal: Triton makes a Python float literal a float32 constant.
-    ln2 = tl.log(tl.full([], 2.0, ACC))
+    ln2 = _ln2(ACC)
     inv_temp2 = inv_temp * _recip(ln2)
     # Rows that fit one block take the one-pass form: the online loop run once leaves ptxas
     # spilling in the multi-row tiles (bf16 C = 64..512 on sm_80/sm_90, tests/test_triton_aot.py).
@@ -1024,6 +1029,16 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
 
 
 @triton.jit
+def _grad_folded(x, row_max, inv_temp2, log_s2, coef_a, coef_b, ACC: tl.constexpr):
+    """dx of a logit but for the target's -scale: p (a + b log2 p), with log2 p =
+    (x - m) / T / ln 2 - log2 s (csrc's log_prob) floored, so that a -inf logit (a masked class)
+    has p = 0 and a zero gradient, not 0 * -inf. One definition for the row loop and the
+    target's rewrite, which must agree."""
+    log_p2 = _clamp_shift((_widen(x, ACC) - row_max) * inv_temp2 - log_s2)
+    return tl.exp2(log_p2) * (coef_a + coef_b * log_p2)
+
+
+@triton.jit
 def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr,
                      R, C, S, K, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                      ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
@@ -1048,7 +1063,7 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     # dx = p (a + b l) - scale onehot(y), a = scale (1 + c H), b = scale c ln 2. Per element that
     # is exp2 (one instruction; exp is a multiply and a range fix-up around it), an FMA and a
     # multiply, and the select of ignored rows.
-    ln2 = tl.log(tl.full([], 2.0, ACC))
+    ln2 = _ln2(ACC)
     inv_ln2 = _recip(ln2)
     inv_temp2 = inv_temp * inv_ln2
     log_s2 = log_s * inv_ln2
@@ -1061,12 +1076,9 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
         cols64 = cols.to(tl.int64)
         mask = in_range[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + (base[:, None] + cols64[None, :] * stride_c), mask=mask, other=0.0)
-        # log2 p = (x - m) / T / ln 2 - log2 s (csrc's log_prob), floored: a -inf logit (a masked
-        # class) has p = 0 and a zero gradient, not 0 * -inf.
-        log_p2 = _clamp_shift((_widen(x, ACC) - row_max[:, None]) * inv_temp2[:, None]
-                              - log_s2[:, None])
-        p = tl.exp2(log_p2)
-        dx = tl.where(valid[:, None], p * (coef_a[:, None] + coef_b[:, None] * log_p2), 0.0)
+        dx = _grad_folded(x, row_max[:, None], inv_temp2[:, None], log_s2[:, None],
+                          coef_a[:, None], coef_b[:, None], ACC)
+        dx = tl.where(valid[:, None], dx, 0.0)
         tl.store(dx_ptr + (dbase[:, None] + cols64[None, :] * dstride_c),
                  _to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
     # The target's element again, now with its -scale: one gathered load and store a row instead
@@ -1075,8 +1087,7 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     tl.debug_barrier()
     y64 = y_safe.to(tl.int64)
     x_y = tl.load(x_ptr + (base + y64 * stride_c), mask=valid, other=0.0)
-    log_p2_y = _clamp_shift((_widen(x_y, ACC) - row_max) * inv_temp2 - log_s2)
-    dx_y = tl.exp2(log_p2_y) * (coef_a + coef_b * log_p2_y) - scale
+    dx_y = _grad_folded(x_y, row_max, inv_temp2, log_s2, coef_a, coef_b, ACC) - scale
     tl.store(dx_ptr + (dbase + y64 * dstride_c), _to_dtype(dx_y, dx_ptr.dtype.element_ty),
              mask=valid)
     if pid == 0:
