@@ -760,6 +760,39 @@ def test_cuda_layouts_and_kinds():
 
 
 @gpu_only
+@pytest.mark.parametrize("backend,backward", [("triton", None), ("triton", "triton"),
+                                              ("cuda", None)])
+@pytest.mark.parametrize("num_classes,spatial,dtype,channels_last", [
+    (5, (33, 31), torch.float32, False), (5, (33, 31), torch.float32, True),
+    (2, (64, 64), torch.float64, False), (150, (9, 7), torch.float32, False),
+    (7, (16, 24), torch.bfloat16, False)])
+def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, spatial, dtype,
+                                   channels_last):
+    """[N, C, H, W] logits, whose classes lie H W apart, and few-class rows take the CUDA
+    kernels' thread-a-row form (thread_rows): the cuda backend's forward and backward, and the
+    eager Triton step's default backward; Triton's own backward too. Odd pixel counts (33 x 31),
+    ignored pixels, 150 classes strided, channels-last (contiguous classes, 5 of them)."""
+    if backend not in cuda_backends():
+        pytest.skip(f"{backend} is not available here")
+    if backward is None:
+        monkeypatch.delenv("MITKERNELS_TRITON_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", backward)
+    gen = torch.Generator().manual_seed(num_classes + spatial[0])
+    logits = (torch.randn(3, num_classes, *spatial, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, num_classes, (3, *spatial), generator=gen)
+    targets[:, ::5, ::3] = -100
+    device_logits = logits.cuda()
+    if channels_last:
+        device_logits = device_logits.contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        _compare_low_precision(logits, device_logits, targets, backend)
+    else:
+        _compare_mit(device_logits, targets.cuda(), steps=2, backend=backend,
+                     reference_logits=logits)
+
+
+@gpu_only
 def test_cuda_deterministic_and_no_recompile(monkeypatch):
     module = _kernels()
     logits = torch.randn(4096, 1000, device="cuda")

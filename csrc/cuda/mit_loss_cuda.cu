@@ -4,14 +4,17 @@
 // Layout of the work (KERNEL_MATH s.5):
 //   row_stats     one warp per row, one read of the logits (16-byte packets where the row is
 //                 contiguous); lanes keep their own max and merge in a fixed shuffle tree
-//                 (mitk::acc_merge).
+//                 (mitk::acc_merge). One thread per row where the classes are strided
+//                 ([N, C, H, W]) or few (thread_rows).
 //   summary       fixed-size row chunks; block trees in a fixed order, chunk partials combined
-//                 in chunk order. The class histogram uses double atomics of whole numbers,
-//                 which are exact (so order-free) below 2^53. Per-class sums (K = C) are summed
-//                 in row order by one thread per class. No float atomics anywhere.
+//                 in chunk order. The class histogram counts a chunk in shared memory, then
+//                 adds whole numbers by double atomics, which are exact (so order-free) below
+//                 2^53. Per-class sums (K = C) are summed in row order by one thread per class.
+//                 No float atomics anywhere.
 //   finalize      one block: state update, H*, lambda / coefficient, loss, stats, grad_info.
 //   backward      one warp per row, one read + one write (packets where both rows are
-//                 contiguous and equally aligned); c and row_scale read on device.
+//                 contiguous and equally aligned), or one thread per row as row_stats;
+//                 c and row_scale read on device.
 // Nothing syncs with the host; offsets are int64.
 //
 // The glue includes this file with MITK_CUDA_API_ONLY defined: it then sees only the argument
@@ -99,6 +102,7 @@ constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // warps per block in the row kernels
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 1024;  // rows per summary chunk
+constexpr int64_t kChunkHistClasses = 1024;  // classes a summary chunk counts in shared memory
 
 template <typename T>
 struct Acc {
@@ -268,8 +272,60 @@ __device__ __forceinline__ void packet_walk(const scalar_t* x, scalar_t* g, int6
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row statistics: one warp per row.
+// Row statistics: one warp per row, or one thread per row (thread_rows below).
 // ---------------------------------------------------------------------------------------------
+// The online accumulators of a row, or of a lane's part of it: the max m in logit units and
+// s, A, Q about it (d = (x - m) / T).
+template <typename acc_t>
+struct OnlineRow {
+  acc_t inv_t;
+  acc_t m = -INFINITY, s = 0, A = 0, Q = 0;
+
+  // x replaces the max cur when larger, or NaN (which then sticks).
+  __device__ static bool rises(acc_t x, acc_t cur) { return x > cur || x != x; }
+  // The max rises to xm: the sums are re-expressed about it.
+  __device__ void raise_max(acc_t xm) {
+    if (rises(xm, m)) {
+      if (m > acc_t(-INFINITY)) {
+        const acc_t d = clamp_shift((m - xm) * inv_t);
+        acc_rescale(s, A, Q, d, exp(d));
+      }
+      m = xm;
+    }
+  }
+  __device__ void add_term(acc_t xj) {
+    const acc_t d = clamp_shift((xj - m) * inv_t);
+    acc_add(s, A, Q, fast_exp(d), d);
+  }
+  __device__ void add(acc_t xj) {
+    raise_max(xj);
+    if (m != acc_t(-INFINITY)) add_term(xj);
+  }
+};
+
+// Whether the row kernels take a thread a row rather than a warp. A warp per row reads a row's
+// classes side by side, which is what a contiguous row of many classes wants. Logits laid out
+// [N, C, H, W] (segmentation) have their classes H W apart: a warp on one pixel read C elements
+// from C different 32-byte sectors with most lanes idle (16 x 5 x 256 x 256 float32 on an H200:
+// the Triton step, whose backward is this kernel, took 0.879 ms against 0.206 ms for
+// F.cross_entropy, GPU_RUNS session 9). A thread a row reads neighbouring pixels in neighbouring
+// threads: each class is one coalesced load a warp. Rows of a few classes (the 2-to-8-class
+// medical case) also go a thread a row rather than leave 24-30 of 32 lanes idle.
+constexpr int64_t kThreadRowMaxClasses = 8;
+__host__ __device__ inline bool thread_rows(const RowArgs& a) {
+  return a.sc != 1 || a.C <= kThreadRowMaxClasses;
+}
+
+// Row r is pixel sp of sample n; it starts at n stride_n + sp stride_s whatever the strides
+// (one division for the logits' offset and the gradient's).
+struct RowPos {
+  int64_t n, sp;
+  __device__ RowPos(int64_t r, int64_t S) : n(r / S), sp(r - n * S) {}
+  __device__ int64_t offset(int64_t stride_n, int64_t stride_s) const {
+    return n * stride_n + sp * stride_s;
+  }
+};
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
 row_stats_kernel(RowArgs a) {
@@ -284,31 +340,12 @@ row_stats_kernel(RowArgs a) {
     if (lane == 0) store_zero_row_stats(rs, R, r);
     return;
   }
-  const int64_t n = r / a.S, sp = r - n * a.S;
-  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + n * a.sn + sp * a.ss;
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + RowPos(r, a.S).offset(a.sn, a.ss);
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
                                      a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
-  const acc_t ninf = -INFINITY;
-  acc_t m = ninf, s = 0, A = 0, Q = 0;  // m in logit units, d = (x - m) / T
-  // x replaces the max cur when larger, or NaN (which then sticks).
-  const auto rises = [](acc_t x, acc_t cur) { return x > cur || x != x; };
-  // The lane's max rises to xm: its sums are re-expressed about it.
-  const auto raise_max = [&](acc_t xm) {
-    if (rises(xm, m)) {
-      if (m > ninf) {
-        const acc_t d = clamp_shift((m - xm) * inv_t);
-        acc_rescale(s, A, Q, d, exp(d));
-      }
-      m = xm;
-    }
-  };
-  const auto add_term = [&](acc_t xj) {
-    const acc_t d = clamp_shift((xj - m) * inv_t);
-    acc_add(s, A, Q, fast_exp(d), d);
-  };
+  OnlineRow<acc_t> acc{inv_t};
   const auto add = [&](int64_t, acc_t xj) {
-    raise_max(xj);
-    if (m != ninf) add_term(xj);
+    acc.add(xj);
     return scalar_t();
   };
   using P = Packet<scalar_t>;
@@ -319,11 +356,11 @@ row_stats_kernel(RowArgs a) {
     for (int e = 0; e < P::kSize; ++e) v[e] = to_acc(in.v[e]);
     acc_t xm = v[0];
 #pragma unroll
-    for (int e = 1; e < P::kSize; ++e) xm = rises(v[e], xm) ? v[e] : xm;
-    raise_max(xm);
-    if (m != ninf) {
+    for (int e = 1; e < P::kSize; ++e) xm = OnlineRow<acc_t>::rises(v[e], xm) ? v[e] : xm;
+    acc.raise_max(xm);
+    if (acc.m != acc_t(-INFINITY)) {
 #pragma unroll
-      for (int e = 0; e < P::kSize; ++e) add_term(v[e]);
+      for (int e = 0; e < P::kSize; ++e) acc.add_term(v[e]);
     }
     return P();
   };
@@ -332,6 +369,7 @@ row_stats_kernel(RowArgs a) {
   } else {
     for (int64_t j = lane; j < a.C; j += kWarp) add(j, to_acc(x[j * a.sc]));
   }
+  acc_t m = acc.m, s = acc.s, A = acc.A, Q = acc.Q;
   for (int off = kWarp / 2; off > 0; off >>= 1) {
     const acc_t mo = __shfl_down_sync(0xffffffffu, m, off);
     const acc_t so = __shfl_down_sync(0xffffffffu, s, off);
@@ -352,6 +390,29 @@ row_stats_kernel(RowArgs a) {
   }
 }
 
+// One thread a row (thread_rows): the row's classes in order, no merge.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+row_stats_thread_kernel(RowArgs a) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t R = a.N * a.S;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r >= R) return;
+  acc_t* rs = static_cast<acc_t*>(a.row_stats);
+  const int64_t y = target_at(a, r);
+  if (!target_valid(y, a.C, a.ignore_index)) {
+    store_zero_row_stats(rs, R, r);
+    return;
+  }
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + RowPos(r, a.S).offset(a.sn, a.ss);
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
+                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  OnlineRow<acc_t> acc{inv_t};
+  for (int64_t j = 0; j < a.C; ++j) acc.add(to_acc(x[j * a.sc]));
+  store_row_stats(rs, R, r,
+                  row_finish<acc_t>(acc.m, inv_t, acc.s, acc.A, acc.Q, to_acc(x[y * a.sc])));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Summary: chunk partials of the header (fixed trees), histogram by exact atomics, per-class
 // sums in row order.
@@ -364,6 +425,15 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
   const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int64_t r1 = r0 + kChunk < R ? r0 + kChunk : R;
+  // The chunk's class counts in shared memory where the classes fit, then one atomic a class:
+  // a double atomic a row put 1M rows of 5 classes (segmentation) on 5 addresses. Whole numbers,
+  // exact in any order either way.
+  __shared__ unsigned int chunk_hist[kChunkHistClasses];
+  const bool local_hist = a.C <= kChunkHistClasses;  // the same for every thread of the block
+  if (local_hist) {
+    for (int64_t k = threadIdx.x; k < a.C; k += blockDim.x) chunk_hist[k] = 0u;
+    __syncthreads();
+  }
   double v[5] = {0, 0, 0, 0, 0};
   for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
     const int64_t y = target_at(a, r);
@@ -372,9 +442,19 @@ summary_chunk_kernel(RowArgs a, double* header_part, double* hist, double* class
       v[1] += static_cast<double>(rs[kRowCEH * R + r]);
       v[2] += static_cast<double>(rs[kRowH * R + r]);
       v[3] += static_cast<double>(rs[kRowV * R + r]);
-      atomicAdd(hist + y, 1.0);  // whole numbers: exact in any order
+      if (local_hist) {
+        atomicAdd(chunk_hist + y, 1u);
+      } else {
+        atomicAdd(hist + y, 1.0);
+      }
     } else if (y != a.ignore_index) {
       v[4] += 1.0;
+    }
+  }
+  if (local_hist) {
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < a.C; k += blockDim.x) {
+      if (chunk_hist[k] != 0u) atomicAdd(hist + k, static_cast<double>(chunk_hist[k]));
     }
   }
   for (int i = 0; i < 5; ++i) {
@@ -550,6 +630,39 @@ __global__ void loss_rows_kernel(FinalizeArgs f) {
 #else
 #define MITK_GRAD_BOUNDS __launch_bounds__(kWarp * kRowsPerBlock)
 #endif
+// A valid row's gradient constants. In base 2, as the CPU kernels: u = log2 p =
+// (x - m) inv_t / ln 2 - log_s / ln 2 and dx = p (a + b u) (grad_logit_folded) for every element
+// but the target's, which is that minus scale.
+template <typename acc_t>
+struct GradRow {
+  acc_t m, inv_t2, log_s2, scale;
+  GradCoeffs<acc_t> k;
+
+  __device__ acc_t folded(acc_t xj) const {
+    const acc_t u = clamp_shift(log_prob(xj, m, inv_t2, log_s2));
+    return grad_logit_folded(fast_exp2(u), u, k.a, k.b);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ GradRow<acc_t> grad_row(const RowArgs& a, int64_t r, int64_t y) {
+  const int64_t R = a.N * a.S;
+  const acc_t* gi = static_cast<const acc_t*>(a.grad_info);
+  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
+  const acc_t* gl = static_cast<const acc_t*>(a.grad_loss);
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
+                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t c = gi[0];
+  const acc_t ln2 = acc_t(0.693147180559945309417232121458176568);
+  GradRow<acc_t> g;
+  g.scale = (a.grad_rows ? gl[r] : gl[0]) * gi[1] * inv_t;
+  g.m = rs[kRowMax * R + r];
+  g.inv_t2 = inv_t / ln2;
+  g.log_s2 = rs[kRowLogS * R + r] / ln2;
+  g.k = grad_logit_coeffs(rs[kRowH * R + r], c, g.scale, ln2);
+  return g;
+}
+
 template <typename scalar_t>
 __global__ void MITK_GRAD_BOUNDS grad_kernel(RowArgs a) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -557,38 +670,23 @@ __global__ void MITK_GRAD_BOUNDS grad_kernel(RowArgs a) {
   const int64_t R = a.N * a.S;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (r >= R) return;
-  const int64_t n = r / a.S, sp = r - n * a.S;
-  scalar_t* g = static_cast<scalar_t*>(a.grad) + n * a.gn + sp * a.gs;
+  const RowPos pos(r, a.S);
+  scalar_t* g = static_cast<scalar_t*>(a.grad) + pos.offset(a.gn, a.gs);
   const int64_t y = target_at(a, r);
   if (!target_valid(y, a.C, a.ignore_index)) {
     for (int64_t j = lane; j < a.C; j += kWarp) g[j * a.gc] = from_acc<scalar_t>(acc_t(0));
     return;
   }
-  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + n * a.sn + sp * a.ss;
-  const acc_t* gi = static_cast<const acc_t*>(a.grad_info);
-  const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
-  const acc_t* gl = static_cast<const acc_t*>(a.grad_loss);
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
-                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
-  const acc_t c = gi[0];
-  const acc_t scale = (a.grad_rows ? gl[r] : gl[0]) * gi[1] * inv_t;
-  const acc_t m = rs[kRowMax * R + r], H = rs[kRowH * R + r], log_s = rs[kRowLogS * R + r];
-  // In base 2, as the CPU kernels: u = log2 p = (x - m) inv_t / ln 2 - log_s / ln 2 and
-  // dx = p (a + b u) (grad_logit_folded); every element takes this non-target form, and the
-  // target's element is written again after the walk, minus scale.
-  const acc_t ln2 = acc_t(0.693147180559945309417232121458176568);
-  const acc_t inv_t2 = inv_t / ln2, log_s2 = log_s / ln2;
-  const GradCoeffs<acc_t> k = grad_logit_coeffs(H, c, scale, ln2);
-  const auto folded = [&](acc_t xj) {
-    const acc_t u = clamp_shift(log_prob(xj, m, inv_t2, log_s2));
-    return grad_logit_folded(fast_exp2(u), u, k.a, k.b);
-  };
-  const auto grad = [&](int64_t, acc_t xj) { return from_acc<scalar_t>(folded(xj)); };
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + pos.offset(a.sn, a.ss);
+  const GradRow<acc_t> row = grad_row<acc_t>(a, r, y);
+  // Every element takes the non-target form; the target's element is written again after the
+  // walk.
+  const auto grad = [&](int64_t, acc_t xj) { return from_acc<scalar_t>(row.folded(xj)); };
   using P = Packet<scalar_t>;
   const auto grad_packet = [&](int64_t, const P& in) {
     P out;
 #pragma unroll
-    for (int e = 0; e < P::kSize; ++e) out.v[e] = from_acc<scalar_t>(folded(to_acc(in.v[e])));
+    for (int e = 0; e < P::kSize; ++e) out.v[e] = from_acc<scalar_t>(row.folded(to_acc(in.v[e])));
     return out;
   };
   if (packets_fit<scalar_t>(x, a.sc, g, a.gc)) {
@@ -598,7 +696,29 @@ __global__ void MITK_GRAD_BOUNDS grad_kernel(RowArgs a) {
   }
   // Ordered after the walk's store of the same element, which another lane may have made.
   __syncwarp();
-  if (lane == 0) g[y * a.gc] = from_acc<scalar_t>(folded(to_acc(x[y * a.sc])) - scale);
+  if (lane == 0) g[y * a.gc] = from_acc<scalar_t>(row.folded(to_acc(x[y * a.sc])) - row.scale);
+}
+
+// One thread a row (thread_rows): each element written once, the target's with its -scale.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) grad_thread_kernel(RowArgs a) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t R = a.N * a.S;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r >= R) return;
+  const RowPos pos(r, a.S);
+  scalar_t* g = static_cast<scalar_t*>(a.grad) + pos.offset(a.gn, a.gs);
+  const int64_t y = target_at(a, r);
+  if (!target_valid(y, a.C, a.ignore_index)) {
+    for (int64_t j = 0; j < a.C; ++j) g[j * a.gc] = from_acc<scalar_t>(acc_t(0));
+    return;
+  }
+  const scalar_t* x = static_cast<const scalar_t*>(a.logits) + pos.offset(a.sn, a.ss);
+  const GradRow<acc_t> row = grad_row<acc_t>(a, r, y);
+  for (int64_t j = 0; j < a.C; ++j) {
+    const acc_t v = row.folded(to_acc(x[j * a.sc]));
+    g[j * a.gc] = from_acc<scalar_t>(j == y ? v - row.scale : v);
+  }
 }
 
 // dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)((CE - H) + c V) T' in a fixed
@@ -641,6 +761,7 @@ grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
 }
 
 int64_t row_blocks(int64_t R) { return (R + kRowsPerBlock - 1) / kRowsPerBlock; }
+int64_t thread_row_blocks(int64_t R) { return (R + kThreads - 1) / kThreads; }
 
 }  // namespace
 
@@ -663,13 +784,23 @@ cudaError_t launch_row_stats(const RowArgs& a, double* summary, double* workspac
   cudaError_t err = cudaMemsetAsync(hist, 0, sizeof(double) * a.C, stream);
   if (err != cudaSuccess) return err;
   if (R > 0) {
-    const dim3 grid(static_cast<unsigned>(row_blocks(R)));
-    const dim3 block(kWarp * kRowsPerBlock);
-    switch (a.dtype) {
-      case kF64: row_stats_kernel<double><<<grid, block, 0, stream>>>(a); break;
-      case kF32: row_stats_kernel<float><<<grid, block, 0, stream>>>(a); break;
-      case kBF16: row_stats_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
-      default: row_stats_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+    if (thread_rows(a)) {
+      const dim3 grid(static_cast<unsigned>(thread_row_blocks(R)));
+      switch (a.dtype) {
+        case kF64: row_stats_thread_kernel<double><<<grid, kThreads, 0, stream>>>(a); break;
+        case kF32: row_stats_thread_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
+        case kBF16: row_stats_thread_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a); break;
+        default: row_stats_thread_kernel<__half><<<grid, kThreads, 0, stream>>>(a); break;
+      }
+    } else {
+      const dim3 grid(static_cast<unsigned>(row_blocks(R)));
+      const dim3 block(kWarp * kRowsPerBlock);
+      switch (a.dtype) {
+        case kF64: row_stats_kernel<double><<<grid, block, 0, stream>>>(a); break;
+        case kF32: row_stats_kernel<float><<<grid, block, 0, stream>>>(a); break;
+        case kBF16: row_stats_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
+        default: row_stats_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+      }
     }
     if (a.dtype == kF64) {
       summary_chunk_kernel<double><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
@@ -705,13 +836,23 @@ cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_t
                             cudaStream_t stream) {
   const int64_t R = a.N * a.S;
   if (R > 0) {
-    const dim3 grid(static_cast<unsigned>(row_blocks(R)));
-    const dim3 block(kWarp * kRowsPerBlock);
-    switch (a.dtype) {
-      case kF64: grad_kernel<double><<<grid, block, 0, stream>>>(a); break;
-      case kF32: grad_kernel<float><<<grid, block, 0, stream>>>(a); break;
-      case kBF16: grad_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
-      default: grad_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+    if (thread_rows(a)) {
+      const dim3 grid(static_cast<unsigned>(thread_row_blocks(R)));
+      switch (a.dtype) {
+        case kF64: grad_thread_kernel<double><<<grid, kThreads, 0, stream>>>(a); break;
+        case kF32: grad_thread_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
+        case kBF16: grad_thread_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a); break;
+        default: grad_thread_kernel<__half><<<grid, kThreads, 0, stream>>>(a); break;
+      }
+    } else {
+      const dim3 grid(static_cast<unsigned>(row_blocks(R)));
+      const dim3 block(kWarp * kRowsPerBlock);
+      switch (a.dtype) {
+        case kF64: grad_kernel<double><<<grid, block, 0, stream>>>(a); break;
+        case kF32: grad_kernel<float><<<grid, block, 0, stream>>>(a); break;
+        case kBF16: grad_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
+        default: grad_kernel<__half><<<grid, block, 0, stream>>>(a); break;
+      }
     }
   }
   if (compute_grad_tau) {
