@@ -133,9 +133,15 @@ const auto& loss_backward_op() {
 // enters Python: through Triton's launcher the backward alone took 386 us of host time at
 // 256 x 5, the cuda backend's 175 us (H200, `gpu_kernels --overhead`, run 150227); through the
 // CUDA kernel 107 us, the cuda backend's 99 us (run 152201; benchmarks/results/GPU_RUNS.md,
-// session 7). MITKERNELS_TRITON_BACKWARD: unset or `auto` as above, `triton` Triton's kernel,
-// `cuda` the CUDA kernel or an error. Decided in forward, on the caller's thread (the
-// environment is not read on the engine's threads), before anything is computed.
+// session 7). Where the logits hold 1 GiB or more, the backward's device time covers that launch
+// and Triton's kernel is the faster one: at 8192 x 65536 (H200) the step took 0.889 ms (bf16) and
+// 1.590 ms (fp32) with Triton's backward, 0.928 and 1.609 with the CUDA kernel; at 4096 x 32000
+// (0.25 / 0.5 GiB) it took 1.112 / 0.618 ms against 0.592 / 0.430 (gpu_kernels --overhead,
+// GPU_RUNS session 9, run 222651). MITKERNELS_TRITON_BACKWARD: unset or `auto` as above, `triton`
+// Triton's kernel, `cuda` the CUDA kernel or an error. Decided in forward, on the caller's
+// thread (the environment is not read on the engine's threads), before anything is computed.
+constexpr int64_t kTritonBackwardBytes = int64_t(1) << 30;
+
 bool cuda_backward_runs(c10::DeviceIndex device) {
   const CudaBackwardCheck check = cuda_backward_check();
   if (check == nullptr) return false;
@@ -155,6 +161,10 @@ bool triton_step_takes_cuda_backward(const Tensor& logits) {
   TORCH_CHECK_VALUE(choice.empty() || choice == "auto" || choice == "triton" || choice == "cuda",
                     "MITKERNELS_TRITON_BACKWARD must be auto, triton or cuda, got '", choice, "'");
   if (choice == "triton" || !logits.is_cuda() || !is_plain(logits)) return false;
+  if (choice != "cuda" && logits.numel() * static_cast<int64_t>(logits.element_size()) >=
+                              kTritonBackwardBytes) {
+    return false;
+  }
   const bool runs = cuda_backward_runs(logits.device().index());
   TORCH_CHECK_VALUE(runs || choice != "cuda",
                     "MITKERNELS_TRITON_BACKWARD=cuda, but the extension has no CUDA gradient "

@@ -704,6 +704,31 @@ def test_cuda_eager_triton_step_backward(monkeypatch, choice, reduction):
 
 
 @gpu_only
+@pytest.mark.skipif("cuda" not in cuda_backends(), reason="the extension has no CUDA kernels")
+@pytest.mark.parametrize("choice,want_triton", [(None, True), ("cuda", False)])
+def test_cuda_eager_triton_step_backward_by_size(monkeypatch, choice, want_triton):
+    """Logits of 1 GiB (8192 x 65536 bf16): `auto` takes Triton's backward, whose device time
+    there beats the CUDA kernel's by more than its Python launch costs; `cuda` still forces the
+    CUDA kernel. Which kernel ran is read from the profiler (the values are the other tests')."""
+    if choice is None:
+        monkeypatch.delenv("MITKERNELS_TRITON_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", choice)
+    logits = torch.randn(8192, 65536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert logits.numel() * logits.element_size() == 1 << 30
+    targets = torch.randint(0, 65536, (8192,), device="cuda")
+    state = mitkernels.MiTState(65536, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        loss, _ = mitkernels.mit_loss(logits, targets, state, backend="triton")
+        loss.backward()
+        torch.cuda.synchronize()
+    names = " ".join(e.key for e in prof.key_averages())
+    assert torch.isfinite(logits.grad.float().sum())
+    assert ("_backward_kernel" in names, "grad_kernel" in names) == (want_triton,
+                                                                      not want_triton), names
+
+
+@gpu_only
 @pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
 @pytest.mark.parametrize("num_classes,rows,dtype", [
     (7, 1024, torch.float32), (4099, 64, torch.float64), (131_072, 4, torch.float32)])
