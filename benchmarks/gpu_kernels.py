@@ -1,6 +1,7 @@
 """Per-kernel GPU timings of the MiT ops, with a tile sweep of the streaming Triton kernels.
 
-``python -m benchmarks.gpu_kernels [--shapes 4096x32000,...] [--dtypes fp32,bf16] [--sweep]``
+``python -m benchmarks.gpu_kernels [--shapes 4096x32000,16x5x256x256,...] [--dtypes fp32,bf16]
+[--sweep]`` (``NxCxHxW``: segmentation logits, NCHW, the ops on their ``[N, C, H W]`` view)
 
 Where ``bench_mit_loss`` times whole training steps (Python, autograd and state update included)
 against eager and compiled PyTorch, this times the kernels of each backend on their own, so that
@@ -28,9 +29,10 @@ CPU never waits), ``device`` the GPU's time for a step's work issued ahead of it
 ``isolated`` one step timed alone as ``bench_mit_loss`` does. ``isolated`` near ``device``: the
 kernels bound the step; near ``host`` (or above both): the CPU does. ``triton`` is the eager
 Triton step (``mitkernels_C::triton_loss_step_``, a C++ autograd node whose backward is the
-extension's CUDA gradient kernel when it has one), ``triton-tk`` the same with
-``MITKERNELS_TRITON_BACKWARD=triton`` (Triton's backward, launched from Python on the autograd
-thread), ``triton-py`` the Triton step through the Python autograd node (no extension).
+extension's CUDA gradient kernel when it has one and the logits hold under 1 GiB), ``triton-tk``
+the same with ``MITKERNELS_TRITON_BACKWARD=triton`` (Triton's backward, launched from Python on
+the autograd thread), ``triton-cu`` with ``=cuda`` (the CUDA kernel at any size), ``triton-py``
+the Triton step through the Python autograd node (no extension).
 """
 from __future__ import annotations
 
@@ -69,13 +71,24 @@ def bench(fn: Callable, rep_ms: int) -> float:
     return time_cuda(fn, rep_ms).median_ms
 
 
+def parse_shape(text: str):
+    """``NxC`` or ``NxCxHxW..`` (segmentation, NCHW): ``(n, c, spatial)``."""
+    dims = tuple(int(v) for v in text.lower().split("x"))
+    if len(dims) < 2:
+        raise ValueError(f"shape {text!r}: want NxC or NxCxHxW")
+    return dims[0], dims[1], dims[2:]
+
+
 class Case:
-    def __init__(self, n: int, c: int, dtype: torch.dtype, seed: int = 0):
+    def __init__(self, n: int, c: int, dtype: torch.dtype, seed: int = 0, spatial=()):
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
-        self.n, self.c, self.dtype = n, c, dtype
-        self.x = (torch.randn(n, c, device=DEVICE, generator=gen) * 3).to(dtype)
-        self.x3 = self.x.view(n, c, 1)
-        self.y = torch.randint(0, c, (n,), device=DEVICE, generator=gen)
+        self.n, self.c, self.dtype, self.spatial = n, c, dtype, tuple(spatial)
+        self.label = "x".join(str(v) for v in (n, c) + self.spatial)
+        self.x = (torch.randn(n, c, *self.spatial, device=DEVICE, generator=gen) * 3).to(dtype)
+        self.x3 = self.x.view(n, c, -1)  # the ops' [N, C, S] view (NCHW: no copy)
+        # targets shaped for mit_loss and F.cross_entropy; flat for the ops
+        self.y_full = torch.randint(0, c, (n, *self.spatial), device=DEVICE, generator=gen)
+        self.y = self.y_full.reshape(-1)
         self.tau = torch.tensor([0.3], device=DEVICE)
         self.nbytes = self.x.numel() * self.x.element_size()
 
@@ -123,11 +136,13 @@ def _forward_parts(kernels, case: Case):
 
 def _ce_fns(case: Case):
     x = case.x.detach().requires_grad_(True)
-    y = case.y
+    y = case.y_full
     fns = {"ce.eager": lambda: torch.autograd.grad(F.cross_entropy(x, y), x)}
     if DEVICE.type == "cuda":
         compiled = torch.compile(F.cross_entropy, dynamic=False)
         fns["ce.compiled"] = lambda: torch.autograd.grad(compiled(x, y), x)
+    if case.spatial:  # Liger's cross-entropy takes [N, C] logits
+        return fns
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -153,7 +168,7 @@ class Row:
 def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: bool,
              backends=("triton", "cuda")) -> List[Row]:
     rows: List[Row] = []
-    shape = f"{case.n}x{case.c}"
+    shape = case.label
     buf = torch.empty_like(case.x)
     copy_ms = bench(lambda: buf.copy_(case.x), rep_ms)
     copy_gbps = 2 * case.nbytes / copy_ms / 1e6
@@ -377,13 +392,14 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
     print(f"# training step taken apart ({steps} steps each; ms)", flush=True)
     print(f"{'shape':>12} {'dtype':>5} {'backend':>9} {'host':>8} {'device':>8} {'isolated':>9}",
           flush=True)
-    for n, c in shapes:
+    for n, c, spatial in shapes:
         for dtype_name in dtypes:
-            case = Case(n, c, DTYPES[dtype_name])
-            # triton-tk: the C++ node with Triton's backward; triton-py: the Triton step through
-            # the Python autograd node (what runs when the extension is missing)
-            variants = list(backends) + (["triton-tk", "triton-py"] if "triton" in backends
-                                         else [])
+            case = Case(n, c, DTYPES[dtype_name], spatial=spatial)
+            # triton-tk / triton-cu: the C++ node with Triton's / the CUDA backward (`triton`
+            # chooses by size); triton-py: the Triton step through the Python autograd node (what
+            # runs when the extension is missing)
+            variants = list(backends) + (["triton-tk", "triton-cu", "triton-py"]
+                                         if "triton" in backends else [])
             for label in variants:
                 backend = label.split("-")[0]
                 if _backends.unavailable_reason(backend, DEVICE) is not None:
@@ -391,12 +407,16 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                 state = MiTState(c, device=DEVICE)
                 x = case.x.detach().requires_grad_(True)
 
-                step = functools.partial(_train_step, x, case.y, state, backend)
+                step = functools.partial(_train_step, x, case.y_full, state, backend)
 
                 if label.endswith("-py"):
                     variant = mock.patch.object(functional, "_triton_step_op", lambda: None)
                 elif label.endswith("-tk"):
                     variant = mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "triton"})
+                elif label.endswith("-cu"):
+                    if "cuda" not in _backends.available(DEVICE):
+                        continue
+                    variant = mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "cuda"})
                 else:
                     variant = contextlib.nullcontext()
                 with variant:
@@ -419,8 +439,8 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                     device_ms = start.elapsed_time(end) / steps
                     del out
                     isolated_ms = bench(step, 100)
-                line = (f"{n}x{c:<6} {dtype_name:>5} {label:>9} {host_ms:8.4f} {device_ms:8.4f} "
-                        f"{isolated_ms:9.4f}")
+                line = (f"{case.label:>12} {dtype_name:>5} {label:>9} {host_ms:8.4f} "
+                        f"{device_ms:8.4f} {isolated_ms:9.4f}")
                 lines.append(line)
                 print(line, flush=True)
             del case
@@ -430,7 +450,8 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kernels", description=__doc__)
-    p.add_argument("--shapes", default="4096x32000,1024x1000,256x5")
+    p.add_argument("--shapes", default="4096x32000,1024x1000,256x5",
+                   help="NxC or NxCxHxW (segmentation logits, NCHW), comma-separated")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--sweep", action="store_true")
@@ -457,15 +478,15 @@ def main(argv=None) -> int:
         print("# host time per call (back to back, one synchronisation)", flush=True)
         launch_overhead()
     if args.overhead and DEVICE.type == "cuda":
-        step_timeline([tuple(int(v) for v in t.lower().split("x")) for t in args.shapes.split(",")],
+        step_timeline([parse_shape(t) for t in args.shapes.split(",")],
                       args.dtypes.split(","), tuple(args.backends.split(",")))
     header = f"{'shape':>12} {'dtype':>5} {'what':>22} {'ms':>9} {'GB/s':>8} {'frac':>6}  note"
     print(header, flush=True)
     all_rows: List[Row] = []
     for text in args.shapes.split(","):
-        n, c = (int(v) for v in text.lower().split("x"))
+        n, c, spatial = parse_shape(text)
         for dtype_name in args.dtypes.split(","):
-            case = Case(n, c, DTYPES[dtype_name])
+            case = Case(n, c, DTYPES[dtype_name], spatial=spatial)
             rows = run_case(case, dtype_name, args.rep_ms, args.sweep, not args.no_ce,
                             tuple(args.backends.split(",")))
             for r in rows:

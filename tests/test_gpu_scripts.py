@@ -6,6 +6,7 @@ session: ``make gpu-check`` (``benchmarks/gpu_check.sh``), the kernel timings
 have a path that runs on a CPU, and these tests take it.
 """
 import os
+import re
 import subprocess
 
 import pytest
@@ -33,12 +34,15 @@ def test_gpu_kernels_dry_run_with_overhead():
     pytest.importorskip("triton")
     pytest.importorskip("mitkernels._C")
     rc, log = _python(["-m", "benchmarks.gpu_kernels", "--dry-run", "--overhead", "--shapes",
-                       "8x3", "--dtypes", "fp32,bf16", "--no-ce"], env={"TRITON_INTERPRET": "1"})
+                       "8x3,2x3x4x5", "--dtypes", "fp32,bf16"], env={"TRITON_INTERPRET": "1"})
     assert rc == 0, log[-3000:]
     assert "failed" not in log, log[-3000:]
     for row in ("triton.loss_forward_ 256x5", "triton_loss_backward (dispatcher) 256x5",
                 "triton backward alone 256x5", "triton.step", "torch.profiler"):
         assert row in log, (row, log[-3000:])
+    # a segmentation shape (NxCxHxW): the ops on its [N, C, H W] view, cross-entropy on NCHW
+    for row in (r"2x3x4x5\s+fp32\s+triton\.step", r"2x3x4x5\s+bf16\s+ce\.eager"):
+        assert re.search(row, log), (row, log[-3000:])
 
 
 def test_sanitizer_fuzz_on_cpu():
