@@ -163,6 +163,50 @@ def test_layouts_one_row_strided_spatial():
 
 
 @cpu_only
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 5, 23, 29), torch.float32), ((3, 2, 40, 40), torch.float32),
+    ((2, 3, 25, 44), torch.bfloat16), ((2, 8, 16, 80), torch.float16)],
+    ids=["fp32-C5", "fp32-C2", "bf16-C3", "fp16-C8"])
+def test_spatial_tiles(shape, dtype):
+    """NCHW logits of a few classes take the SPATIAL tiles (tiles of one sample's neighbouring
+    pixels, the forward's 512 / 1024 pixels and the backward's 256): pixel counts that end each
+    sample in a partial tile (667, 1100, 1280) or fill it (1600), ignored pixels, every target
+    class, samples after the first (whose rows start at n S). MiT in each reduction, TET, and the
+    per-class backward of CCT-EAL (its forward takes the row tiles)."""
+    kernels = _kernels()
+    n, c = shape[:2]
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    targets = torch.randint(0, c, (n, *shape[2:]), generator=gen)
+    targets[:, ::7, ::3] = -100
+    view = logits.reshape(n, c, -1)
+    assert kernels.spatial_config(view) is not None
+    assert kernels.spatial_config(view).block_r < view.shape[2] * n
+    assert not kernels._fits_one_program(kernels.row_config(c, dtype), view.shape[0] * view.shape[2])
+    if dtype.itemsize == 2:
+        _assert_half_within_eager_error(logits, targets)
+        return
+    for reduction in ("mean", "none"):
+        _compare_mit(logits, targets, reduction=reduction, steps=2)
+    got = mitkernels.tet_loss(logits.clone().requires_grad_(True), targets, backend="triton")
+    want = reference.tet_loss(logits.double(), targets)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+    outs = []
+    for backend in ("reference", "triton"):
+        x = logits.clone().requires_grad_(True)
+        tau_c = torch.linspace(-0.3, 0.4, c).requires_grad_(True)
+        ema = torch.full((c,), 1.0 / c, dtype=torch.float64)
+        alpha = torch.tensor(0.3, dtype=torch.float64)
+        if backend == "reference":
+            loss, _ = reference.cct_eal_step(x, targets, tau_c, ema, alpha)
+        else:
+            loss, _ = mitkernels.cct_eal_loss(x, targets, tau_c, ema, alpha, backend="triton")
+        loss.backward()
+        outs.append(dict(loss=loss.detach(), grad=x.grad, grad_tau=tau_c.grad, ema=ema))
+    _assert_outputs_close(outs[1], outs[0], dtype)
+
+
+@cpu_only
 # 4099: row-block form; 9000: per-thread, one block (fp32) or several (fp64); 17000: per-thread,
 # two blocks in fp32.
 @pytest.mark.parametrize("num_classes", [4099, 9000, 17000])
@@ -790,13 +834,15 @@ def test_cuda_layouts_and_kinds():
 @pytest.mark.parametrize("num_classes,spatial,dtype,channels_last", [
     (5, (33, 31), torch.float32, False), (5, (33, 31), torch.float32, True),
     (2, (64, 64), torch.float64, False), (150, (9, 7), torch.float32, False),
-    (7, (16, 24), torch.bfloat16, False)])
+    (7, (16, 24), torch.bfloat16, False), (3, (40, 40), torch.float16, False)])
 def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, spatial, dtype,
                                    channels_last):
     """[N, C, H, W] logits, whose classes lie H W apart, and few-class rows take the CUDA
     kernels' thread-a-row form (thread_rows): the cuda backend's forward and backward, and the
-    eager Triton step's default backward; Triton's own backward too. Odd pixel counts (33 x 31),
-    ignored pixels, 150 classes strided, channels-last (contiguous classes, 5 of them)."""
+    eager Triton step's default backward; Triton's own backward too. With at most 8 classes in
+    16 or 32 bits, Triton's kernels take tiles of one sample's pixels (SPATIAL_TABLE; 1023 and
+    1600 pixels end a sample in a partial tile). Odd pixel counts (33 x 31), ignored pixels,
+    150 classes strided, channels-last (contiguous classes, 5 of them)."""
     if backend not in cuda_backends():
         pytest.skip(f"{backend} is not available here")
     if backward is None:

@@ -87,11 +87,17 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
 
 def _specialized(name: str, constexprs: dict) -> dict:
     # What Triton's launcher specializes on the common call ([N, C] contiguous, K = 1): integer
-    # arguments equal to 1 become constants.
+    # arguments equal to 1 become constants. SPATIAL tiles serve NCHW logits: the pixel stride
+    # is 1, S and the class stride are not.
     if name in ROW_KERNELS:
-        extra = dict(S=1, stride_c=1, stride_s=1)
-        if name == "_backward_kernel":
-            extra.update(dstride_c=1, dstride_s=1)
+        if constexprs.get("SPATIAL", False):
+            extra = dict(stride_s=1)
+            if name == "_backward_kernel":
+                extra.update(dstride_s=1)
+        else:
+            extra = dict(S=1, stride_c=1, stride_s=1)
+            if name == "_backward_kernel":
+                extra.update(dstride_c=1, dstride_s=1)
         if name in ("_fused_kernel", "_backward_kernel") and not constexprs.get("PER_CLASS", False):
             extra["K"] = 1
         return dict(constexprs, **extra)
@@ -103,13 +109,17 @@ def _specialized(name: str, constexprs: dict) -> dict:
 # vectorizes the row loads, 16 bytes a thread) but not for C = 4099 or 50257. The streaming
 # kernels are compiled both ways, the others aligned.
 ALIGNED_INTS = ("C", "stride_n", "dstride_n")
+# NCHW logits of 256 x 256 pixels: the pixel count, class stride and rows too (the masks then
+# hold over 16 pixels, and the loads take 16 bytes); of 255 x 255, none of them.
+SPATIAL_ALIGNED_INTS = ALIGNED_INTS + ("R", "S", "stride_c", "dstride_c")
 
 
-def _attrs(kernel, signature: dict, aligned: bool) -> dict:
+def _attrs(kernel, signature: dict, aligned: bool, spatial: bool = False) -> dict:
+    ints = SPATIAL_ALIGNED_INTS if spatial else ALIGNED_INTS
     attrs = {}
     for i, name in enumerate(kernel.arg_names):
         kind = signature.get(name)
-        if kind is not None and (kind.startswith("*") or (aligned and name in ALIGNED_INTS)):
+        if kind is not None and (kind.startswith("*") or (aligned and name in ints)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
 
@@ -121,8 +131,9 @@ def _variants(all_dtypes: bool):
     for name, dtype, constexprs, num_warps in module.launch_variants():
         if dtype not in dtypes:
             continue
+        spatial = constexprs.get("SPATIAL", False)
         for cc in ARCHS:
-            for aligned in (True, False) if name in STREAMING_KERNELS else (True,):
+            for aligned in (True, False) if name in STREAMING_KERNELS or spatial else (True,):
                 item = (name, TYPE_NAMES[dtype], tuple(sorted(constexprs.items())), num_warps, cc,
                         aligned)
                 if item not in seen:
@@ -176,7 +187,8 @@ def _compile_one(item):
     ce = _specialized(name, dict(constexprs))
     signature = _signature(kernel, dtype, ce)
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=ce,
-                                    attrs=_attrs(kernel, signature, aligned))
+                                    attrs=_attrs(kernel, signature, aligned,
+                                                 ce.get("SPATIAL", False)))
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=num_warps))
     return _ptxas_report(compiled.asm["ptx"], cc)
@@ -273,6 +285,23 @@ def test_sweep_matches_launcher_choice():
                 ce = module.forward_constexprs(cfg)
                 assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
                         cfg.num_warps) in swept
+            # NCHW logits (SPATIAL tiles where the table covers C) and every other layout
+            x = torch.empty((2, c, 300), dtype=dtype, device="meta")
+            channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
+            for logits in (x, channels_last):
+                spatial = module.spatial_config(logits)
+                want = logits is x and c <= 8 and dtype != torch.float64
+                assert (spatial is not None) == want, (c, dtype, logits.stride())
+                tile = spatial or cfg
+                if spatial is not None:
+                    ce = module.forward_constexprs(tile, True)
+                    assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
+                            tile.num_warps) in swept
+                tile = module.spatial_config(logits, backward=True) or cfg
+                for per_class in (False, True):
+                    ce = module.backward_constexprs(tile, per_class, spatial is not None)
+                    assert ("_backward_kernel", dtype, tuple(sorted(ce.items())),
+                            tile.num_warps) in swept
         for from_parts in (False, True):  # MiT's spread finalize, both sources of its header
             ce = module.classes_constexprs(from_parts)
             assert ("_finalize_classes_kernel", dtype, tuple(sorted(ce.items())),

@@ -31,6 +31,7 @@ Every block size and warp count comes from the row tables (``row_table``, ``row_
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -137,6 +138,21 @@ ROW_TABLE_FP64 = (
     RowConfig(8192, 1024, 1, 8),
     RowConfig(None, 2048, 1, 8, lanes=True),
 )
+# NCHW logits of a few classes (a pixel's classes S apart, pixels at stride 1), for the forward
+# of one temperature and the backward (_tile_rows' SPATIAL): tiles of neighbouring pixels of one
+# sample, 16 bytes of pixels a thread and all of a pixel's classes in that thread (block_r =
+# 16 / itemsize x 32 x num_warps). With the row table's tile (64 x 8 at 5 classes) the compiler
+# put the 4 warps across the classes: the sm_90 SASS of the float32 forward's tile loop took
+# 779 instructions a warp and 36 barriers for 64 pixels, 48.7 warp-instructions a pixel; at
+# 512 x 8 it takes 1175 and 16 for 512 pixels, 9.2 a pixel (Triton 3.9; bf16 at 1024 x 8: 10.4,
+# against 48.8). 109 registers (float32) and 189 (16-bit), no spill. float64 keeps the row
+# table. The backward keeps a pixel's per-row constants (row max, log s, coefficients, target)
+# for each of its pixels: at 1024 16-bit pixels a tile ptxas took up to 241 registers and
+# spilled; it takes tiles of SPATIAL_BACKWARD_ROWS (45-128 registers), elementwise work with no
+# row reduction.
+SPATIAL_TABLE = (RowConfig(2, 2, 512, 4), RowConfig(4, 4, 512, 4), RowConfig(8, 8, 512, 4))
+SPATIAL_TABLE_16 = (RowConfig(2, 2, 1024, 4), RowConfig(4, 4, 1024, 4), RowConfig(8, 8, 1024, 4))
+SPATIAL_BACKWARD_ROWS = 256
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
@@ -174,12 +190,35 @@ def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
     return ROW_TABLE_16 if dtype.itemsize == 2 else ROW_TABLE
 
 
+def spatial_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
+    if dtype == torch.float64:
+        return ()
+    return SPATIAL_TABLE_16 if dtype.itemsize == 2 else SPATIAL_TABLE
+
+
 def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
     table = row_table(dtype)
     for cfg in table:
         if cfg.max_classes is None or num_classes <= cfg.max_classes:
             return cfg
     raise AssertionError("ROW_TABLE ends with an unbounded row")
+
+
+def spatial_config(logits: Tensor, backward: bool = False) -> Optional[RowConfig]:
+    """The SPATIAL_TABLE tile (the backward's, SPATIAL_BACKWARD_ROWS pixels) for ``[N, C, S]``
+    logits whose pixels lie at stride 1 and classes apart (NCHW), when one covers C; None for
+    every other layout (the row table's tiles)."""
+    n, c, s = logits.shape
+    if s < 2 or logits.stride(2) != 1 or logits.stride(1) == 1:
+        return None
+    for cfg in spatial_table(logits.dtype):
+        if c <= cfg.max_classes:
+            return spatial_backward(cfg) if backward else cfg
+    return None
+
+
+def spatial_backward(cfg: RowConfig) -> RowConfig:
+    return dataclasses.replace(cfg, block_r=SPATIAL_BACKWARD_ROWS)
 
 
 def rows_constexprs(cfg: RowConfig, per_class: bool, dtype: torch.dtype) -> dict:
@@ -199,10 +238,14 @@ def summary_constexprs(cfg: RowConfig, per_class: bool) -> dict:
     return dict(SCAN=scan, HIST=atomic_hist(per_class), BLOCK_N=block_n, BLOCK_W=block_w)
 
 
-def forward_constexprs(cfg: RowConfig) -> dict:
+def forward_constexprs(cfg: RowConfig, spatial: bool = False) -> dict:
     """_forward_kernel's tile; only configurations with ``cfg.local_classes`` launch it."""
     return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_K=FORWARD_BLOCK_K,
-                BLOCK_P=FORWARD_BLOCK_P)
+                BLOCK_P=FORWARD_BLOCK_P, SPATIAL=spatial)
+
+
+def backward_constexprs(cfg: RowConfig, per_class: bool, spatial: bool = False) -> dict:
+    return dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PER_CLASS=per_class, SPATIAL=spatial)
 
 
 def classes_constexprs(from_parts: bool) -> dict:
@@ -223,10 +266,14 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
                     yield "_fused_kernel", dtype, dict(ce, BLOCK_K=FUSED_BLOCK_K), cfg.num_warps
             if cfg.local_classes:
                 yield "_forward_kernel", dtype, forward_constexprs(cfg), cfg.num_warps
-            yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
-                                                  PER_CLASS=False), cfg.num_warps
-            yield "_backward_kernel", dtype, dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c,
-                                                  PER_CLASS=True), cfg.num_warps
+            for per_class in (False, True):
+                yield "_backward_kernel", dtype, backward_constexprs(cfg, per_class), cfg.num_warps
+        for cfg in spatial_table(dtype):
+            yield "_forward_kernel", dtype, forward_constexprs(cfg, True), cfg.num_warps
+            bwd = spatial_backward(cfg)
+            for per_class in (False, True):
+                yield ("_backward_kernel", dtype, backward_constexprs(bwd, per_class, True),
+                       bwd.num_warps)
         yield "_finalize_kernel", dtype, dict(BLOCK_K=FINALIZE_BLOCK), FINALIZE_WARPS
         for from_parts in (False, True):
             yield ("_finalize_classes_kernel", dtype, classes_constexprs(from_parts),
@@ -323,14 +370,20 @@ def _temperature(tau, t_eps, t_min, t_max):
 
 
 @triton.jit
-def _row_targets(tg_ptr, rows, R, C, ignore_index):
-    in_range = rows < R
+def _targets_in(tg_ptr, rows, in_range, C, ignore_index):
     y = tl.load(tg_ptr + rows, mask=in_range, other=0)
     counted = in_range & (y != ignore_index)
     valid = counted & (y >= 0) & (y < C)
     invalid = counted & (~valid)
     # A target that is not valid never becomes an index: class 0 stands in (masked everywhere).
     y_safe = tl.where(valid, y, 0)
+    return y_safe, valid, invalid
+
+
+@triton.jit
+def _row_targets(tg_ptr, rows, R, C, ignore_index):
+    in_range = rows < R
+    y_safe, valid, invalid = _targets_in(tg_ptr, rows, in_range, C, ignore_index)
     return y_safe, valid, invalid, in_range
 
 
@@ -346,11 +399,47 @@ def _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC: tl.constexpr,
 
 
 @triton.jit
-def _row_bases(rows, S, stride_n, stride_s):
+def _bases(n, pix, stride_n, stride_s):
     # int64 element offsets: tensors beyond 2^31 elements are fine.
+    return n.to(tl.int64) * stride_n + pix.to(tl.int64) * stride_s
+
+
+@triton.jit
+def _row_bases(rows, S, stride_n, stride_s):
     # rows < 2^31: the division stays 32-bit (a 64-bit one is a subroutine call)
     n = rows // S
-    return n.to(tl.int64) * stride_n + (rows - n * S).to(tl.int64) * stride_s
+    return _bases(n, rows - n * S, stride_n, stride_s)
+
+
+@triton.jit
+def _num_tiles(R, S, BLOCK_R: tl.constexpr, SPATIAL: tl.constexpr):
+    if SPATIAL:
+        return (R // S) * tl.cdiv(S, BLOCK_R)
+    return tl.cdiv(R, BLOCK_R)
+
+
+@triton.jit
+def _tile_rows(tile, R, S, BLOCK_R: tl.constexpr, SPATIAL: tl.constexpr):
+    """The rows of a tile: (row indices, in range, sample n, pixel), row = n S + pixel.
+
+    SPATIAL (NCHW logits, a pixel's classes S apart, pixels at stride 1): a tile is BLOCK_R
+    neighbouring pixels of one sample, ``cdiv(S, BLOCK_R)`` tiles a sample. The compiler then
+    sees the tile's pixels contiguous whatever S, puts the threads along them and each pixel's
+    classes inside one thread: a row's sums need no exchange between threads (row_config's
+    SPATIAL_TABLE has the sizes). Else BLOCK_R consecutive rows, sample and pixel by division.
+    """
+    if SPATIAL:
+        per_sample = tl.cdiv(S, BLOCK_R)
+        n = tile // per_sample
+        pix = (tile - n * per_sample) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_range = pix < S
+        rows = n * S + pix
+    else:
+        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_range = rows < R
+        n = rows // S
+        pix = rows - n * S
+    return rows, in_range, n, pix
 
 
 @triton.jit
@@ -524,18 +613,19 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
 def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c,
                 stride_s, ignore_index, t_eps, t_min, t_max,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
+                LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr,
+                SPATIAL: tl.constexpr):
     """Row statistics of one tile of rows (KERNEL_MATH s.2), stored in ``rs``; tile sums returned.
 
     ATOMIC_HIST without LOCAL_CLASSES: the valid rows are counted per class into the int32
     ``hist_ptr`` here, one integer atomic a row (exact in any order).
     """
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+    rows, in_range, n, pix = _tile_rows(tile, R, S, BLOCK_R, SPATIAL)
+    y_safe, valid, invalid = _targets_in(tg_ptr, rows, in_range, C, ignore_index)
     temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
     inv_temp = _recip(temp)
-    base = _row_bases(rows, S, stride_n, stride_s)
+    base = _bases(n, pix, stride_n, stride_s)
 
     # The statistics in base 2 (z / ln 2: exp2 per element, _exp2_terms), back to base e below.
     ln2 = _ln2(ACC)
@@ -603,7 +693,8 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
 def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R, C, S,
                stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-               LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
+               LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr,
+               SPATIAL: tl.constexpr):
     """Tiles pid, pid + nprog, ... in order; the program's sums go to ``part_ptr`` (float64).
 
     Layout of a partial row: ``[B, sum (CE - H), sum H, sum V, n_invalid]``, then with LOCAL_CLASSES
@@ -612,7 +703,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
     LOCAL_CLASSES one atomic per class a program, else one a row): integer sums are exact in any
     order, and the partials stay five numbers wide.
     """
-    num_tiles = tl.cdiv(R, BLOCK_R)
+    num_tiles = _num_tiles(R, S, BLOCK_R, SPATIAL)
     acc_b = tl.zeros([], tl.float64)
     acc_inv = tl.zeros([], tl.float64)
     acc_d = tl.zeros([], tl.float64)  # sum (CE - H)
@@ -625,7 +716,7 @@ def _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, pid, nprog, R
         b, inv, d, h, v, hist, ceh, cv = _tile_stats(
             x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_n, stride_c, stride_s,
             ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES,
-            PER_CLASS, ATOMIC_HIST)
+            PER_CLASS, ATOMIC_HIST, SPATIAL)
         acc_b += b.to(tl.float64)
         acc_inv += inv.to(tl.float64)
         acc_d += d.to(tl.float64)
@@ -667,7 +758,8 @@ def _rows_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, R, C, S, st
                  LOCAL_CLASSES: tl.constexpr, PER_CLASS: tl.constexpr, ATOMIC_HIST: tl.constexpr):
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, hist_ptr, tl.program_id(0),
                tl.num_programs(0), R, C, S, stride_n, stride_c, stride_s, ignore_index, t_eps,
-               t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST)
+               t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L, LOCAL_CLASSES, PER_CLASS, ATOMIC_HIST,
+               False)
 
 
 @triton.jit
@@ -975,7 +1067,7 @@ def _fused_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, st0_ptr, st1_ptr, st2
     """The whole forward of a batch that fits one program: rows, summary, finalize, one launch."""
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, sum_ptr, sum_ptr, 0, 1, R, C, S, stride_n,
                stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R, BLOCK_C, BLOCK_L,
-               LOCAL_CLASSES, PER_CLASS, False)
+               LOCAL_CLASSES, PER_CLASS, False, False)
     tl.debug_barrier()  # the summary and row statistics written above are read below
     coef, is_nan = _finalize_body(sum_ptr, sum_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr,
                                   loss_ptr, stats_ptr, gi_ptr, sum_ptr, 0, C, K, kind, hp0, hp1,
@@ -991,7 +1083,7 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
                     stride_s, ignore_index, kind, hp0: tl.float64, hp1: tl.float64,
                     t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64, update_state,
                     reduction, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, SPATIAL: tl.constexpr):
     """The forward of one temperature (MiT, TET) and C <= 1024 in one launch of many programs.
 
     Each program writes its partial sums and counts its classes into ``ibuf[IBUF_HIST:]``
@@ -1009,7 +1101,7 @@ def _forward_kernel(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr, sum_ptr,
     nprog = tl.num_programs(0)
     _rows_body(x_ptr, tg_ptr, tau_ptr, rs_ptr, part_ptr, ibuf_ptr + HIST_OFFSET, pid, nprog, R,
                C, S, stride_n, stride_c, stride_s, ignore_index, t_eps, t_min, t_max, BLOCK_R,
-               BLOCK_C, 0, True, False, True)
+               BLOCK_C, 0, True, False, True, SPATIAL)
     tl.debug_barrier()  # every thread's partials and counts are issued before the ticket
     ticket = tl.atomic_add(ibuf_ptr, 1, sem="acq_rel")
     tl.debug_barrier()
@@ -1043,12 +1135,12 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
                      R, C, S, K, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                      ignore_index, t_eps: tl.float64, t_min: tl.float64, t_max: tl.float64,
                      write_grad_tau, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     PER_CLASS: tl.constexpr):
+                     PER_CLASS: tl.constexpr, SPATIAL: tl.constexpr):
     """dx = g row_scale / T (p (1 + c (log p + H)) - onehot(y)) (KERNEL_MATH s.3), one pass."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    y_safe, valid, invalid, in_range = _row_targets(tg_ptr, rows, R, C, ignore_index)
+    rows, in_range, n, pix = _tile_rows(pid, R, S, BLOCK_R, SPATIAL)
+    y_safe, valid, invalid = _targets_in(tg_ptr, rows, in_range, C, ignore_index)
     temp = _row_temperature(tau_ptr, y_safe, t_eps, t_min, t_max, ACC, PER_CLASS)
     rows64 = rows.to(tl.int64)
     row_max = tl.load(rs_ptr + rows64, mask=in_range, other=0.0)
@@ -1069,8 +1161,8 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     log_s2 = log_s * inv_ln2
     coef_a = scale * (1.0 + coef * ent)
     coef_b = scale * coef * ln2
-    base = _row_bases(rows, S, stride_n, stride_s)
-    dbase = _row_bases(rows, S, dstride_n, dstride_s)
+    base = _bases(n, pix, stride_n, stride_s)
+    dbase = _bases(n, pix, dstride_n, dstride_s)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cols64 = cols.to(tl.int64)
@@ -1146,8 +1238,14 @@ def _program_cap(device: torch.device) -> int:
     return _max_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _num_programs(cfg: RowConfig, rows: int, device: torch.device) -> int:
-    return max(1, min(triton.cdiv(rows, cfg.block_r), _program_cap(device)))
+def _tile_count(cfg: RowConfig, logits: Tensor, spatial: bool = False) -> int:
+    """As the kernels' _num_tiles: tiles of block_r rows, or of block_r pixels of one sample."""
+    n, _, s = logits.shape
+    return n * triton.cdiv(s, cfg.block_r) if spatial else triton.cdiv(n * s, cfg.block_r)
+
+
+def _num_programs(cfg: RowConfig, logits: Tensor, spatial: bool = False) -> int:
+    return max(1, min(_tile_count(cfg, logits, spatial), _program_cap(logits.device)))
 
 
 def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
@@ -1162,7 +1260,7 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     row_stats = torch.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
     width = summary_size(c, tau.shape[0])
     summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
-    nprog = _num_programs(cfg, rows, logits.device)
+    nprog = _num_programs(cfg, logits)
     counting = atomic_hist(per_class)
     part_width = width if cfg.local_classes and not counting else HEADER
     partials = torch.empty((nprog, part_width), dtype=torch.float64, device=logits.device)
@@ -1242,7 +1340,7 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     return loss, stats, grad_info
 
 
-def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
+def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype, spatial=False):
     """What a forward of one temperature whose programs count classes by integer atomics and
     take a ticket allocates: partials, ``ibuf = [ticket, 3 unused, hist[C]]`` (IBUF_HIST) zeroed
     in one memset, the summary, outputs."""
@@ -1250,7 +1348,7 @@ def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype):
     rows = n * s
     device = logits.device
     acc = _acc_dtype(logits.dtype)
-    nprog = _num_programs(cfg, rows, device)
+    nprog = _num_programs(cfg, logits, spatial)
     rs = torch.empty((ROW_STATS, rows), dtype=acc, device=device)
     partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
     ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)
@@ -1306,8 +1404,10 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     num_temperatures = tau.shape[0]
     if not _fits_one_program(cfg, rows):
         if num_temperatures == 1 and cfg.local_classes:
+            spatial = spatial_config(logits)
             return _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min,
-                                   t_max, ignore_index, reduction, update_state, loss_dtype, cfg)
+                                   t_max, ignore_index, reduction, update_state, loss_dtype,
+                                   spatial or cfg, spatial is not None)
         if num_temperatures == 1 and kind == KIND_MIT:
             return _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_max,
                                         ignore_index, reduction, update_state, loss_dtype, cfg)
@@ -1333,19 +1433,20 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
 
 
 def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_max, ignore_index,
-                    reduction, update_state, loss_dtype, cfg):
+                    reduction, update_state, loss_dtype, cfg, spatial):
     """loss_forward_ with one temperature and C <= 1024 in one launch of _forward_kernel (plus the
     zeroing of its counters, and the per-row loss of reduction='none')."""
     n, c, s = logits.shape
     rows = n * s
     nprog, rs, partials, ibuf, summary, loss, stats, grad_info = _forward_buffers(
-        logits, cfg, summary_size(c, 1), reduction, loss_dtype)
+        logits, cfg, summary_size(c, 1), reduction, loss_dtype, spatial)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
     _forward_kernel[(nprog,)](
         logits, targets, tau, rs, partials, ibuf, summary, *st, loss, stats, grad_info, rows, c, s,
         *logits.stride(), ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
-        int(bool(update_state)), reduction, **forward_constexprs(cfg), num_warps=cfg.num_warps)
+        int(bool(update_state)), reduction, **forward_constexprs(cfg, spatial),
+        num_warps=cfg.num_warps)
     if reduction == 0:
         _launch_none_loss(rs, grad_info, stats, loss)
     return loss, stats, rs, grad_info
@@ -1358,16 +1459,17 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tenso
     n, c, s = logits.shape
     rows = n * s
     num_temperatures = tau.shape[0]
-    cfg = row_config(c, logits.dtype)
+    spatial = spatial_config(logits, backward=True)
+    cfg = spatial or row_config(c, logits.dtype)
     grad_logits = torch.empty_like(logits)  # the logits' strides when dense (ops._grad_logits_like)
     grad_tau = torch.empty_like(tau)
     grad_loss = grad_loss.contiguous()
     g_stride = 1 if (reduction == 0 and grad_loss.dim() > 0) else 0
-    _backward_kernel[(max(1, triton.cdiv(rows, cfg.block_r)),)](
+    _backward_kernel[(max(1, _tile_count(cfg, logits, spatial is not None)),)](
         grad_loss, g_stride, logits, grad_logits, targets, tau, row_stats, grad_info, grad_tau,
         rows, c, s, num_temperatures, *logits.stride(), *grad_logits.stride(), ignore_index,
         t_eps, t_min, t_max, int(bool(compute_grad_tau) and reduction != 0),
-        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PER_CLASS=num_temperatures > 1,
+        **backward_constexprs(cfg, num_temperatures > 1, spatial is not None),
         num_warps=cfg.num_warps)
     if compute_grad_tau and reduction == 0:
         _grad_tau_none_kernel[(triton.cdiv(num_temperatures, GRAD_TAU_BLOCK_K),)](
@@ -1389,6 +1491,6 @@ KERNELS = {
     "_grad_tau_none_kernel": _grad_tau_none_kernel,
 }
 
-__all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig", "finalize_",
-           "launch_variants", "loss_backward", "loss_forward_", "row_config", "row_stats",
-           "row_table"]
+__all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig", "SPATIAL_TABLE",
+           "SPATIAL_TABLE_16", "finalize_", "launch_variants", "loss_backward", "loss_forward_",
+           "row_config", "row_stats", "row_table", "spatial_config", "spatial_table"]
