@@ -16,7 +16,8 @@ each one can be held against the bandwidth it could reach:
 
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
-``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time). Times:
+``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time), and for NCHW
+shapes with the row tiles in place of the ``SPATIAL_TABLE`` ones (``sweep.*.rowtiles``). Times:
 ``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes
 it too.
 
@@ -198,7 +199,22 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
     if with_ce:
         for what, fn in _ce_fns(case).items():
             add(what, fn, 3.0)
-    if sweep:
+    if sweep and case.spatial:
+        # NCHW logits: the SPATIAL tiles (the default where they cover C) against the row
+        # tiles, both ways timed in the same run
+        from mitkernels.triton import mit_loss as tk
+
+        if tk.spatial_config(case.x3) is not None:
+            kernels = _backends.get("triton", case.x.device)
+            saved_spatial = tk.spatial_config
+            try:
+                tk.spatial_config = lambda logits, backward=False: None
+                fwd, bwd, _ = _op_fns(kernels, case)
+                add("sweep.fwd.rowtiles", fwd, 1.0)
+                add("sweep.bwd.rowtiles", bwd, 2.0)
+            finally:
+                tk.spatial_config = saved_spatial
+    elif sweep:
         from mitkernels.triton import mit_loss as tk
 
         saved = tk.ROW_TABLE, tk.ROW_TABLE_16
