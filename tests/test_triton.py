@@ -163,15 +163,18 @@ def test_layouts_one_row_strided_spatial():
 
 
 @cpu_only
-@pytest.mark.parametrize("shape,dtype", [
-    ((2, 5, 23, 29), torch.float32), ((3, 2, 40, 40), torch.float32),
-    ((2, 3, 25, 44), torch.bfloat16), ((2, 8, 16, 80), torch.float16)],
-    ids=["fp32-C5", "fp32-C2", "bf16-C3", "fp16-C8"])
-def test_spatial_tiles(shape, dtype):
+@pytest.mark.parametrize("shape,dtype,forward_spatial", [
+    ((2, 5, 23, 29), torch.float32, True), ((3, 2, 40, 40), torch.float32, True),
+    ((3, 4, 32, 32), torch.float32, True), ((3, 5, 10, 20), torch.float32, False),
+    ((2, 3, 25, 44), torch.bfloat16, True), ((2, 8, 16, 80), torch.float16, True)],
+    ids=["fp32-C5", "fp32-C2", "fp32-whole", "fp32-bwd-only", "bf16-C3", "fp16-C8"])
+def test_spatial_tiles(shape, dtype, forward_spatial):
     """NCHW logits of a few classes take the SPATIAL tiles (tiles of one sample's neighbouring
-    pixels, the forward's 512 / 1024 pixels and the backward's 256): pixel counts that end each
-    sample in a partial tile (667, 1100, 1280) or fill it (1600), ignored pixels, every target
-    class, samples after the first (whose rows start at n S). MiT in each reduction, TET, and the
+    pixels, the forward's 512 / 1024 pixels and the backward's 256) where a sample fills half a
+    tile: pixel counts that end each sample in a partial tile (667, 1600, 1100 for the forward;
+    667, 1600, 1100 and 200 for the backward) or fill it (1024 in float32, 1280 for the fp16
+    backward), ignored pixels, every target class, samples after the first (whose rows start at
+    n S); at 200 pixels only the backward takes them. MiT in each reduction, TET, and the
     per-class backward of CCT-EAL (its forward takes the row tiles)."""
     kernels = _kernels()
     n, c = shape[:2]
@@ -180,9 +183,11 @@ def test_spatial_tiles(shape, dtype):
     targets = torch.randint(0, c, (n, *shape[2:]), generator=gen)
     targets[:, ::7, ::3] = -100
     view = logits.reshape(n, c, -1)
-    assert kernels.spatial_config(view) is not None
-    assert kernels.spatial_config(view).block_r < view.shape[2] * n
-    assert not kernels._fits_one_program(kernels.row_config(c, dtype), view.shape[0] * view.shape[2])
+    assert (kernels.spatial_config(view) is not None) == forward_spatial
+    assert kernels.spatial_config(view, backward=True) is not None
+    # too large for the one-program forward, which takes the row tiles
+    fused = kernels._fits_one_program(kernels.row_config(c, dtype), view.shape[0] * view.shape[2])
+    assert fused != forward_spatial
     if dtype.itemsize == 2:
         _assert_half_within_eager_error(logits, targets)
         return
@@ -204,6 +209,19 @@ def test_spatial_tiles(shape, dtype):
         loss.backward()
         outs.append(dict(loss=loss.detach(), grad=x.grad, grad_tau=tau_c.grad, ema=ema))
     _assert_outputs_close(outs[1], outs[0], dtype)
+
+
+@cpu_only
+def test_spatial_empty_batch():
+    """No sample (N = 0) of NCHW logits: the row tiles, whose mask (rows < R = 0) covers every
+    row; a SPATIAL tile would have masked only the pixels beyond S and read the empty tensors."""
+    x = torch.randn(0, 5, 40, 40, requires_grad=True)
+    targets = torch.randint(0, 5, (0, 40, 40))
+    assert _kernels().spatial_config(x.detach().reshape(0, 5, 1600), backward=True) is None
+    loss, stats = mitkernels.mit_loss(x, targets, _mit_state(5, 0.3, torch.float32),
+                                      backend="triton")
+    loss.backward()
+    assert float(loss) == 0.0 and x.grad.shape == x.shape
 
 
 @cpu_only

@@ -286,7 +286,12 @@ def test_sweep_matches_launcher_choice():
                 assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
                         cfg.num_warps) in swept
             # NCHW logits (SPATIAL tiles where the table covers C) and every other layout
-            x = torch.empty((2, c, 300), dtype=dtype, device="meta")
+            x = torch.empty((2, c, 1024), dtype=dtype, device="meta")
+            # a sample of fewer pixels than half a tile, or no sample: the row tiles
+            assert module.spatial_config(torch.empty((2, c, 7), dtype=dtype, device="meta")) \
+                is None
+            assert module.spatial_config(torch.empty((0, c, 1024), dtype=dtype,
+                                                     device="meta")) is None
             channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
             for logits in (x, channels_last):
                 spatial = module.spatial_config(logits)

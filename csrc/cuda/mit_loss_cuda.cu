@@ -1,11 +1,11 @@
 // CUDA kernels of the MiT loss family. No torch headers: plain pointers, sizes, strides and a
 // stream; csrc/cuda/mit_loss_cuda.cpp is the torch glue and declares the launchers below.
 //
-// Layout of the work (KERNEL_MATH s.5):
+// Layout of the work (its memory traffic: KERNEL_MATH s.5):
 //   row_stats     one warp per row, one read of the logits (16-byte packets where the row is
 //                 contiguous); lanes keep their own max and merge in a fixed shuffle tree
-//                 (mitk::acc_merge). One thread per row where the classes are strided
-//                 ([N, C, H, W]) or few (thread_rows).
+//                 (mitk::acc_merge). One thread per row where the classes are few, or
+//                 strided ([N, C, H, W]) and at most 256 (thread_rows).
 //   summary       fixed-size row chunks; block trees in a fixed order, chunk partials combined
 //                 in chunk order. The class histogram counts a chunk in shared memory, then
 //                 adds whole numbers by double atomics, which are exact (so order-free) below
@@ -310,11 +310,31 @@ struct OnlineRow {
 // the Triton step, whose backward is this kernel, took 0.879 ms against 0.206 ms for
 // F.cross_entropy, GPU_RUNS session 9). A thread a row reads neighbouring pixels in neighbouring
 // threads: each class is one coalesced load a warp. Rows of a few classes (the 2-to-8-class
-// medical case) also go a thread a row rather than leave 24-30 of 32 lanes idle.
+// medical case) also go a thread a row rather than leave 24-30 of 32 lanes idle. A thread walks
+// its row's classes one after another, so strided rows of many classes keep the warp: a
+// [B, V, T] language-model batch (V = 32000 classes T apart, B T rows) would give each of a few
+// thousand threads 32000 dependent loads.
 constexpr int64_t kThreadRowMaxClasses = 8;
+constexpr int64_t kThreadRowMaxStridedClasses = 256;
 __host__ __device__ inline bool thread_rows(const RowArgs& a) {
-  return a.sc != 1 || a.C <= kThreadRowMaxClasses;
+  return a.C <= kThreadRowMaxClasses || (a.sc != 1 && a.C <= kThreadRowMaxStridedClasses);
 }
+
+// Calls f(j, x_j) for j in [0, C) in order, for a row that one thread walks: kLoads loads
+// issued before the first of them is used (one load a step left one load in flight a thread).
+template <int kLoads, typename scalar_t, typename F>
+__device__ __forceinline__ void thread_walk(const scalar_t* x, int64_t sc, int64_t C, F&& f) {
+  int64_t j = 0;
+  for (; j + kLoads <= C; j += kLoads) {
+    scalar_t v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) v[u] = x[(j + u) * sc];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) f(j + u, v[u]);
+  }
+  for (; j < C; ++j) f(j, x[j * sc]);
+}
+constexpr int kThreadLoads = 4;
 
 // Row r is pixel sp of sample n; it starts at n stride_n + sp stride_s whatever the strides
 // (one division for the logits' offset and the gradient's).
@@ -408,7 +428,7 @@ row_stats_thread_kernel(RowArgs a) {
   const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
                                      a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
   OnlineRow<acc_t> acc{inv_t};
-  for (int64_t j = 0; j < a.C; ++j) acc.add(to_acc(x[j * a.sc]));
+  thread_walk<kThreadLoads>(x, a.sc, a.C, [&](int64_t, scalar_t v) { acc.add(to_acc(v)); });
   store_row_stats(rs, R, r,
                   row_finish<acc_t>(acc.m, inv_t, acc.s, acc.A, acc.Q, to_acc(x[y * a.sc])));
 }
@@ -715,10 +735,10 @@ __global__ void __launch_bounds__(kThreads) grad_thread_kernel(RowArgs a) {
   }
   const scalar_t* x = static_cast<const scalar_t*>(a.logits) + pos.offset(a.sn, a.ss);
   const GradRow<acc_t> row = grad_row<acc_t>(a, r, y);
-  for (int64_t j = 0; j < a.C; ++j) {
-    const acc_t v = row.folded(to_acc(x[j * a.sc]));
+  thread_walk<kThreadLoads>(x, a.sc, a.C, [&](int64_t j, scalar_t xj) {
+    const acc_t v = row.folded(to_acc(xj));
     g[j * a.gc] = from_acc<scalar_t>(j == y ? v - row.scale : v);
-  }
+  });
 }
 
 // dL/dtau: mean/sum g * grad_info[2 + k]; none: sum_r g_r (-1/T)((CE - H) + c V) T' in a fixed

@@ -206,14 +206,17 @@ def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
 
 def spatial_config(logits: Tensor, backward: bool = False) -> Optional[RowConfig]:
     """The SPATIAL_TABLE tile (the backward's, SPATIAL_BACKWARD_ROWS pixels) for ``[N, C, S]``
-    logits whose pixels lie at stride 1 and classes apart (NCHW), when one covers C; None for
-    every other layout (the row table's tiles)."""
+    logits whose pixels lie at stride 1 and classes apart (NCHW), when one covers C and a
+    sample's pixels fill at least half a tile (a tile never spans two samples: 7 x 7 pixels would
+    leave 90% of a 512-pixel tile masked); None for every other layout and for an empty batch
+    (the row table's tiles)."""
     n, c, s = logits.shape
-    if s < 2 or logits.stride(2) != 1 or logits.stride(1) == 1:
+    if n == 0 or s < 2 or logits.stride(2) != 1 or logits.stride(1) == 1:
         return None
     for cfg in spatial_table(logits.dtype):
         if c <= cfg.max_classes:
-            return spatial_backward(cfg) if backward else cfg
+            tile = spatial_backward(cfg) if backward else cfg
+            return tile if 2 * s >= tile.block_r else None
     return None
 
 
