@@ -852,7 +852,8 @@ def test_cuda_layouts_and_kinds():
 @pytest.mark.parametrize("num_classes,spatial,dtype,channels_last", [
     (5, (33, 31), torch.float32, False), (5, (33, 31), torch.float32, True),
     (2, (64, 64), torch.float64, False), (150, (9, 7), torch.float32, False),
-    (7, (16, 24), torch.bfloat16, False), (3, (40, 40), torch.float16, False)])
+    (7, (16, 24), torch.bfloat16, False), (3, (40, 40), torch.float16, False),
+    (300, (5, 6), torch.float32, False)])
 def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, spatial, dtype,
                                    channels_last):
     """[N, C, H, W] logits, whose classes lie H W apart, and few-class rows take the CUDA
@@ -860,7 +861,8 @@ def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, 
     eager Triton step's default backward; Triton's own backward too. With at most 8 classes in
     16 or 32 bits, Triton's kernels take tiles of one sample's pixels (SPATIAL_TABLE; 1023 and
     1600 pixels end a sample in a partial tile). Odd pixel counts (33 x 31), ignored pixels,
-    150 classes strided, channels-last (contiguous classes, 5 of them)."""
+    150 classes strided (a thread a row) and 300 (a warp a row, its strided loop),
+    channels-last (contiguous classes, 5 of them)."""
     if backend not in cuda_backends():
         pytest.skip(f"{backend} is not available here")
     if backward is None:
