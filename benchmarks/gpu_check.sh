@@ -30,6 +30,9 @@
 #   GPU_CHECK_RESULTS_ROOT   parent folder of the results folder (default benchmarks/results)
 #   GPU_CHECK_FUZZ_CASES=16  fuzz cases per backend
 #   GPU_CHECK_BENCH_ARGS     extra arguments for the benchmark (e.g. "--no-compile")
+#   GPU_CHECK_KERNELS_CAP_S  the kernels stage's cap in seconds (default 150)
+#   GPU_CHECK_TARBALL        also pack the results folder into this .tar.gz (for a machine that
+#                            hands back only a few files)
 #   PYTHON                   the interpreter (default: python, else python3)
 set -u -o pipefail
 
@@ -259,7 +262,7 @@ fi
 # interesting; the sanitizer gets what is left.
 stage env        45  env_stage
 stage build      240 build_stage
-stage kernels    150 kernels_stage
+stage kernels    "${GPU_CHECK_KERNELS_CAP_S:-150}" kernels_stage
 stage tests      150 tests_stage
 stage bench      300 bench_stage
 stage fuzz       45  fuzz_stage
@@ -279,4 +282,8 @@ fi
     printf '%s\n' "${SUMMARY[@]}"
 } | tee "$OUT/summary.txt"
 echo "results: $OUT"
+if [ -n "${GPU_CHECK_TARBALL:-}" ]; then
+    tar -czf "$GPU_CHECK_TARBALL" -C "$(dirname "$OUT")" "$(basename "$OUT")" &&
+        echo "packed: $GPU_CHECK_TARBALL"
+fi
 exit $FAILED

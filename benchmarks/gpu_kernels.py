@@ -17,7 +17,8 @@ each one can be held against the bandwidth it could reach:
 ``frac`` is the fraction of the copy's bandwidth each reaches for its own traffic. ``--sweep``
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
 ``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time), and for NCHW
-shapes with the row tiles in place of the ``SPATIAL_TABLE`` ones (``sweep.*.rowtiles``). Times:
+shapes with the row tiles in place of the ``SPATIAL_TABLE`` ones (``sweep.*.rowtiles``), and
+the forward with other caps on its grid (``sweep.fwd.p<programs an SM>``; 8 by default). Times:
 ``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes
 it too.
 
@@ -57,6 +58,8 @@ TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 # (else the row-block form).
 SWEEP_TILES = ((8192, 8, False), (16384, 8, True), (4096, 4, True), (4096, 8, True),
                (2048, 4, True))
+# Programs an SM for the forward's grid (mit_loss._max_programs: 8)
+SWEEP_PROGRAMS_PER_SM = (4, 16, 32)
 
 
 DEVICE = torch.device("cuda")
@@ -231,6 +234,21 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
                 add(f"sweep.bwd.{tag}", bwd, 2.0)
         finally:
             tk.ROW_TABLE, tk.ROW_TABLE_16 = saved
+    if sweep:
+        # The forward's grid: at most PROGRAMS_PER_SM programs an SM walk the tiles (8 by
+        # default, set for 8-warp programs); other caps, timed in the same run.
+        from mitkernels.triton import mit_loss as tk
+
+        kernels = _backends.get("triton", case.x.device)
+        saved_cap = tk._program_cap
+        default = saved_cap(case.x.device)
+        try:
+            for per_sm in SWEEP_PROGRAMS_PER_SM:
+                tk._program_cap = lambda device, k=per_sm: max(1, default * k // 8)
+                fwd, _, _ = _op_fns(kernels, case)
+                add(f"sweep.fwd.p{per_sm}", fwd, 1.0)
+        finally:
+            tk._program_cap = saved_cap
     for r in rows:
         if r.ms == r.ms and r.ms > 0:
             r.gbps = r.traffic * case.nbytes / r.ms / 1e6

@@ -43,7 +43,7 @@ def test_gpu_kernels_dry_run_with_overhead():
         assert row in log, (row, log[-3000:])
     # a segmentation shape (NxCxHxW): the ops on its [N, C, H W] view, cross-entropy on NCHW
     for row in (r"2x3x4x5\s+fp32\s+triton\.step", r"2x3x4x5\s+bf16\s+ce\.eager",
-                r"2x3x4x5\s+bf16\s+sweep\.fwd\.rowtiles"):
+                r"2x3x4x5\s+bf16\s+sweep\.fwd\.rowtiles", r"8x3\s+fp32\s+sweep\.fwd\.p16"):
         assert re.search(row, log), (row, log[-3000:])
 
 
