@@ -783,6 +783,48 @@ grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
 int64_t row_blocks(int64_t R) { return (R + kRowsPerBlock - 1) / kRowsPerBlock; }
 int64_t thread_row_blocks(int64_t R) { return (R + kThreads - 1) / kThreads; }
 
+// The row kernels of one pass, a warp a row and a thread a row, for launch_rows.
+struct RowStatsKernels {
+  template <typename T>
+  static void warp(dim3 grid, cudaStream_t s, const RowArgs& a) {
+    row_stats_kernel<T><<<grid, kWarp * kRowsPerBlock, 0, s>>>(a);
+  }
+  template <typename T>
+  static void thread(dim3 grid, cudaStream_t s, const RowArgs& a) {
+    row_stats_thread_kernel<T><<<grid, kThreads, 0, s>>>(a);
+  }
+};
+struct GradKernels {
+  template <typename T>
+  static void warp(dim3 grid, cudaStream_t s, const RowArgs& a) {
+    grad_kernel<T><<<grid, kWarp * kRowsPerBlock, 0, s>>>(a);
+  }
+  template <typename T>
+  static void thread(dim3 grid, cudaStream_t s, const RowArgs& a) {
+    grad_thread_kernel<T><<<grid, kThreads, 0, s>>>(a);
+  }
+};
+
+template <class Kernels, typename T>
+void launch_rows_as(const RowArgs& a, int64_t R, cudaStream_t s) {
+  if (thread_rows(a)) {
+    Kernels::template thread<T>(dim3(static_cast<unsigned>(thread_row_blocks(R))), s, a);
+  } else {
+    Kernels::template warp<T>(dim3(static_cast<unsigned>(row_blocks(R))), s, a);
+  }
+}
+
+// R > 0 rows of the logits' dtype: a thread a row where thread_rows says so, else a warp.
+template <class Kernels>
+void launch_rows(const RowArgs& a, int64_t R, cudaStream_t s) {
+  switch (a.dtype) {
+    case kF64: launch_rows_as<Kernels, double>(a, R, s); break;
+    case kF32: launch_rows_as<Kernels, float>(a, R, s); break;
+    case kBF16: launch_rows_as<Kernels, __nv_bfloat16>(a, R, s); break;
+    default: launch_rows_as<Kernels, __half>(a, R, s); break;
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -804,24 +846,7 @@ cudaError_t launch_row_stats(const RowArgs& a, double* summary, double* workspac
   cudaError_t err = cudaMemsetAsync(hist, 0, sizeof(double) * a.C, stream);
   if (err != cudaSuccess) return err;
   if (R > 0) {
-    if (thread_rows(a)) {
-      const dim3 grid(static_cast<unsigned>(thread_row_blocks(R)));
-      switch (a.dtype) {
-        case kF64: row_stats_thread_kernel<double><<<grid, kThreads, 0, stream>>>(a); break;
-        case kF32: row_stats_thread_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
-        case kBF16: row_stats_thread_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a); break;
-        default: row_stats_thread_kernel<__half><<<grid, kThreads, 0, stream>>>(a); break;
-      }
-    } else {
-      const dim3 grid(static_cast<unsigned>(row_blocks(R)));
-      const dim3 block(kWarp * kRowsPerBlock);
-      switch (a.dtype) {
-        case kF64: row_stats_kernel<double><<<grid, block, 0, stream>>>(a); break;
-        case kF32: row_stats_kernel<float><<<grid, block, 0, stream>>>(a); break;
-        case kBF16: row_stats_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
-        default: row_stats_kernel<__half><<<grid, block, 0, stream>>>(a); break;
-      }
-    }
+    launch_rows<RowStatsKernels>(a, R, stream);
     if (a.dtype == kF64) {
       summary_chunk_kernel<double><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
           a, header_part, hist, class_part);
@@ -856,24 +881,7 @@ cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_t
                             cudaStream_t stream) {
   const int64_t R = a.N * a.S;
   if (R > 0) {
-    if (thread_rows(a)) {
-      const dim3 grid(static_cast<unsigned>(thread_row_blocks(R)));
-      switch (a.dtype) {
-        case kF64: grad_thread_kernel<double><<<grid, kThreads, 0, stream>>>(a); break;
-        case kF32: grad_thread_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
-        case kBF16: grad_thread_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a); break;
-        default: grad_thread_kernel<__half><<<grid, kThreads, 0, stream>>>(a); break;
-      }
-    } else {
-      const dim3 grid(static_cast<unsigned>(row_blocks(R)));
-      const dim3 block(kWarp * kRowsPerBlock);
-      switch (a.dtype) {
-        case kF64: grad_kernel<double><<<grid, block, 0, stream>>>(a); break;
-        case kF32: grad_kernel<float><<<grid, block, 0, stream>>>(a); break;
-        case kBF16: grad_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(a); break;
-        default: grad_kernel<__half><<<grid, block, 0, stream>>>(a); break;
-      }
-    }
+    launch_rows<GradKernels>(a, R, stream);
   }
   if (compute_grad_tau) {
     if (a.dtype == kF64) {
