@@ -211,6 +211,35 @@ def test_spatial_tiles(shape, dtype, forward_spatial):
     _assert_outputs_close(outs[1], outs[0], dtype)
 
 
+def test_rows_beyond_32_bits_are_refused():
+    """2^31 rows (N x d1 x ..): the kernels index rows with 32 bits, so every launcher refuses
+    them with a clear error before it allocates or launches anything (expanded tensors: no
+    memory)."""
+    kernels = _kernels()
+    rows = kernels.MAX_ROWS + 1
+    x3 = torch.zeros(1, 2, 1).expand(rows, 2, 1)
+    targets = torch.zeros(1, dtype=torch.int64).expand(rows)
+    tau = torch.zeros(1)
+    state = _mit_buffers(2)
+    before = [t.clone() for t in state]
+    temp = (1e-6, 1e-3, 500.0)
+    msg = "the Triton kernels take at most 2147483647 rows"
+    with pytest.raises(ValueError, match=msg):
+        kernels.loss_forward_(x3, targets, tau, state, ops.KIND_MIT, [], *temp, -100, 1, True,
+                              torch.float32)
+    with pytest.raises(ValueError, match=msg):
+        kernels.row_stats(x3, targets, tau, *temp, -100)
+    with pytest.raises(ValueError, match=msg):
+        kernels.loss_backward(torch.ones(()), x3, targets, tau, torch.zeros(5, 1),
+                              torch.zeros(3), *temp, -100, 1, True)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+    # a pixel-major view of as many rows: the same
+    with pytest.raises(ValueError, match=msg):
+        kernels.loss_backward(torch.ones(()), torch.zeros(1, 2, 1).expand(2, 2, rows // 2 + 1),
+                              targets, tau, torch.zeros(5, 1), torch.zeros(3), *temp, -100, 1,
+                              True)
+
+
 @cpu_only
 def test_spatial_empty_batch():
     """No sample (N = 0) of NCHW logits: the row tiles, whose mask (rows < R = 0) covers every

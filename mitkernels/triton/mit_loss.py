@@ -1279,8 +1279,22 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     return row_stats, summary
 
 
+# The kernels index rows (and a row's classes) with 32-bit integers: element offsets are 64-bit,
+# so a batch may hold more than 2^31 logits, but not 2^31 rows.
+MAX_ROWS = 2**31 - 1
+
+
+def _check_rows(logits: Tensor) -> None:
+    n, c, s = logits.shape
+    if n * s > MAX_ROWS:
+        raise ValueError(
+            f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
+            "split the batch, or use backend='cuda' (64-bit row indices)")
+
+
 def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
               t_max: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    _check_rows(logits)
     return _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
 
 
@@ -1401,6 +1415,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
                   hparams: List[float], t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int, update_state: bool,
                   loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_rows(logits)
     n, c, s = logits.shape
     rows = n * s
     cfg = row_config(c, logits.dtype)
@@ -1459,6 +1474,7 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tenso
                   row_stats: Tensor, grad_info: Tensor, t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int,
                   compute_grad_tau: bool) -> Tuple[Tensor, Tensor]:
+    _check_rows(logits)
     n, c, s = logits.shape
     rows = n * s
     num_temperatures = tau.shape[0]
