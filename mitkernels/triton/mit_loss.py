@@ -1289,7 +1289,7 @@ def _check_rows(logits: Tensor) -> None:
     if n * s > MAX_ROWS:
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
-            "split the batch, or use backend='cuda' (64-bit row indices)")
+            "split the batch, or use backend='cuda' (its kernels index rows in 64 bits)")
 
 
 def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
