@@ -188,10 +188,23 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         rows.append(Row(shape, dtype_name, what, ms, traffic, note=note))
         return ms
 
+    def op_fns(kernels, *whats):
+        """_op_fns (whose setup runs a forward), or None with the failure on the rows whats."""
+        try:
+            return _op_fns(kernels, case)
+        except Exception as err:  # noqa: BLE001 - record and go on
+            for what in whats:
+                rows.append(Row(shape, dtype_name, what, float("nan"), 0.0,
+                                note=f"{type(err).__name__}: {err}"[:120]))
+            return None
+
     for backend in backends:
         if _backends.unavailable_reason(backend, case.x.device) is not None:
             continue
-        fwd, bwd, step = _op_fns(_backends.get(backend, case.x.device), case)
+        fns = op_fns(_backends.get(backend, case.x.device), f"{backend}.fwd")
+        if fns is None:
+            continue
+        fwd, bwd, step = fns
         add(f"{backend}.fwd", fwd, 1.0)
         add(f"{backend}.bwd", bwd, 2.0)
         add(f"{backend}.step", step, 3.0)
@@ -212,9 +225,10 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
             saved_spatial = tk.spatial_config
             try:
                 tk.spatial_config = lambda logits, backward=False: None
-                fwd, bwd, _ = _op_fns(kernels, case)
-                add("sweep.fwd.rowtiles", fwd, 1.0)
-                add("sweep.bwd.rowtiles", bwd, 2.0)
+                fns = op_fns(kernels, "sweep.fwd.rowtiles")
+                if fns is not None:
+                    add("sweep.fwd.rowtiles", fns[0], 1.0)
+                    add("sweep.bwd.rowtiles", fns[1], 2.0)
             finally:
                 tk.spatial_config = saved_spatial
     elif sweep:
@@ -228,10 +242,11 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
                 tk.ROW_TABLE, tk.ROW_TABLE_16 = saved[0][:-1] + wide, saved[1][:-1] + wide
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
-                fwd, bwd, _ = _op_fns(kernels, case)
                 tag = f"c{block_c}w{warps}" + ("l" if lanes else "")
-                add(f"sweep.fwd.{tag}", fwd, 1.0)
-                add(f"sweep.bwd.{tag}", bwd, 2.0)
+                fns = op_fns(kernels, f"sweep.fwd.{tag}")
+                if fns is not None:
+                    add(f"sweep.fwd.{tag}", fns[0], 1.0)
+                    add(f"sweep.bwd.{tag}", fns[1], 2.0)
         finally:
             tk.ROW_TABLE, tk.ROW_TABLE_16 = saved
     if sweep:
@@ -245,8 +260,9 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         try:
             for per_sm in SWEEP_PROGRAMS_PER_SM:
                 tk._program_cap = lambda device, k=per_sm: max(1, default * k // 8)
-                fwd, _, _ = _op_fns(kernels, case)
-                add(f"sweep.fwd.p{per_sm}", fwd, 1.0)
+                fns = op_fns(kernels, f"sweep.fwd.p{per_sm}")
+                if fns is not None:
+                    add(f"sweep.fwd.p{per_sm}", fns[0], 1.0)
         finally:
             tk._program_cap = saved_cap
     for r in rows:

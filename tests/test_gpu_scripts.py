@@ -30,11 +30,13 @@ def test_gpu_check_plan_names_every_stage():
 
 def test_gpu_kernels_dry_run_with_overhead():
     """Every row of the kernel table and of the host-time table, one call each, under Triton's
-    interpreter; a row that raises is printed as 'failed', which fails this test."""
+    interpreter; a row that raises is printed as 'failed' (host times) or as NaN with the error
+    (kernels), which fails this test. 2x3x32x64: NCHW beyond the one-program forward, so that
+    the SPATIAL forward, its row-tile sweep and the grid-cap sweep all launch."""
     pytest.importorskip("triton")
     pytest.importorskip("mitkernels._C")
     rc, log = _python(["-m", "benchmarks.gpu_kernels", "--dry-run", "--overhead", "--shapes",
-                       "8x3,2x3x16x32", "--dtypes", "fp32,bf16", "--sweep"],
+                       "8x3,2x3x32x64", "--dtypes", "fp32,bf16", "--sweep"],
                       env={"TRITON_INTERPRET": "1"})
     assert rc == 0, log[-3000:]
     assert "failed" not in log, log[-3000:]
@@ -42,9 +44,13 @@ def test_gpu_kernels_dry_run_with_overhead():
                 "triton backward alone 256x5", "triton.step", "torch.profiler"):
         assert row in log, (row, log[-3000:])
     # a segmentation shape (NxCxHxW): the ops on its [N, C, H W] view, cross-entropy on NCHW
-    for row in (r"2x3x16x32\s+fp32\s+triton\.step", r"2x3x16x32\s+bf16\s+ce\.eager",
-                r"2x3x16x32\s+bf16\s+sweep\.fwd\.rowtiles", r"8x3\s+fp32\s+sweep\.fwd\.p16"):
-        assert re.search(row, log), (row, log[-3000:])
+    for row in ("triton.step", "ce.eager", "sweep.fwd.rowtiles", "sweep.bwd.rowtiles",
+                "sweep.fwd.p16"):
+        for dtype in ("fp32", "bf16"):
+            # a time, not the NaN of a row that raised
+            pattern = r"2x3x32x64\s+" + dtype + r"\s+" + re.escape(row) + r"\s+\d+\.\d+"
+            assert re.search(pattern, log), (pattern, log[-3000:])
+    assert not re.search(r"\s(nan|NaN)\s", log) and "Error:" not in log, log[-3000:]
 
 
 def test_sanitizer_fuzz_on_cpu():

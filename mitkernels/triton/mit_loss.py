@@ -1279,8 +1279,8 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     return row_stats, summary
 
 
-# The kernels index rows (and a row's classes) with 32-bit integers: element offsets are 64-bit,
-# so a batch may hold more than 2^31 logits, but not 2^31 rows.
+# The kernels index rows with 32-bit integers: element offsets are 64-bit, so a batch may hold
+# more than 2^31 logits, but not 2^31 rows.
 MAX_ROWS = 2**31 - 1
 
 
@@ -1289,7 +1289,8 @@ def _check_rows(logits: Tensor) -> None:
     if n * s > MAX_ROWS:
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
-            "split the batch, or use backend='cuda' (its kernels index rows in 64 bits)")
+            "split the batch, or use backend='cuda' or 'cpu' (their kernels index rows in 64 "
+            "bits)")
 
 
 def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
