@@ -25,8 +25,10 @@ Kernels (all launches are asynchronous; nothing reads a tensor value on the host
 * ``_backward_kernel``: gradient of the logits; program 0 writes ``grad_tau`` for mean/sum.
 * ``_grad_tau_none_kernel``: ``grad_tau`` for ``reduction='none'`` (weighted row-stat sums).
 
-Every block size and warp count comes from the row tables (``row_table``, ``row_config``);
-``launch_variants`` lists every constexpr combination the launchers can pick
+Every block size and warp count comes from the row tables (``row_table``, ``row_config``) or,
+for NCHW logits of a few classes in ``_forward_kernel`` and ``_backward_kernel``, the pixel tiles
+(``spatial_table``, ``spatial_config``); ``launch_variants`` lists every constexpr combination
+the launchers can pick
 (``tests/test_triton_aot.py`` compiles exactly that list for sm_80 and sm_90).
 """
 from __future__ import annotations
