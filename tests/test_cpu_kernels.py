@@ -210,6 +210,38 @@ def test_invalid_targets_never_read():
     assert float(summary[4]) == 3.0 and float(summary[0]) == 3.0
 
 
+@pytest.mark.parametrize("n,c,s,k", [(20003, 5, 1, 1), (7, 3, 1501, 1), (9001, 70, 1, 1),
+                                      (9001, 6, 1, 6)],
+                         ids=["C5", "C3-spatial", "C70", "C6-per-class"])
+def test_summary_counts_and_sums(n, c, s, k):
+    """The summary against sums of the row statistics in float64: exact counts (the header's B
+    and invalid count, the class histogram), sums within float64 rounding, over several chunks
+    of rows ending in a partial group of ways, with ignored and invalid targets. C5 and the
+    spatial C3 count classes as integers, C70 and per-class temperatures in float64."""
+    g = torch.Generator().manual_seed(n + c)
+    logits = torch.randn(n, c, s, generator=g)
+    targets = torch.randint(0, c, (n * s,), generator=g)
+    targets[::13] = -100
+    targets[5::97] = c + 2  # invalid
+    tau = torch.linspace(0.1, 0.5, k)
+    temp = MIT_TEMP if k == 1 else CCT_TEMP
+    rs, summary = OPS.row_stats(logits, targets, tau, *temp, -100)
+    valid = (targets >= 0) & (targets < c)
+    rsd = rs.double()
+    assert float(summary[0]) == float(valid.sum())
+    assert float(summary[4]) == float(((targets != -100) & ~valid).sum())
+    hist = torch.bincount(targets[valid], minlength=c).double()
+    assert torch.equal(summary[5:5 + c], hist)
+    for i, row in ((1, 3), (2, 1), (3, 2)):  # sum (CE - H), sum H, sum V
+        want = float(rsd[row][valid].sum())
+        assert float(summary[i]) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    if k > 1:
+        y = targets[valid]
+        for off, row in ((5 + c, 3), (5 + 2 * c, 2)):
+            want = torch.zeros(c, dtype=torch.float64).index_add_(0, y, rsd[row][valid])
+            torch.testing.assert_close(summary[off:off + c], want, rtol=1e-12, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reduced precision: within the error of eager PyTorch in the same dtype.
 # ----------------------------------------------------------------------------------------------
