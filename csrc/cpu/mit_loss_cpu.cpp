@@ -96,10 +96,31 @@ struct ReducedVecIO {
     at::vec::load_to_float(p, out);
     return out;
   }
+  // The first n < W values, the rest 0.
   static Vec load(const scalar_t* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // In registers: the pairs by a masked load (no byte past p[n - 1] is read), an odd last
+    // value into its lane. Converting into a stack buffer read back as one vector failed the
+    // store-to-load forward: 16% of the bf16 backward's time at C = 7 (perf annotate).
+    const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3);
+    const __m128i pairs = _mm_set1_epi32(static_cast<int>(n / 2));
+    __m128i h = _mm_maskload_epi32(reinterpret_cast<const int*>(p),
+                                   _mm_cmpgt_epi32(pairs, lanes));
+    if (n % 2 != 0) {
+      uint16_t last;
+      std::memcpy(&last, p + n - 1, sizeof(last));
+      h = _mm_or_si128(h, _mm_and_si128(_mm_set1_epi32(last), _mm_cmpeq_epi32(pairs, lanes)));
+    }
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    } else {
+      return Vec(_mm256_cvtph_ps(h));
+    }
+#else
     float tmp[Vec::size()] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
     return Vec::loadu(tmp);
+#endif
   }
   static void store(scalar_t* p, const Vec& v) {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
