@@ -125,8 +125,24 @@ struct ReducedVecIO {
   static void store(scalar_t* p, const Vec& v) {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
   }
+  // The first n < W values of v.
   static void store(scalar_t* p, const Vec& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // By pairs with a masked store (no byte past p[n - 1] is written) and an odd last value:
+    // at::vec's partial store calls memcpy with the count.
+    const __m256i both = at::vec::convert_from_float<scalar_t>(v, v);
+    const __m128i h = _mm256_castsi256_si128(both);
+    const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3);
+    _mm_maskstore_epi32(reinterpret_cast<int*>(p),
+                        _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n / 2)), lanes), h);
+    if (n % 2 != 0) {
+      alignas(16) uint16_t bits[Vec::size()];
+      _mm_store_si128(reinterpret_cast<__m128i*>(bits), h);
+      std::memcpy(p + n - 1, bits + n - 1, sizeof(uint16_t));
+    }
+#else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+#endif
   }
   // One conversion fills a reduced vector (2 W elements): store() converts W of them and drops
   // the rest, which made the bf16 backward twice as slow an element as the fp32 one.
