@@ -178,6 +178,13 @@ __device__ __forceinline__ double temperature_at(const void* tau, bool tau64, in
   return t;
 }
 
+// 1 / T of a valid row whose target is y (that class's temperature when K = C), in acc_t.
+template <typename acc_t>
+__device__ __forceinline__ acc_t row_inv_temperature(const RowArgs& a, int64_t y) {
+  return acc_t(1) / static_cast<acc_t>(temperature_at(a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps,
+                                                      a.t_min, a.t_max));
+}
+
 // Fixed-order block sum (tree over shared memory); every thread gets the result.
 template <typename T>
 __device__ T block_sum(T v, T* smem) {
@@ -361,8 +368,7 @@ row_stats_kernel(RowArgs a) {
     return;
   }
   const scalar_t* x = static_cast<const scalar_t*>(a.logits) + RowPos(r, a.S).offset(a.sn, a.ss);
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
-                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t inv_t = row_inv_temperature<acc_t>(a, y);
   OnlineRow<acc_t> acc{inv_t};
   const auto add = [&](int64_t, acc_t xj) {
     acc.add(xj);
@@ -425,8 +431,7 @@ row_stats_thread_kernel(RowArgs a) {
     return;
   }
   const scalar_t* x = static_cast<const scalar_t*>(a.logits) + RowPos(r, a.S).offset(a.sn, a.ss);
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
-                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t inv_t = row_inv_temperature<acc_t>(a, y);
   OnlineRow<acc_t> acc{inv_t};
   thread_walk<kThreadLoads>(x, a.sc, a.C, [&](int64_t, scalar_t v) { acc.add(to_acc(v)); });
   store_row_stats(rs, R, r,
@@ -670,8 +675,7 @@ __device__ __forceinline__ GradRow<acc_t> grad_row(const RowArgs& a, int64_t r, 
   const acc_t* gi = static_cast<const acc_t*>(a.grad_info);
   const acc_t* rs = static_cast<const acc_t*>(a.row_stats);
   const acc_t* gl = static_cast<const acc_t*>(a.grad_loss);
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature_at(
-                                     a.tau, a.tau64, a.K == 1 ? 0 : y, a.t_eps, a.t_min, a.t_max));
+  const acc_t inv_t = row_inv_temperature<acc_t>(a, y);
   const acc_t c = gi[0];
   const acc_t ln2 = acc_t(0.693147180559945309417232121458176568);
   GradRow<acc_t> g;
