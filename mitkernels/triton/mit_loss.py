@@ -410,10 +410,17 @@ def _bases(n, pix, stride_n, stride_s):
 
 
 @triton.jit
-def _row_bases(rows, S, stride_n, stride_s):
-    # rows < 2^31: the division stays 32-bit (a 64-bit one is a subroutine call)
+def _sample_pixel(rows, S):
+    """Row = n S + pixel: (n, pixel). rows < 2^31: the division stays 32-bit (a 64-bit one is a
+    subroutine call)."""
     n = rows // S
-    return _bases(n, rows - n * S, stride_n, stride_s)
+    return n, rows - n * S
+
+
+@triton.jit
+def _row_bases(rows, S, stride_n, stride_s):
+    n, pix = _sample_pixel(rows, S)
+    return _bases(n, pix, stride_n, stride_s)
 
 
 @triton.jit
@@ -442,8 +449,7 @@ def _tile_rows(tile, R, S, BLOCK_R: tl.constexpr, SPATIAL: tl.constexpr):
     else:
         rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
         in_range = rows < R
-        n = rows // S
-        pix = rows - n * S
+        n, pix = _sample_pixel(rows, S)
     return rows, in_range, n, pix
 
 
