@@ -17,6 +17,9 @@ import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+# The Triton kernels index rows (N x d1 x ..) with 32-bit integers (element offsets are 64-bit:
+# a batch may hold more than 2^31 logits, not 2^31 rows); the C++ kernels index them in 64 bits.
+TRITON_MAX_ROWS = 2**31 - 1
 
 
 class BackendUnavailableError(RuntimeError):
@@ -132,6 +135,19 @@ def choose(requested: Optional[str], device: torch.device) -> str:
         if unavailable_reason(candidate, device) is None:
             return candidate
     return "reference"
+
+
+def choose_for_rows(requested: Optional[str], device: torch.device, rows) -> str:
+    """``choose``, and for a batch of more rows (``N x d1 x ..``) than the Triton kernels index
+    (``TRITON_MAX_ROWS``) the ``cuda`` backend in place of an automatic ``triton``: its
+    kernels index rows in 64 bits. A backend asked for by name is kept (Triton's launchers then
+    refuse the batch, naming the way out)."""
+    name = choose(requested, device)
+    if name == "triton" and rows > TRITON_MAX_ROWS and not (
+            requested or os.environ.get("MITKERNELS_BACKEND")) and \
+            unavailable_reason("cuda", device) is None:
+        return "cuda"
+    return name
 
 
 def get(name: str, device: torch.device):

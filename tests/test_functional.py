@@ -155,6 +155,34 @@ def test_forced_backend_that_cannot_run_is_a_clear_error(monkeypatch):
         mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3))
 
 
+def test_auto_choice_takes_cuda_beyond_tritons_rows(monkeypatch):
+    """On CUDA tensors the automatic choice is Triton, whose kernels count rows (N x d1 x ..) in
+    32 bits: a batch of more rows goes to the cuda backend (64-bit rows) where it is built. A
+    backend asked for by name, or by MITKERNELS_BACKEND, is kept (Triton's launchers then refuse
+    the batch with a clear error: test_triton.py). Expanded targets: no memory."""
+    from mitkernels import _backends, functional
+
+    monkeypatch.delenv("MITKERNELS_BACKEND", raising=False)
+    here = {"triton", "cuda"}
+    monkeypatch.setattr(_backends, "unavailable_reason",
+                        lambda name, device: None if name in here else "not built")
+    most = _backends.TRITON_MAX_ROWS
+
+    def choice(shape, requested=None):
+        targets = torch.zeros((1,) * len(shape), dtype=torch.int64).expand(shape)
+        return functional._backend_for(requested, torch.device("cuda"), None, targets, 2, -100)
+
+    assert choice((most,)) == "triton"
+    assert choice((most + 1,)) == "cuda"
+    assert choice((2, 1024, most // 2048 + 1)) == "cuda"  # segmentation: N x H x W rows
+    assert choice((most + 1,), requested="triton") == "triton"
+    monkeypatch.setenv("MITKERNELS_BACKEND", "triton")
+    assert choice((most + 1,)) == "triton"
+    monkeypatch.delenv("MITKERNELS_BACKEND")
+    here.discard("cuda")  # no CUDA kernels in the extension: Triton's clear error, not a switch
+    assert choice((most + 1,)) == "triton"
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_state_of_the_wrong_dtype_is_refused_by_every_backend(backend):
     """State tensors are updated in place, so they are never converted: each backend refuses

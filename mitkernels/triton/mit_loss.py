@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Absolute: tests/test_triton_aot.py loads this file on its own, outside the package.
+from mitkernels._backends import TRITON_MAX_ROWS
 from mitkernels.ops import KIND_MIT, ROW_STATS_FIELDS, STATS_FIELDS, summary_size
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
@@ -1287,9 +1288,7 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     return row_stats, summary
 
 
-# The kernels index rows with 32-bit integers: element offsets are 64-bit, so a batch may hold
-# more than 2^31 logits, but not 2^31 rows.
-MAX_ROWS = 2**31 - 1
+MAX_ROWS = TRITON_MAX_ROWS  # rows are 32-bit indices here (mitkernels/_backends.py)
 
 
 def _check_rows(logits: Tensor) -> None:
@@ -1298,7 +1297,7 @@ def _check_rows(logits: Tensor) -> None:
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
             "split the batch, or use backend='cuda' or 'cpu' (their kernels index rows in 64 "
-            "bits)")
+            "bits; the automatic choice takes 'cuda' there when it is built)")
 
 
 def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
