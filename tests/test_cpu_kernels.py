@@ -341,6 +341,33 @@ def test_reduced_precision_exp_across_the_shift_range(dtype):
     torch.testing.assert_close(out["loss"].double(), torch.logsumexp(x, 1), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("spatial", [False, True])
+def test_row_log_s_within_float_rounding(spatial):
+    """log s of a float row, the float kernels' own log (mit_loss_cpu.cpp, log_normal), against
+    float64's: rows of k zero logits and C - k masked ones (-inf) have s = k exactly (e^0 = 1,
+    the masked terms exactly 0), for k from 1 to C = 4099 (every binade up to 2^12 and the
+    mantissas between). At most 1.15 ulp of float32 (the log checked on every normal float:
+    1.144), for the row kernels and, as NCHW, the spatial lanes; 0 for k = 1."""
+    c = 4099
+    ks = torch.unique(torch.cat([torch.arange(1, 130), torch.tensor([c]),
+                                 torch.randint(1, c, (200,), generator=torch.Generator().manual_seed(3)),
+                                 2 ** torch.arange(13) - 1, 2 ** torch.arange(13) + 1]).clamp(1, c))
+    logits = torch.where(torch.arange(c)[None, :] < ks[:, None], 0.0, -math.inf)
+    if spatial:  # [1, C, rows]: the rows are pixels, the lanes path
+        x3 = logits.t().contiguous().unsqueeze(0)
+    else:
+        x3 = logits.unsqueeze(-1)
+    targets = torch.zeros(len(ks), dtype=torch.long)
+    tau = torch.zeros(1)
+    row_stats, _ = OPS.row_stats(x3, targets, tau, *MIT_TEMP, -100)
+    got = row_stats[4].double()
+    want = torch.log(ks.double())
+    ulp = torch.nextafter(want.float(), torch.tensor(math.inf)).double() - want.float().double()
+    err = ((got - want).abs() / ulp)
+    assert got[ks == 1].eq(0).all()
+    assert err.max() <= 1.15, (ks[err.argmax()], err.max())
+
+
 # ----------------------------------------------------------------------------------------------
 # TET and CCT-EAL against the reference.
 # ----------------------------------------------------------------------------------------------
@@ -626,6 +653,8 @@ for n, c in ((3, 2), (5, 37), (2, 4099)):
     t.compare_mit(x.t().contiguous().t(), y)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     t.test_reduced_precision_within_eager_error(dtype, 4, 1000)
+for spatial in (False, True):  # the log's portable branch
+    t.test_row_log_s_within_float_rounding(spatial)
 for dtype in (torch.float32, torch.float64):  # the spatial lanes and the exp's portable branch
     t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 17, (4, 5), 17, t.MEAN)
     t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 5, (3, 11), 5, t.NONE)
