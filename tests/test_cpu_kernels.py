@@ -579,6 +579,63 @@ def test_spatial_lanes_are_bitwise_equal_to_rows(dtype, c, spatial, k, reduction
     assert torch.isnan(outs[0]["row_stats"]).any()  # the NaN row went through
 
 
+def _layouts_of_rows(x):
+    """[N, C, S] tensors holding x's values in layouts whose neighbouring rows are a stride apart
+    (1, C, 2C, ..): (name, logits)."""
+    n, c, s = x.shape
+    wide = torch.zeros(n, 2 * c, s, dtype=x.dtype)
+    wide[:, :c] = x
+    return [
+        ("contiguous", x),  # [N, C] rows (S = 1) or NCHW pixels
+        ("classes_last", x.transpose(1, 2).contiguous().transpose(1, 2)),  # NHWC pixels, rows
+        ("columns_of_wider", wide[:, :c]),  # gradient contiguous, logits rows 2C apart
+        ("transposed", x.permute(2, 1, 0).contiguous().permute(2, 1, 0)),  # samples innermost
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("c", [2, 3, 7, 8, 9, 48, 49])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_lanes_of_any_layout_are_bitwise_equal_to_rows(dtype, c, spatial):
+    """Every layout whose rows go through the lanes (W rows to a vector: contiguous, or gathered
+    a class at a time where the rows are strided) gives each row the bits the row kernels give
+    it. A call of 3 rows always takes the row kernels (no group of W rows fits): the batch is
+    checked against itself split that way, row by row, for the row statistics, the per-row loss
+    and the gradient under per-row incoming gradients, with ignored rows, masked (-inf) classes,
+    +0 / -0, a NaN row and per-class temperatures."""
+    g = torch.Generator().manual_seed(7 * c + spatial)
+    rows = 45
+    n, s = (1, rows) if spatial else (rows, 1)
+    flat = (torch.randn(rows, c, generator=g) * 3).to(dtype)  # row r's classes
+    flat[1::5, 0] = -math.inf  # a masked class
+    flat[4] = torch.tensor([(-1.0) ** k * 0.0 for k in range(c)]).to(dtype)  # +0, -0
+    flat[9, -1] = math.nan
+    x = flat.reshape(n, s, c).permute(0, 2, 1).contiguous()  # [N, C, S]
+    targets = torch.randint(0, c, (rows,), generator=g)
+    targets[::6] = -100
+    targets[1::5] = torch.randint(1, c, (len(targets[1::5]),), generator=g)  # never the -inf one
+    targets[9] = 0
+    tau = torch.linspace(-0.4, 0.8, c)
+    grad_loss = torch.linspace(0.5, 1.5, rows).to(torch.float64 if dtype == torch.float64
+                                                    else torch.float32)
+
+    def step(logits, ys, gl):  # MiT's step with a temperature a class (the op takes it)
+        return ops_step(0, logits, ys, tau, mit_state(c), reduction=NONE, update_state=False,
+                        grad_loss=gl)
+
+    for name, logits in _layouts_of_rows(x):
+        assert _same_bits(logits.contiguous(), x), name
+        whole = step(logits, targets, grad_loss)
+        parts = [step(logits[..., r:r + 3] if spatial else logits[r:r + 3], targets[r:r + 3],
+                      grad_loss[r:r + 3]) for r in range(0, rows, 3)]
+        rs = torch.cat([p["row_stats"] for p in parts], 1)
+        assert _same_bits(whole["row_stats"], rs), name
+        assert _same_bits(whole["loss"], torch.cat([p["loss"] for p in parts])), name
+        grad = torch.cat([p["grad"] for p in parts], 2 if spatial else 0)
+        assert _same_bits(whole["grad"].contiguous(), grad.contiguous()), name
+        assert torch.isnan(whole["row_stats"][:, 9]).any(), name
+
+
 # ----------------------------------------------------------------------------------------------
 # opcheck of each mitkernels_C op (the Meta kernels in csrc/ops.cpp make them traceable).
 # ----------------------------------------------------------------------------------------------
@@ -653,8 +710,10 @@ for n, c in ((3, 2), (5, 37), (2, 4099)):
     t.compare_mit(x.t().contiguous().t(), y)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     t.test_reduced_precision_within_eager_error(dtype, 4, 1000)
-for spatial in (False, True):  # the log's portable branch
+for spatial in (False, True):  # the log's and the strided lanes' portable branches
     t.test_row_log_s_within_float_rounding(spatial)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        t.test_lanes_of_any_layout_are_bitwise_equal_to_rows(dtype, 7, spatial)
 for dtype in (torch.float32, torch.float64):  # the spatial lanes and the exp's portable branch
     t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 17, (4, 5), 17, t.MEAN)
     t.test_spatial_lanes_are_bitwise_equal_to_rows(dtype, 5, (3, 11), 5, t.NONE)
