@@ -1157,38 +1157,43 @@ void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t 
   // order, whatever the threads.
   constexpr int64_t kSumWays = 4, kSumCountClasses = 64;
   const bool count_ints = !per_class && C <= kSumCountClasses;
+  const acc_t* const quantity[3] = {rs + kRowCEH * R, rs + kRowH * R, rs + kRowV * R};
   auto add_rows = [&](int64_t b, int64_t e, double* acc) {
-    double part[kSumWays][3] = {};
-    int64_t valid[kSumWays] = {}, invalid = 0;
-    int64_t counts[kSumWays][kSumCountClasses];
-    if (count_ints) std::fill(&counts[0][0], &counts[0][0] + kSumWays * kSumCountClasses, 0);
-    for (int64_t r0 = b; r0 < e; r0 += kSumWays) {
-      for (int64_t w = 0; w < kSumWays && r0 + w < e; ++w) {
-        const int64_t r = r0 + w;
-        const int64_t y = target_at(a, r);
-        if (target_valid(y, C, a.ignore_index)) {
-          const double ceh = rs[kRowCEH * R + r], h = rs[kRowH * R + r], v = rs[kRowV * R + r];
-          valid[w] += 1;
-          part[w][0] += ceh;
-          part[w][1] += h;
-          part[w][2] += v;
-          if (count_ints) {
-            counts[w][y] += 1;
-          } else {
-            acc[5 + y] += 1.0;
-          }
-          if (per_class) {
-            acc[5 + C + y] += ceh;
-            acc[5 + 2 * C + y] += v;
-          }
-        } else if (y != a.ignore_index) {
-          invalid += 1;
+    // The statistics of a row that is not valid are +0 (the row kernels store zeros), so the
+    // sums take every row, branch-free (the compiler vectorizes the ways): the same additions,
+    // in the same order, as taking the valid rows only (adding +0 to a sum that starts at +0
+    // changes no bit).
+    double part[3][kSumWays] = {};
+    for (int q = 0; q < 3; ++q) {
+      const acc_t* v = quantity[q];
+      int64_t r0 = b;
+      for (; r0 + kSumWays <= e; r0 += kSumWays) {
+        for (int64_t w = 0; w < kSumWays; ++w) part[q][w] += static_cast<double>(v[r0 + w]);
+      }
+      for (int64_t w = 0; r0 + w < e; ++w) part[q][w] += static_cast<double>(v[r0 + w]);
+    }
+    int64_t valid = 0, invalid = 0;
+    // a way's counts, and a column past the classes for the rows that are not valid
+    int64_t counts[kSumWays][kSumCountClasses + 1];
+    if (count_ints) std::fill(&counts[0][0], &counts[0][0] + kSumWays * (kSumCountClasses + 1), 0);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t y = target_at(a, r);
+      const bool ok = target_valid(y, C, a.ignore_index);
+      valid += ok;
+      invalid += !ok && y != a.ignore_index;
+      if (count_ints) {
+        counts[(r - b) % kSumWays][ok ? y : kSumCountClasses] += 1;
+      } else if (ok) {
+        acc[5 + y] += 1.0;
+        if (per_class) {
+          acc[5 + C + y] += rs[kRowCEH * R + r];
+          acc[5 + 2 * C + y] += rs[kRowV * R + r];
         }
       }
     }
+    acc[0] += static_cast<double>(valid);
     for (int64_t w = 0; w < kSumWays; ++w) {
-      acc[0] += static_cast<double>(valid[w]);
-      for (int q = 0; q < 3; ++q) acc[1 + q] += part[w][q];
+      for (int q = 0; q < 3; ++q) acc[1 + q] += part[q][w];
       if (count_ints) {
         for (int64_t k = 0; k < C; ++k) acc[5 + k] += static_cast<double>(counts[w][k]);
       }
