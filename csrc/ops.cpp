@@ -170,11 +170,14 @@ pybind11::dict build_info() {
   d["cuda_archs"] = split_archs(MITKERNELS_CUDA_ARCHS);
   d["torch_version"] = std::string(MITKERNELS_TORCH_VERSION);
   d["cpu_kernels"] = std::string(mitk::cpu::kernel_isa());
+  std::vector<std::string> compiled{"default"};
 #ifdef MITK_HAVE_CPU_AVX2
-  d["cpu_kernels_compiled"] = std::vector<std::string>{"default", "avx2"};
-#else
-  d["cpu_kernels_compiled"] = std::vector<std::string>{"default"};
+  compiled.emplace_back("avx2");
 #endif
+#ifdef MITK_HAVE_CPU_AVX512
+  compiled.emplace_back("avx512");
+#endif
+  d["cpu_kernels_compiled"] = compiled;
 #ifdef _OPENMP
   d["openmp"] = true;
 #else
