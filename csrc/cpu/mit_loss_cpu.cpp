@@ -1,12 +1,14 @@
 // CPU kernels of the MiT loss family and their TORCH_LIBRARY_IMPL(mitkernels_C, CPU).
 //
-// This file is compiled twice:
+// This file is compiled three times:
 //   * as itself: the row kernels for the DEFAULT capability (at::vec's portable vectors), the
 //     torch glue (checks, parallel_for, summary, finalize) and the registration;
-//   * through a wrapper that setup.py generates with MITK_CPU_KERNELS_ONLY and the AVX2 target
-//     (CPU_CAPABILITY_AVX2): the same row kernels only, in namespace mitk::cpu::AVX2.
+//   * through wrappers that setup.py generates with MITK_CPU_KERNELS_ONLY and the AVX2 and
+//     AVX512 targets (CPU_CAPABILITY_AVX2 / _AVX512): the same row kernels only, in namespaces
+//     mitk::cpu::AVX2 and mitk::cpu::AVX512.
 // The glue picks the kernels at run time from the CPU's features (ATEN_CPU_CAPABILITY=default
-// forces the portable path, which the tests use). The kernel part includes no
+// forces the portable path and =avx2 caps it at AVX2, which the tests use). The kernel part
+// includes no
 // ATen tensor headers and defines no static data (see ATen's note "Do not compile initializers
 // with AVX").
 //
@@ -117,6 +119,14 @@ struct ReducedVecIO {
     } else {
       return Vec(_mm256_cvtph_ps(h));
     }
+#elif defined(CPU_CAPABILITY_AVX512)
+    // AVX512BW/VL: a masked load of the n values (nothing read past them), in registers.
+    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    } else {
+      return Vec(_mm512_cvtph_ps(h));
+    }
 #else
     float tmp[Vec::size()] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
@@ -141,6 +151,10 @@ struct ReducedVecIO {
       _mm_store_si128(reinterpret_cast<__m128i*>(bits), h);
       std::memcpy(p + n - 1, bits + n - 1, sizeof(uint16_t));
     }
+#elif defined(CPU_CAPABILITY_AVX512)
+    const __m512i both = at::vec::convert_from_float<scalar_t>(v, v);
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1u),
+                             _mm512_castsi512_si256(both));
 #else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
 #endif
@@ -186,6 +200,25 @@ struct StridedIO {
         return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
       } else {
         return Vec(_mm256_cvtph_ps(h));
+      }
+    }
+#elif defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return Vec(_mm512_set_ps(p[15 * step], p[14 * step], p[13 * step], p[12 * step],
+                               p[11 * step], p[10 * step], p[9 * step], p[8 * step],
+                               p[7 * step], p[6 * step], p[5 * step], p[4 * step],
+                               p[3 * step], p[2 * step], p[step], p[0]));
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      return Vec(_mm512_set_pd(p[7 * step], p[6 * step], p[5 * step], p[4 * step],
+                               p[3 * step], p[2 * step], p[step], p[0]));
+    } else {
+      const auto b = [&](int64_t i) { return static_cast<int16_t>(p[i * step].x); };
+      const __m256i h = _mm256_set_epi16(b(15), b(14), b(13), b(12), b(11), b(10), b(9), b(8),
+                                         b(7), b(6), b(5), b(4), b(3), b(2), b(1), b(0));
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      } else {
+        return Vec(_mm512_cvtph_ps(h));
       }
     }
 #else
@@ -244,6 +277,8 @@ struct ExpUnit<float> {
     // (bits(k) << 23) mod 2^32 = (127 + n) << 23, the float 2^n (1.5 * 2^23's bits shift out)
 #if defined(CPU_CAPABILITY_AVX2)
     const Vec two_n(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23)));
+#elif defined(CPU_CAPABILITY_AVX512)
+    const Vec two_n(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(k), 23)));
 #else
     const Vec two_n = at::vec::cast<float>(at::vec::cast<int32_t>(k) << Vectorized<int32_t>(23));
 #endif
@@ -275,6 +310,11 @@ inline Vectorized<float> log_normal(const Vectorized<float>& s) {
   const Vec e(_mm256_cvtepi32_ps(_mm256_srai_epi32(t, 23)));
   const Vec m(_mm256_castsi256_ps(_mm256_add_epi32(
       _mm256_and_si256(t, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(kSqrtHalfBits))));
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512i t = _mm512_sub_epi32(_mm512_castps_si512(s), _mm512_set1_epi32(kSqrtHalfBits));
+  const Vec e(_mm512_cvtepi32_ps(_mm512_srai_epi32(t, 23)));
+  const Vec m(_mm512_castsi512_ps(_mm512_add_epi32(
+      _mm512_and_si512(t, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(kSqrtHalfBits))));
 #else
   alignas(64) float lanes[Vec::size()], e_lanes[Vec::size()], m_lanes[Vec::size()];
   s.store(lanes);
