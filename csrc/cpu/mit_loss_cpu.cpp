@@ -603,11 +603,14 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
 // classes paid two passes, three horizontal sums and partial loads. Up to kGatherLaneClasses
 // classes: cpu_ops, one thread, 40000 x C, the forward in ns a logit, rows -> lanes: fp32 C = 2
 // 11.8 -> 3.4, 7 3.37 -> 1.42, 16 1.42 -> 0.86, 32 0.94 -> 0.69, 48 0.71 -> 0.69, 64 0.60 ->
-// 0.65; bf16 48 0.77 -> 0.68, 64 0.67 -> 0.64. The backward scatters its gradient a value at a
-// time: up to kGatherGradLaneClasses (fp32 C = 8 1.17 -> 0.96 and 12 0.95 -> 0.83, but 16
-// 0.64 -> 0.77; bf16 8 1.49 -> 1.28, 16 0.81 -> 1.01; fp64 7 3.12 -> 2.79, 12 2.16 -> 2.38).
+// 0.65; bf16 48 0.77 -> 0.68, 64 0.67 -> 0.64: 6 W classes (the AVX2 W = 8 floats). The
+// AVX-512 kernels (W = 16): fp32 48 0.91 -> 0.55, 64 0.70 -> 0.59, 96 0.53 -> 0.52, 128 0.47 ->
+// 0.50; fp64 96 1.51 -> 1.33, 128 1.34 -> 1.30, 200 1.19 -> 1.23. The backward scatters its
+// gradient a value at a time: up to kGatherGradLaneClasses (AVX2 fp32 C = 8 1.17 -> 0.96 and
+// 12 0.95 -> 0.83, but 16 0.64 -> 0.77; bf16 8 1.49 -> 1.28, 16 0.81 -> 1.01; fp64 7 3.12 ->
+// 2.79, 12 2.16 -> 2.38; AVX-512 fp32 8 1.05 -> 0.80, bf16 1.41 -> 0.97).
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kGatherLaneClasses = 48;
+constexpr int64_t kGatherLaneClasses = 6 * Vectorized<float>::size();
 constexpr int64_t kGatherGradLaneClasses = 8;
 
 template <typename scalar_t, bool kGathered>
