@@ -606,12 +606,14 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
 // 0.65; bf16 48 0.77 -> 0.68, 64 0.67 -> 0.64: 6 W classes (the AVX2 W = 8 floats). The
 // AVX-512 kernels (W = 16): fp32 48 0.91 -> 0.55, 64 0.70 -> 0.59, 96 0.53 -> 0.52, 128 0.47 ->
 // 0.50; fp64 96 1.51 -> 1.33, 128 1.34 -> 1.30, 200 1.19 -> 1.23. The backward scatters its
-// gradient a value at a time: up to kGatherGradLaneClasses (AVX2 fp32 C = 8 1.17 -> 0.96 and
-// 12 0.95 -> 0.83, but 16 0.64 -> 0.77; bf16 8 1.49 -> 1.28, 16 0.81 -> 1.01; fp64 7 3.12 ->
-// 2.79, 12 2.16 -> 2.38; AVX-512 fp32 8 1.05 -> 0.80, bf16 1.41 -> 0.97).
+// gradient a value at a time: up to kGatherGradLaneClasses. Rows -> lanes, backward: AVX2 fp32
+// C = 8 1.17 -> 0.96, 9 1.24 -> 0.90, 12 0.93 -> 0.81, but 16 0.63 -> 0.75; bf16 9 1.87 ->
+// 1.18, 12 1.26 -> 1.08, 16 0.79 -> 1.00; fp64 9 3.09 -> 2.60, 12 2.19 -> 2.39; AVX-512 fp32
+// 8 1.05 -> 0.80, 9 0.93 -> 0.80, 12 0.69 -> 0.72, 16 0.50 -> 0.66; bf16 9 1.24 -> 0.93, 12
+// 0.94 -> 0.86; fp64 12 1.66 -> 1.44. Rows whose classes fill whole vectors lose least.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kGatherLaneClasses = 6 * Vectorized<float>::size();
-constexpr int64_t kGatherGradLaneClasses = 8;
+constexpr int64_t kGatherGradLaneClasses = 12;
 
 template <typename scalar_t, bool kGathered>
 inline void stats_lanes(const RowArgs& a, int64_t r0, const scalar_t* x0, int64_t step) {
