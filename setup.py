@@ -11,9 +11,10 @@ Environment switches:
                                       auto, when torch has CUDA and nvcc is found)
 ``MITKERNELS_CPU_AVX2``               ``0`` skip the AVX2 CPU kernels (default: built on x86-64
                                       with GCC and picked at run time when the CPU has AVX2)
-``MITKERNELS_CPU_AVX512``             ``0`` skip the AVX-512 CPU kernels (default: built with the
-                                      AVX2 ones, picked at run time when the CPU has AVX-512
-                                      F/BW/VL/DQ, unless ``ATEN_CPU_CAPABILITY`` asks for less)
+``MITKERNELS_CPU_AVX512``             ``0`` skip the AVX-512 CPU kernels (default: built on x86-64
+                                      with GCC, whatever MITKERNELS_CPU_AVX2 says, and picked at
+                                      run time when the CPU has AVX-512 F/BW/VL/DQ, unless
+                                      ``ATEN_CPU_CAPABILITY`` asks for less)
 ``MITKERNELS_DEBUG``                  ``1`` build with -O0 -g
 ``MAX_JOBS``                          parallel compile jobs (torch's ninja build reads it)
 ``TORCH_CUDA_ARCH_LIST``              CUDA archs to compile, e.g. ``"8.0;9.0"`` (torch's rule)
@@ -160,8 +161,10 @@ def _cmdclass():
     class _Build(BuildExtension):
         """torch's ninja build, with each ISA's flags for its generated source only.
 
-        The ISA objects are compiled and linked after the others, so where both define the same
-        inline function the linker keeps the portable copy.
+        The ISA objects are compiled and linked after the others, AVX2 before AVX512
+        (ISA_FLAGS' order), so where several define the same inline function the linker keeps the
+        portable copy, or AVX2's where only the ISA objects define it (the AVX-512 kernels are
+        only picked on CPUs with AVX2).
         """
 
         def build_extension(self, ext):

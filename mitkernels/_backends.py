@@ -139,15 +139,21 @@ def choose(requested: Optional[str], device: torch.device) -> str:
 
 def choose_for_rows(requested: Optional[str], device: torch.device, rows) -> str:
     """``choose``, and for a batch of more rows (``N x d1 x ..``) than the Triton kernels index
-    (``TRITON_MAX_ROWS``) the ``cuda`` backend in place of an automatic ``triton``: its
-    kernels index rows in 64 bits. A backend asked for by name is kept (Triton's launchers then
-    refuse the batch, naming the way out)."""
+    (``TRITON_MAX_ROWS``) the ``cuda`` backend in place of an automatic ``triton``: its kernels
+    index rows in 64 bits. A backend asked for by name is kept (Triton's launchers then refuse
+    the batch, naming the way out). Under torch.compile the row count is a guard at most."""
     name = choose(requested, device)
-    if name == "triton" and rows > TRITON_MAX_ROWS and not (
-            requested or os.environ.get("MITKERNELS_BACKEND")) and \
-            unavailable_reason("cuda", device) is None:
+    if name == "triton" and rows > TRITON_MAX_ROWS and _cuda_takes_over(requested, device):
         return "cuda"
     return name
+
+
+@torch.compiler.assume_constant_result
+def _cuda_takes_over(requested: Optional[str], device: torch.device) -> bool:
+    # Whether the automatic choice may switch to cuda: constant for a compiled graph, like
+    # choose (its environment read and the extension's build_info do not trace).
+    return not (requested or os.environ.get("MITKERNELS_BACKEND")) and \
+        unavailable_reason("cuda", device) is None
 
 
 def get(name: str, device: torch.device):

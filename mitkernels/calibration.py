@@ -92,7 +92,7 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                          f"({ignore_index}); found {int(labels[bad][0])}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite")
-    name = _backends.choose(backend, logits.device)
+    name = _backends.choose_for_rows(backend, logits.device, logits.shape[0])
 
     def slope(u: float) -> Tuple[float, float]:
         return _slope_and_curvature(logits, labels, math.exp(u), name)

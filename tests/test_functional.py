@@ -183,6 +183,30 @@ def test_auto_choice_takes_cuda_beyond_tritons_rows(monkeypatch):
     assert choice((most + 1,)) == "triton"
 
 
+def test_auto_choice_by_rows_traces_in_one_graph(monkeypatch):
+    """Under torch.compile(fullgraph=True) the rows-aware choice is a constant for the graph
+    (the environment read and the extension's build info are not traced), the row count a
+    guard: one graph each side of the limit, dynamic shapes included."""
+    from mitkernels import _backends
+
+    monkeypatch.delenv("MITKERNELS_BACKEND", raising=False)
+
+    def reason(name, device):
+        torch._dynamo.graph_break()  # as the real one's pybind call (build_info) does to a trace
+        return None if name in ("triton", "cuda") else "not built"
+
+    monkeypatch.setattr(_backends, "unavailable_reason", reason)
+
+    def f(t, scale):
+        name = _backends.choose_for_rows(None, torch.device("cuda"), t.numel() * scale)
+        return t + (1 if name == "cuda" else 2)
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend="eager")
+    assert torch.equal(g(torch.zeros(4), 1), torch.full((4,), 2.0))
+    assert torch.equal(g(torch.zeros(5), 2**30), torch.full((5,), 1.0))
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_state_of_the_wrong_dtype_is_refused_by_every_backend(backend):
     """State tensors are updated in place, so they are never converted: each backend refuses

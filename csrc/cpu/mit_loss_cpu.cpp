@@ -321,7 +321,9 @@ inline Vectorized<float> log_normal(const Vectorized<float>& s) {
   for (int64_t i = 0; i < Vec::size(); ++i) {
     int32_t bits;
     std::memcpy(&bits, &lanes[i], sizeof(bits));
-    const int32_t t = bits - kSqrtHalfBits;
+    // in unsigned arithmetic: the lanes that are not normal floats (blended out below) may be
+    // negative, whose bits minus those of sqrt(1/2) would overflow an int32_t
+    const int32_t t = static_cast<int32_t>(static_cast<uint32_t>(bits) - kSqrtHalfBits);
     e_lanes[i] = static_cast<float>(t >> 23);  // arithmetic: e < 0 for s < sqrt(1/2)
     const int32_t m_bits = (t & 0x007fffff) + kSqrtHalfBits;
     std::memcpy(&m_lanes[i], &m_bits, sizeof(m_bits));
@@ -587,8 +589,9 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Spatial rows ([N, C, d1, ..] logits with spatial stride 1, as NCHW is): W consecutive rows of
-// one image are the W lanes of a vector and the classes are the loop, so every load is a
+// Lanes: W rows a vector. First for spatial rows ([N, C, d1, ..] logits with spatial stride 1,
+// as NCHW is): W consecutive rows of one image are the W lanes of a vector and the classes are
+// the loop, so every load is a
 // contiguous vector where a row alone gathered C scalars a plane apart and paid its horizontal
 // sums, partial loads and log for C = 2 .. 20 values.
 // A lane computes for its row what stats_row_contiguous computes, operation for operation and
