@@ -971,18 +971,19 @@ void grad_range(const RowArgs& a, int64_t begin, int64_t end) { grad_fn(a.dtype)
 namespace mitk {
 namespace cpu {
 
+// The entry points of an ISA's kernels (defined in setup.py's generated wrapper for it).
+#define MITK_CPU_ISA_ENTRY_POINTS(ISA)                                \
+  namespace ISA {                                                     \
+  void stats_range(const RowArgs& a, int64_t begin, int64_t end);     \
+  void grad_range(const RowArgs& a, int64_t begin, int64_t end);      \
+  }
 #ifdef MITK_HAVE_CPU_AVX2
-namespace AVX2 {
-void stats_range(const RowArgs& a, int64_t begin, int64_t end);
-void grad_range(const RowArgs& a, int64_t begin, int64_t end);
-}  // namespace AVX2
+MITK_CPU_ISA_ENTRY_POINTS(AVX2)
 #endif
 #ifdef MITK_HAVE_CPU_AVX512
-namespace AVX512 {
-void stats_range(const RowArgs& a, int64_t begin, int64_t end);
-void grad_range(const RowArgs& a, int64_t begin, int64_t end);
-}  // namespace AVX512
+MITK_CPU_ISA_ENTRY_POINTS(AVX512)
 #endif
+#undef MITK_CPU_ISA_ENTRY_POINTS
 
 namespace {
 
