@@ -8,9 +8,8 @@
 //     mitk::cpu::AVX2 and mitk::cpu::AVX512.
 // The glue picks the kernels at run time from the CPU's features (ATEN_CPU_CAPABILITY=default
 // forces the portable path and =avx2 caps it at AVX2, which the tests use). The kernel part
-// includes no
-// ATen tensor headers and defines no static data (see ATen's note "Do not compile initializers
-// with AVX").
+// includes no ATen tensor headers and defines no static data (see ATen's note "Do not compile
+// initializers with AVX").
 //
 // Kernel part: pure functions over row ranges [begin, end) of the canonical [N, C, S] logits.
 // Every row gets the same operations whatever range or thread it falls in (a spatial row may go
@@ -591,9 +590,8 @@ inline RowSums<typename VecIO<scalar_t>::acc_t> stats_row_contiguous(
 // ---------------------------------------------------------------------------------------------
 // Lanes: W rows a vector. First for spatial rows ([N, C, d1, ..] logits with spatial stride 1,
 // as NCHW is): W consecutive rows of one image are the W lanes of a vector and the classes are
-// the loop, so every load is a
-// contiguous vector where a row alone gathered C scalars a plane apart and paid its horizontal
-// sums, partial loads and log for C = 2 .. 20 values.
+// the loop, so every load is a contiguous vector where a row alone gathered C scalars a plane
+// apart and paid its horizontal sums, partial loads and log for C = 2 .. 20 values.
 // A lane computes for its row what stats_row_contiguous computes, operation for operation and
 // in the same order, so the two paths give the same bits (the tests compare layouts bitwise):
 // there, lane i of block b holds classes 2Wb + i and 2Wb + W + i (acc_add2 from a zero block
