@@ -787,34 +787,29 @@ grad_tau_kernel(RowArgs a, int reduction, void* grad_tau) {
 int64_t row_blocks(int64_t R) { return (R + kRowsPerBlock - 1) / kRowsPerBlock; }
 int64_t thread_row_blocks(int64_t R) { return (R + kThreads - 1) / kThreads; }
 
-// The row kernels of one pass, a warp a row and a thread a row, for launch_rows.
+// The row kernels of one pass, a warp a row and a thread a row, for launch_rows (which holds
+// their launch shapes).
 struct RowStatsKernels {
   template <typename T>
-  static void warp(dim3 grid, cudaStream_t s, const RowArgs& a) {
-    row_stats_kernel<T><<<grid, kWarp * kRowsPerBlock, 0, s>>>(a);
-  }
+  static auto warp() { return &row_stats_kernel<T>; }
   template <typename T>
-  static void thread(dim3 grid, cudaStream_t s, const RowArgs& a) {
-    row_stats_thread_kernel<T><<<grid, kThreads, 0, s>>>(a);
-  }
+  static auto thread() { return &row_stats_thread_kernel<T>; }
 };
 struct GradKernels {
   template <typename T>
-  static void warp(dim3 grid, cudaStream_t s, const RowArgs& a) {
-    grad_kernel<T><<<grid, kWarp * kRowsPerBlock, 0, s>>>(a);
-  }
+  static auto warp() { return &grad_kernel<T>; }
   template <typename T>
-  static void thread(dim3 grid, cudaStream_t s, const RowArgs& a) {
-    grad_thread_kernel<T><<<grid, kThreads, 0, s>>>(a);
-  }
+  static auto thread() { return &grad_thread_kernel<T>; }
 };
 
 template <class Kernels, typename T>
 void launch_rows_as(const RowArgs& a, int64_t R, cudaStream_t s) {
   if (thread_rows(a)) {
-    Kernels::template thread<T>(dim3(static_cast<unsigned>(thread_row_blocks(R))), s, a);
+    const auto kernel = Kernels::template thread<T>();
+    kernel<<<static_cast<unsigned>(thread_row_blocks(R)), kThreads, 0, s>>>(a);
   } else {
-    Kernels::template warp<T>(dim3(static_cast<unsigned>(row_blocks(R))), s, a);
+    const auto kernel = Kernels::template warp<T>();
+    kernel<<<static_cast<unsigned>(row_blocks(R)), kWarp * kRowsPerBlock, 0, s>>>(a);
   }
 }
 
