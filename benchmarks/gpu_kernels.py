@@ -18,9 +18,9 @@ each one can be held against the bandwidth it could reach:
 retimes the Triton forward and backward kernels for other tiles of the large-C row of
 ``ROW_TABLE`` and ``ROW_TABLE_16`` (the launchers read the tables at call time), and for NCHW
 shapes with the row tiles in place of the ``SPATIAL_TABLE`` ones (``sweep.*.rowtiles``), and
-the forward with other caps on its grid (``sweep.fwd.p<programs an SM>``; 8 by default). Times:
-``triton.testing.do_bench`` medians (L2 flushed between calls). Prints a table; ``--csv`` writes
-it too.
+the forward with other caps on its grid (``sweep.fwd.p<programs an SM>``; the table's
+``RowConfig.programs_per_sm`` by default). Times: ``triton.testing.do_bench`` medians (L2
+flushed between calls). Prints a table; ``--csv`` writes it too.
 
 ``--overhead``: host time per call of small steps (``launch_overhead``), where the GPU waits on
 the CPU: a Triton launch, allocations, each backend's ops, whole training steps at 256x5 (eager,
@@ -58,8 +58,9 @@ TEMP = (reference.MIT_T_EPS, reference.MIT_T_MIN, reference.MIT_T_MAX)
 # (else the row-block form).
 SWEEP_TILES = ((8192, 8, False), (16384, 8, True), (4096, 4, True), (4096, 8, True),
                (2048, 4, True))
-# Programs an SM for the forward's grid (mit_loss._max_programs: 8)
-SWEEP_PROGRAMS_PER_SM = (4, 16, 32)
+# Programs an SM for the forward's grid (RowConfig.programs_per_sm: 8, or 16 for 16-bit wide
+# rows), each in place of the table's
+SWEEP_PROGRAMS_PER_SM = (4, 8, 16, 32)
 
 
 DEVICE = torch.device("cuda")
@@ -250,16 +251,16 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         finally:
             tk.ROW_TABLE, tk.ROW_TABLE_16 = saved
     if sweep:
-        # The forward's grid: at most PROGRAMS_PER_SM programs an SM walk the tiles (8 by
-        # default, set for 8-warp programs); other caps, timed in the same run.
+        # The forward's grid: at most RowConfig.programs_per_sm programs an SM walk the tiles
+        # (8, 16 for the 16-bit wide rows); other caps in place of the table's, timed in the
+        # same run.
         from mitkernels.triton import mit_loss as tk
 
         kernels = _backends.get("triton", case.x.device)
         saved_cap = tk._program_cap
-        default = saved_cap(case.x.device)
         try:
             for per_sm in SWEEP_PROGRAMS_PER_SM:
-                tk._program_cap = lambda device, k=per_sm: max(1, default * k // 8)
+                tk._program_cap = lambda device, _=None, k=per_sm: saved_cap(device, k)
                 fns = op_fns(kernels, f"sweep.fwd.p{per_sm}")
                 if fns is not None:
                     add(f"sweep.fwd.p{per_sm}", fns[0], 1.0)

@@ -76,6 +76,8 @@ class RowConfig:
     block_r: int
     num_warps: int
     lanes: bool = False
+    # The forward's grid: at most this many programs an SM walk the tiles (_program_cap).
+    programs_per_sm: int = 8
 
     def __post_init__(self):
         if self.lanes and (self.block_r != 1 or self.local_classes):
@@ -125,7 +127,13 @@ ROW_TABLE = (
 # registers there: one program an SM) and 65% / 32% for the row-block 8192 x 8; 4096 x 8 warps
 # 68% / 52%, 2048 x 4 61% / 29%. The commit before, with a column's accumulators at 16384 x 8,
 # ran at 62% / 50% in that call (head_kernels2.log). Its backward is level (93%, 0.548 ms).
-ROW_TABLE_16 = ROW_TABLE[:-1] + (RowConfig(None, 4096, 1, 4, lanes=True),)
+# Its forward's grid: 16 programs an SM, not 8. These 4-warp programs take about 128 registers
+# a thread (4 resident an SM); with twice the programs each walks half the rows, and the last
+# ones to finish hold the GPU for less. On an H200 (gpu-nvidia-h200-20261127-072255,
+# sweep.fwd.p*) the bf16 forward took 0.311 ms at 8192 x 65536 against 0.347 at 8 an SM (82% /
+# 73% of the copy), 0.178 against 0.200 at 8192 x 32768; 32 an SM was level with 16, 4 with 8.
+# The float32 row (8 warps) gained nothing from 16 there (0.4985 against 0.4991 ms).
+ROW_TABLE_16 = ROW_TABLE[:-1] + (RowConfig(None, 4096, 1, 4, lanes=True, programs_per_sm=16),)
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
     RowConfig(2, 2, 128, 4),
@@ -1238,16 +1246,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def _max_programs(device_index: Optional[int]) -> int:
+def _max_programs(device_index: Optional[int], per_sm: int) -> int:
     if device_index is None:  # the interpreter on CPU: a few programs exercise the partials
         return 4
-    return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _program_cap(device: torch.device) -> int:
+def _program_cap(device: torch.device, per_sm: int = 8) -> int:
     if device.type != "cuda":
-        return _max_programs(None)
-    return _max_programs(device.index if device.index is not None else torch.cuda.current_device())
+        return _max_programs(None, per_sm)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _max_programs(index, per_sm)
 
 
 def _tile_count(cfg: RowConfig, logits: Tensor, spatial: bool = False) -> int:
@@ -1257,7 +1266,8 @@ def _tile_count(cfg: RowConfig, logits: Tensor, spatial: bool = False) -> int:
 
 
 def _num_programs(cfg: RowConfig, logits: Tensor, spatial: bool = False) -> int:
-    return max(1, min(_tile_count(cfg, logits, spatial), _program_cap(logits.device)))
+    return max(1, min(_tile_count(cfg, logits, spatial),
+                      _program_cap(logits.device, cfg.programs_per_sm)))
 
 
 def _fits_one_program(cfg: RowConfig, rows: int) -> bool:
