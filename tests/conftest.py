@@ -81,6 +81,30 @@ def mit_cases(draw, max_rows=40, max_classes=70):
             reduction, tau0)
 
 
+def views_past_32_bits(dtype, generator, device="cpu"):
+    """Logits whose elements lie 2^31 and 2^32 elements apart and more: strided views into one
+    storage of 2^32 + 4096 elements, of which only the viewed elements are written. On the CPU
+    the storage's pages are never touched elsewhere, so it costs those elements' pages, not its
+    8 or 16 GB; on a GPU it is allocated whole. Yields (name, view):
+    - 32 rows 2^27 + 1 apart (the lanes take them, gathered; W = 16 puts the second group's
+      first row past 2^31);
+    - rows of 1000 classes 2^31 + 7 apart (the row kernels);
+    - NCHW logits whose class planes lie 2^31 + 1 apart (the spatial lanes, and the row kernels
+      at an odd S), and whose samples do."""
+    storage = torch.empty(2**32 + 4096, dtype=dtype, device=device)
+    cases = [("rows_lanes", (32, 5), (2**27 + 1, 1)),
+             ("rows_wide", (3, 1000), (2**31 + 7, 1)),
+             ("nchw_lanes", (2, 3, 40), (40, 2**31 + 1, 1)),
+             ("nchw_odd", (1, 3, 7), (7, 2**31 + 1, 1)),
+             ("nchw_samples", (2, 3, 40), (2**31 + 5, 40, 1))]
+    for name, size, stride in cases:
+        view = storage.as_strided(size, stride)
+        # the last element lies past 2^31: a 32-bit offset would wrap
+        assert sum((n - 1) * st for n, st in zip(size, stride)) >= 2**31
+        view.copy_((torch.randn(size, generator=generator) * 3).to(dtype))
+        yield name, view
+
+
 def check_golden_step(step, loss, stats, grad_logits, grad_tau, tol=1e-10):
     """One step of a published trajectory: loss, stats and both gradients within ``tol``."""
     assert float(loss.detach()) == pytest.approx(step["loss"], abs=tol)

@@ -14,6 +14,7 @@ import torch
 
 from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
+from conftest import views_past_32_bits
 
 pytestmark = pytest.mark.skipif(
     _backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
@@ -184,6 +185,28 @@ def test_update_state_false_keeps_state():
     logits = torch.randn(8, 4, dtype=torch.float64, generator=g)
     targets = torch.randint(0, 4, (8,), generator=g)
     compare_mit(logits, targets, update_state=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_offsets_past_32_bits(dtype):
+    # Element offsets are 64-bit (row * row stride, class * class stride, pixel): each view
+    # against the reference on the same values, dense and in float64.
+    g = torch.Generator().manual_seed(11)
+    for name, view in views_past_32_bits(dtype, g):
+        shape = (view.shape[0],) + tuple(view.shape[2:])
+        targets = torch.randint(0, view.shape[1], shape, generator=g)
+        targets.view(-1)[-1] = -100
+        tau = torch.tensor([0.3], dtype=torch.float64)
+        k = ops_step(0, view, targets, tau, mit_state(view.shape[1]))
+        r = ref_mit(view.double().contiguous(), targets, tau, mit_state(view.shape[1]))
+        tol = 1e-5 if dtype == torch.float32 else 1e-4  # float32 accumulation either way
+        assert_close(k["loss"], r["loss"], tol, f"{name}: loss")
+        # the gradient is stored in the logits' dtype: bf16 holds it to 2^-9 (a wrong read is
+        # off by the logits' whole scale)
+        assert_close(k["grad"], r["grad"], tol if dtype == torch.float32 else 8e-3,
+                     f"{name}: grad_logits")
+        assert_close(k["grad_tau"].reshape(()), r["grad_tau"].reshape(()), tol, f"{name}: grad_tau")
+        del view
 
 
 def test_invalid_targets_never_read():

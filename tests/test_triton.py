@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 import mitkernels  # noqa: E402
 from mitkernels import ops, reference  # noqa: E402
 from conftest import (ROOT, check_golden_step, cuda_backends, gpu_test,  # noqa: E402
-                      masked_class_logits)
+                      masked_class_logits, views_past_32_bits)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(
@@ -209,6 +209,42 @@ def test_spatial_tiles(shape, dtype, forward_spatial):
         loss.backward()
         outs.append(dict(loss=loss.detach(), grad=x.grad, grad_tau=tau_c.grad, ema=ema))
     _assert_outputs_close(outs[1], outs[0], dtype)
+
+
+def _check_offsets_past_32_bits(backend, dtype, device):
+    """Each of conftest.views_past_32_bits' views (elements 2^31 and 2^32 apart: rows, class
+    planes, samples) through ``mit_loss`` and its backward, read and written in place, against
+    the reference on a dense float64 copy of the same values: a 32-bit offset anywhere would
+    read another element (or fault)."""
+    g = torch.Generator().manual_seed(11)
+    for name, view in views_past_32_bits(dtype, g, device):
+        c = view.shape[1]
+        targets = torch.randint(0, c, (view.shape[0],) + tuple(view.shape[2:]), generator=g)
+        targets.view(-1)[-1] = -100
+        x = view.requires_grad_(True)
+        state = _mit_state(c, 0.3, torch.float32, device=device)
+        loss, stats = mitkernels.mit_loss(x, targets.to(device), state, backend=backend)
+        loss.backward()
+        ref_x = view.detach().cpu().double().requires_grad_(True)
+        ref_state = _mit_state(c, 0.3, torch.float64)
+        ref_loss, _ = mitkernels.mit_loss(ref_x, targets, ref_state, backend="reference")
+        ref_loss.backward()
+        # loss and gradient are stored in the logits' dtype (bf16: to 2^-9); a wrong read is
+        # off by the logits' whole scale
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert float(loss) == pytest.approx(float(ref_loss), rel=tol), name
+        assert float(state.tau.grad) == pytest.approx(float(ref_state.tau.grad), rel=1e-4), name
+        torch.testing.assert_close(x.grad.cpu().double(), ref_x.grad, atol=tol, rtol=tol,
+                                   msg=lambda m: f"{name}: {m}")
+        del x, view
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_offsets_past_32_bits(dtype):
+    """Under the interpreter the kernels read the CPU storage in place: only the viewed pages
+    are touched."""
+    _check_offsets_past_32_bits("triton", dtype, "cpu")
 
 
 def test_rows_beyond_32_bits_are_refused():
@@ -881,6 +917,24 @@ def test_cuda_layouts_and_kinds():
         loss.backward()
         outs.append(dict(loss=loss.detach(), grad=x.grad, grad_tau=t.grad, ema=ema))
     _assert_outputs_close(outs[1], outs[0], torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("backend,backward", [("triton", None), ("triton", "triton"),
+                                              ("cuda", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_offsets_past_32_bits(monkeypatch, backend, backward, dtype):
+    """The views past 2^31 elements on the GPU (a storage of 8 or 16 GB): every backend, and the
+    eager Triton step with each backward (by default its logits, a few elements, take the CUDA
+    backward)."""
+    if backend not in cuda_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    if torch.cuda.mem_get_info()[0] < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    if backward is not None:
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", backward)
+    _check_offsets_past_32_bits(backend, dtype, "cuda")
+    torch.cuda.empty_cache()
 
 
 @gpu_only
