@@ -128,11 +128,12 @@ ROW_TABLE = (
 # 68% / 52%, 2048 x 4 61% / 29%. The commit before, with a column's accumulators at 16384 x 8,
 # ran at 62% / 50% in that call (head_kernels2.log). Its backward is level (93%, 0.548 ms).
 # Its forward's grid: 16 programs an SM, not 8. These 4-warp programs take about 128 registers
-# a thread (4 resident an SM); with twice the programs each walks half the rows, and the last
-# ones to finish hold the GPU for less. On an H200 (gpu-nvidia-h200-20261127-072255,
-# sweep.fwd.p*) the bf16 forward took 0.311 ms at 8192 x 65536 against 0.347 at 8 an SM (82% /
-# 73% of the copy), 0.178 against 0.200 at 8192 x 32768; 32 an SM was level with 16, 4 with 8.
-# The float32 row (8 warps) gained nothing from 16 there (0.4985 against 0.4991 ms).
+# a thread (4 resident an SM); with twice the programs each walks half as many rows, which
+# should shorten the tail (why it is faster was not measured). On an H200
+# (gpu-nvidia-h200-20261127-072255, sweep.fwd.p*) the bf16 forward took 0.311 ms at
+# 8192 x 65536 against 0.347 at 8 an SM (82% / 73% of the copy), 0.178 against 0.200 at
+# 8192 x 32768; 32 an SM was level with 16, 4 with 8. The float32 row (8 warps) gained nothing
+# from 16 there (0.4985 against 0.4991 ms).
 ROW_TABLE_16 = ROW_TABLE[:-1] + (RowConfig(None, 4096, 1, 4, lanes=True, programs_per_sm=16),)
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
