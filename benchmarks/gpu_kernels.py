@@ -239,8 +239,11 @@ def run_case(case: Case, dtype_name: str, rep_ms: int, sweep: bool, with_ce: boo
         kernels = _backends.get("triton", case.x.device)
         try:
             for block_c, warps, lanes in SWEEP_TILES:
-                wide = (tk.RowConfig(None, block_c, 1, warps, lanes),)
-                tk.ROW_TABLE, tk.ROW_TABLE_16 = saved[0][:-1] + wide, saved[1][:-1] + wide
+                # each table's wide row with this tile, its grid cap kept (16-bit: 16 an SM)
+                tk.ROW_TABLE, tk.ROW_TABLE_16 = (
+                    table[:-1] + (dataclasses.replace(table[-1], block_c=block_c,
+                                                      num_warps=warps, lanes=lanes),)
+                    for table in saved)
                 if tk.row_config(case.c, case.dtype).max_classes is not None:
                     break  # C is not in the large-C row: the sweep does not apply
                 tag = f"c{block_c}w{warps}" + ("l" if lanes else "")

@@ -82,6 +82,8 @@ class RowConfig:
     def __post_init__(self):
         if self.lanes and (self.block_r != 1 or self.local_classes):
             raise ValueError("the per-thread form is for wide rows, one row a tile")
+        if self.programs_per_sm < 1:
+            raise ValueError(f"programs_per_sm must be at least 1, got {self.programs_per_sm}")
 
     def lane_width(self, dtype: torch.dtype) -> int:
         """Wide rows with ``lanes``: the column block as a [block_c / L, L] tile, L the columns
@@ -127,13 +129,16 @@ ROW_TABLE = (
 # registers there: one program an SM) and 65% / 32% for the row-block 8192 x 8; 4096 x 8 warps
 # 68% / 52%, 2048 x 4 61% / 29%. The commit before, with a column's accumulators at 16384 x 8,
 # ran at 62% / 50% in that call (head_kernels2.log). Its backward is level (93%, 0.548 ms).
-# Its forward's grid: 16 programs an SM, not 8. These 4-warp programs take about 128 registers
-# a thread (4 resident an SM); with twice the programs each walks half as many rows, which
-# should shorten the tail (why it is faster was not measured). On an H200
-# (gpu-nvidia-h200-20261127-072255, sweep.fwd.p*) the bf16 forward took 0.311 ms at
-# 8192 x 65536 against 0.347 at 8 an SM (82% / 73% of the copy), 0.178 against 0.200 at
-# 8192 x 32768; 32 an SM was level with 16, 4 with 8. The float32 row (8 warps) gained nothing
-# from 16 there (0.4985 against 0.4991 ms).
+# Its forward's grid: 16 programs an SM, not 8. These 4-warp programs take 108-127 registers a
+# thread (ptxas -v, tests/test_triton_aot.py's table; 4 resident an SM); with twice the
+# programs each walks half as many rows, which should shorten the tail (why it is faster was
+# not measured). On an H200 (gpu-nvidia-h200-20261127-073546, sweep.fwd.p*, bf16 forward, 8
+# against 16 an SM): 8192 x 65536 0.342 -> 0.309 ms (74% -> 82% of the copy), 8192 x 32768
+# 0.196 -> 0.177, 6144 x 65536 0.265 -> 0.240, 4096 x 32000 0.115 -> 0.108; 32 an SM was level
+# with 16, 4 no faster than 8. Measured in bf16 on one H200 only (fp16 and sm_80 follow
+# unmeasured). The float32 row (8 warps) keeps 8: level at 8192 x 65536 (0.4985 against 0.4991
+# ms, run 072255); at 6144 x 65536 16 an SM ran 8% ahead of a default row that was out of line
+# with that shape's other rows: to measure again.
 ROW_TABLE_16 = ROW_TABLE[:-1] + (RowConfig(None, 4096, 1, 4, lanes=True, programs_per_sm=16),)
 # float64 logits: half the rows (twice the registers per element).
 ROW_TABLE_FP64 = (
