@@ -281,7 +281,8 @@ def test_sweep_matches_launcher_choice():
     swept = {(name, dtype, tuple(sorted(ce.items())), warps)
              for name, dtype, ce, warps in module.launch_variants()}
     for dtype in TYPE_NAMES:
-        for c in (2, 3, 5, 8, 9, 100, 1000, 1024, 1025, 4099, 8192, 8193, 131072, 262144):
+        for c in (2, 3, 5, 8, 9, 16, 17, 100, 1000, 1024, 1025, 4099, 8192, 8193, 131072,
+                  262144):
             cfg = module.row_config(c, dtype)
             for per_class in (False, True):
                 ce = dict(module.rows_constexprs(cfg, per_class, dtype),
@@ -303,17 +304,20 @@ def test_sweep_matches_launcher_choice():
                                                      device="meta")) is None
             channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
             for logits in (x, channels_last):
+                # forward: 16 classes in float32, 8 in 16-bit; backward: 16 in both
+                nchw = logits is x and dtype != torch.float64
                 spatial = module.spatial_config(logits)
-                want = logits is x and c <= 8 and dtype != torch.float64
+                want = nchw and c <= (8 if dtype.itemsize == 2 else 16)
                 assert (spatial is not None) == want, (c, dtype, logits.stride())
-                tile = spatial or cfg
                 if spatial is not None:
-                    ce = module.forward_constexprs(tile, True)
+                    ce = module.forward_constexprs(spatial, True)
                     assert ("_forward_kernel", dtype, tuple(sorted(ce.items())),
-                            tile.num_warps) in swept
-                tile = module.spatial_config(logits, backward=True) or cfg
+                            spatial.num_warps) in swept
+                spatial_bwd = module.spatial_config(logits, backward=True)
+                assert (spatial_bwd is not None) == (nchw and c <= 16), (c, dtype)
+                tile = spatial_bwd or cfg
                 for per_class in (False, True):
-                    ce = module.backward_constexprs(tile, per_class, spatial is not None)
+                    ce = module.backward_constexprs(tile, per_class, spatial_bwd is not None)
                     assert ("_backward_kernel", dtype, tuple(sorted(ce.items())),
                             tile.num_warps) in swept
         for from_parts in (False, True):  # MiT's spread finalize, both sources of its header

@@ -167,9 +167,21 @@ ROW_TABLE_FP64 = (
 # for each of its pixels: at 1024 16-bit pixels a tile ptxas took up to 241 registers and
 # spilled; it takes tiles of SPATIAL_BACKWARD_ROWS (45-128 registers), elementwise work with no
 # row reduction.
-SPATIAL_TABLE = (RowConfig(2, 2, 512, 4), RowConfig(4, 4, 512, 4), RowConfig(8, 8, 512, 4))
+# Up to 16 classes (segmentation's 9-16 organs or classes), by the sm_90 SASS (Triton 3.9, the
+# cubins a launch builds): the float32 forward's tile loop at 512 x 16 takes 13.7
+# warp-instructions a pixel and 18 barriers for 512 pixels, the row tile (32 x 16, warps across
+# the classes) 98.0 and 26 for 32; 139 registers, no spill (on sm_80 with S not a multiple of
+# 16: 168 registers and one value spilled, reloaded once a tile). The backward at 256 x 16
+# (either dtype) 12-13 against 67-69 on the path a program runs, 121-137 registers. The 16-bit
+# forward keeps the row tiles past 8 classes: 16 bytes of pixels a thread at 16 classes took 255
+# registers and spilled (1024 pixels), or split the classes over two warps with 64 barriers a
+# tile (512 pixels); SPATIAL_BACKWARD_TABLE_16 covers its backward. Not yet timed on a GPU
+# (`gpu_kernels --sweep` times them against the row tiles: sweep.*.rowtiles).
+SPATIAL_TABLE = (RowConfig(2, 2, 512, 4), RowConfig(4, 4, 512, 4), RowConfig(8, 8, 512, 4),
+                 RowConfig(16, 16, 512, 4))
 SPATIAL_TABLE_16 = (RowConfig(2, 2, 1024, 4), RowConfig(4, 4, 1024, 4), RowConfig(8, 8, 1024, 4))
 SPATIAL_BACKWARD_ROWS = 256
+SPATIAL_BACKWARD_TABLE_16 = SPATIAL_TABLE_16 + (RowConfig(16, 16, SPATIAL_BACKWARD_ROWS, 4),)
 # Forward + finalize in one launch (one program) when the batch holds at most this many padded
 # logits: C <= 8 up to 1024 rows, C = 2 up to 4096 rows.
 FUSED_MAX_ELEMENTS = 8192
@@ -207,10 +219,14 @@ def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
     return ROW_TABLE_16 if dtype.itemsize == 2 else ROW_TABLE
 
 
-def spatial_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
+def spatial_table(dtype: torch.dtype, backward: bool = False) -> Tuple[RowConfig, ...]:
+    """The SPATIAL tiles of the forward (or of the backward, which replaces block_r with
+    SPATIAL_BACKWARD_ROWS) for logits of ``dtype``."""
     if dtype == torch.float64:
         return ()
-    return SPATIAL_TABLE_16 if dtype.itemsize == 2 else SPATIAL_TABLE
+    if dtype.itemsize == 2:
+        return SPATIAL_BACKWARD_TABLE_16 if backward else SPATIAL_TABLE_16
+    return SPATIAL_TABLE
 
 
 def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
@@ -230,7 +246,7 @@ def spatial_config(logits: Tensor, backward: bool = False) -> Optional[RowConfig
     n, c, s = logits.shape
     if n == 0 or s < 2 or logits.stride(2) != 1 or logits.stride(1) == 1:
         return None
-    for cfg in spatial_table(logits.dtype):
+    for cfg in spatial_table(logits.dtype, backward):
         if c <= cfg.max_classes:
             tile = spatial_backward(cfg) if backward else cfg
             return tile if 2 * s >= tile.block_r else None
@@ -290,6 +306,7 @@ def launch_variants() -> Iterator[Tuple[str, torch.dtype, dict, int]]:
                 yield "_backward_kernel", dtype, backward_constexprs(cfg, per_class), cfg.num_warps
         for cfg in spatial_table(dtype):
             yield "_forward_kernel", dtype, forward_constexprs(cfg, True), cfg.num_warps
+        for cfg in spatial_table(dtype, backward=True):
             bwd = spatial_backward(cfg)
             for per_class in (False, True):
                 yield ("_backward_kernel", dtype, backward_constexprs(bwd, per_class, True),
