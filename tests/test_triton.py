@@ -175,8 +175,8 @@ def test_layouts_one_row_strided_spatial():
 def test_spatial_tiles(shape, dtype, forward_spatial):
     """NCHW logits of a few classes take the SPATIAL tiles (tiles of one sample's neighbouring
     pixels, the forward's 512 / 1024 pixels and the backward's 256) where a sample fills half a
-    tile: pixel counts that end each sample in a partial tile (667, 1600, 1100 for the forward;
-    667, 1600, 1100 and 200 for the backward) or fill it (1024 in float32, 1280 for the fp16
+    tile: pixel counts that end each sample in a partial tile (667, 1600, 1100, 800 for the
+    forward; those and 200 for the backward) or fill it (1024 in float32, 1280 for the fp16
     backward), ignored pixels, every target class, samples after the first (whose rows start at
     n S); at 200 pixels only the backward takes them. Up to 16 classes in float32 (both
     passes) and in the 16-bit backward (the 16-bit forward keeps the row tiles past 8). MiT in
@@ -967,9 +967,9 @@ def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, 
                                    channels_last):
     """[N, C, H, W] logits, whose classes lie H W apart, and few-class rows take the CUDA
     kernels' thread-a-row form (thread_rows): the cuda backend's forward and backward, and the
-    eager Triton step's default backward; Triton's own backward too. With at most 8 classes in
-    16 or 32 bits, Triton's kernels take tiles of one sample's pixels (SPATIAL_TABLE; 1023 and
-    1600 pixels end a sample in a partial tile). Odd pixel counts (33 x 31), ignored pixels,
+    eager Triton step's default backward; Triton's own backward too. With at most 16 classes in
+    float32 and 8 in 16 bits (16 in their backward), Triton's kernels take tiles of one sample's
+    pixels (SPATIAL_TABLE; 1023 and 1600 pixels end a sample in a partial tile). Odd pixel counts (33 x 31), ignored pixels,
     150 classes strided (a thread a row) and 300 (a warp a row, its strided loop),
     channels-last (contiguous classes, 5 of them)."""
     if backend not in cuda_backends():

@@ -170,8 +170,9 @@ ROW_TABLE_FP64 = (
 # Up to 16 classes (segmentation's 9-16 organs or classes), by the sm_90 SASS (Triton 3.9, the
 # cubins a launch builds): the float32 forward's tile loop at 512 x 16 takes 13.7
 # warp-instructions a pixel and 18 barriers for 512 pixels, the row tile (32 x 16, warps across
-# the classes) 98.0 and 26 for 32; 139 registers, no spill (on sm_80 with S not a multiple of
-# 16: 168 registers and one value spilled, reloaded once a tile). The backward at 256 x 16
+# the classes) 98.0 and 26 for 32; 139 registers, no spill (S a multiple of 16; 185 registers
+# otherwise; on sm_80 unaligned one value spilled, reloaded once a tile; under Triton 3.6,
+# torch 2.11's, sm_90 aligned: 168 registers, 16 bytes spilled). The backward at 256 x 16
 # (either dtype) 12-13 against 67-69 on the path a program runs, 121-137 registers. The 16-bit
 # forward keeps the row tiles past 8 classes: 16 bytes of pixels a thread at 16 classes took 255
 # registers and spilled (1024 pixels), or split the classes over two warps with 64 barriers a
@@ -238,8 +239,9 @@ def row_config(num_classes: int, dtype: torch.dtype) -> RowConfig:
 
 
 def spatial_config(logits: Tensor, backward: bool = False) -> Optional[RowConfig]:
-    """The SPATIAL_TABLE tile (the backward's, SPATIAL_BACKWARD_ROWS pixels) for ``[N, C, S]``
-    logits whose pixels lie at stride 1 and classes apart (NCHW), when one covers C and a
+    """The tile of ``spatial_table`` (the backward's: SPATIAL_BACKWARD_ROWS pixels, from its own
+    table, where 16-bit logits of 9-16 classes have a tile) for ``[N, C, S]`` logits whose
+    pixels lie at stride 1 and classes apart (NCHW), when one covers C and a
     sample's pixels fill at least half a tile (a tile never spans two samples: 7 x 7 pixels would
     leave 90% of a 512-pixel tile masked); None for every other layout and for an empty batch
     (the row table's tiles)."""
@@ -1551,6 +1553,6 @@ KERNELS = {
     "_grad_tau_none_kernel": _grad_tau_none_kernel,
 }
 
-__all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig", "SPATIAL_TABLE",
-           "SPATIAL_TABLE_16", "finalize_", "launch_variants", "loss_backward", "loss_forward_",
+__all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig",
+           "SPATIAL_BACKWARD_TABLE_16", "SPATIAL_TABLE", "SPATIAL_TABLE_16", "finalize_", "launch_variants", "loss_backward", "loss_forward_",
            "row_config", "row_stats", "row_table", "spatial_config", "spatial_table"]
