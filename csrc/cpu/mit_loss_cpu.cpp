@@ -1259,15 +1259,15 @@ int64_t target_at(const RowArgs& a, int64_t r) {
 // Fixed-size row chunks (size from R and C only), each summed in row order, then combined in
 // chunk order: the same bits for any thread count.
 template <typename acc_t>
-void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t K,
-               const std::atomic<int64_t>* counts, double* out) {
+void summarize(const RowArgs& a, const acc_t* rs, int64_t R, int64_t C, int64_t K, double* out) {
   const bool per_class = K != 1;
   const int64_t size = SUMMARY_HEADER_SIZE + (per_class ? 3 * C : C);
   // Rows go kSumWays at a time into as many partial sums, added up in a fixed order at the end of
   // the chunk: one running sum a quantity made each row wait on the previous row's add. The
   // float sums keep one order, whatever the threads. Counts are whole numbers, exact in any
-  // order: the row pass took them (counts) where the classes are few and the temperature one;
+  // order: the row pass took them (a.counts) where the classes are few and the temperature one;
   // otherwise they are taken here.
+  const std::atomic<int64_t>* const counts = a.counts;
   constexpr int64_t kSumWays = 4;
   const acc_t* const quantity[3] = {rs + kRowCEH * R, rs + kRowH * R, rs + kRowV * R};
   auto add_rows = [&](int64_t b, int64_t e, double* acc) {
@@ -1353,10 +1353,9 @@ Tensor row_stats_impl(const Tensor& logits, const Tensor& targets_in, const Tens
   }
   run_rows(kernels().stats, a, sh.R, sh.C);
   if (acc64) {
-    summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K, a.counts,
-                      summary.data());
+    summarize<double>(a, rs.const_data_ptr<double>(), sh.R, sh.C, sh.K, summary.data());
   } else {
-    summarize<float>(a, rs.const_data_ptr<float>(), sh.R, sh.C, sh.K, a.counts, summary.data());
+    summarize<float>(a, rs.const_data_ptr<float>(), sh.R, sh.C, sh.K, summary.data());
   }
   return rs;
 }

@@ -1554,5 +1554,6 @@ KERNELS = {
 }
 
 __all__ = ["ROW_TABLE", "ROW_TABLE_16", "ROW_TABLE_FP64", "RowConfig",
-           "SPATIAL_BACKWARD_TABLE_16", "SPATIAL_TABLE", "SPATIAL_TABLE_16", "finalize_", "launch_variants", "loss_backward", "loss_forward_",
-           "row_config", "row_stats", "row_table", "spatial_config", "spatial_table"]
+           "SPATIAL_BACKWARD_TABLE_16", "SPATIAL_TABLE", "SPATIAL_TABLE_16", "finalize_",
+           "launch_variants", "loss_backward", "loss_forward_", "row_config", "row_stats",
+           "row_table", "spatial_config", "spatial_table"]
