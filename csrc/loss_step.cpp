@@ -28,6 +28,7 @@
 
 #include "loss_step.h"
 #include "mit_loss_math.h"
+#include "triton_plans.h"
 
 namespace mitk {
 
@@ -200,14 +201,59 @@ struct StepOut {
   Tensor loss, stats, row_stats, grad_info;
 };
 
+// Whether the eager Triton step launches through plans (csrc/triton_plans.h): asked for
+// (MITKERNELS_TRITON_LAUNCH=cpp), a launcher for the logits' device, and plain tensors (a plan
+// reads pointers; tracing and subclass tensors take the ops). Decided in forward, on the
+// caller's thread, like the backward's choice.
+bool plans_serve(const Tensor& logits) { return is_plain(logits) && plans::usable(logits); }
+
+bool all_plain(at::TensorList tensors) {
+  for (const Tensor& t : tensors) {
+    if (!t.defined() || !is_plain(t)) return false;
+  }
+  return true;
+}
+
+// A Triton op's outputs through its plan when one is stored; else the op (its Python launchers),
+// recording a plan for the next call with this signature.
+template <class Call>
+std::vector<Tensor> by_plan(plans::Op op, at::TensorList inputs, const std::vector<int64_t>& scalars,
+                            Call call) {
+  const plans::Key key = plans::make_key(op, inputs, scalars);
+  if (auto out = plans::replay(key, inputs)) return std::move(*out);
+  const plans::Recording recording(key);
+  return call();
+}
+
 template <class Kernels>
-StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a) {
+ForwardOut call_forward(const Canonical& in, const StepArgs& a, bool use_plans) {
+  const auto call = [&] {
+    return loss_forward_op<Kernels>().call(in.logits, in.targets, in.tau, a.state, a.kind,
+                                           a.hparams, a.t_eps, a.t_min, a.t_max, a.ignore_index,
+                                           a.reduction, a.update_state, a.loss_dtype);
+  };
+  std::vector<Tensor> inputs{in.logits, in.targets, in.tau};
+  inputs.insert(inputs.end(), a.state.begin(), a.state.end());
+  if (!use_plans || !all_plain(inputs)) return call();
+  std::vector<int64_t> scalars{a.kind, static_cast<int64_t>(a.hparams.size())};
+  for (double h : a.hparams) scalars.push_back(plans::bits(h));
+  for (double t : {a.t_eps, a.t_min, a.t_max}) scalars.push_back(plans::bits(t));
+  scalars.insert(scalars.end(), {a.ignore_index, a.reduction, a.update_state,
+                                 static_cast<int64_t>(a.loss_dtype)});
+  const std::vector<Tensor> out = by_plan(plans::Op::kForward, inputs, scalars, [&] {
+    auto [loss, stats, row_stats, grad_info] = call();
+    return std::vector<Tensor>{loss, stats, row_stats, grad_info};
+  });
+  return {out[0], out[1], out[2], out[3]};
+}
+
+template <class Kernels>
+StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a, bool use_plans) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Canonical in = canonical(logits, a.targets, tau);
   StepOut out;
-  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) = loss_forward_op<Kernels>().call(
-      in.logits, in.targets, in.tau, a.state, a.kind, a.hparams, a.t_eps, a.t_min, a.t_max,
-      a.ignore_index, a.reduction, a.update_state, a.loss_dtype);
+  std::tie(out.loss, out.stats, out.row_stats, out.grad_info) =
+      call_forward<Kernels>(in, a, use_plans);
   raise_on_invalid_targets(in.targets, out.stats, in.logits, a.ignore_index);
   if (a.reduction == 0) out.loss = out.loss.view_symint(a.targets.sym_sizes());
   return out;
@@ -219,11 +265,12 @@ template <class Kernels, class Node>
 struct LossStep : public torch::autograd::Function<Node> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& tau,
                                const StepArgs& a) {
-    bool cuda_backward = false;
+    bool cuda_backward = false, use_plans = false;
     if constexpr (std::is_same_v<Kernels, TritonKernels>) {
       cuda_backward = triton_step_takes_cuda_backward(logits);
+      use_plans = plans_serve(logits);
     }
-    StepOut out = step_forward<Kernels>(logits, tau, a);
+    StepOut out = step_forward<Kernels>(logits, tau, a, use_plans);
     // The stats output never takes a gradient: no zeros for it in backward.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({out.stats});
@@ -233,6 +280,7 @@ struct LossStep : public torch::autograd::Function<Node> {
     ctx->saved_data["t"] = c10::IValue(std::vector<double>{a.t_eps, a.t_min, a.t_max});
     ctx->saved_data["i"] = c10::IValue(std::vector<int64_t>{a.ignore_index, a.reduction});
     ctx->saved_data["b"] = c10::IValue(cuda_backward);
+    ctx->saved_data["p"] = c10::IValue(use_plans);
     return {out.loss, out.stats};
   }
 
@@ -246,11 +294,27 @@ struct LossStep : public torch::autograd::Function<Node> {
     const auto i = ctx->saved_data["i"].toIntVector();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Canonical in = canonical(logits, saved[2], tau);
-    const auto& backward_op = ctx->saved_data["b"].toBool() ? loss_backward_op<CompiledKernels>()
-                                                            : loss_backward_op<Kernels>();
-    auto [grad_logits, grad_tau] = backward_op.call(
-        grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1], t[2], i[0],
-        i[1], needs_tau);
+    const bool cuda_backward = ctx->saved_data["b"].toBool();
+    const auto& backward_op =
+        cuda_backward ? loss_backward_op<CompiledKernels>() : loss_backward_op<Kernels>();
+    const auto call = [&] {
+      return backward_op.call(grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0],
+                              t[1], t[2], i[0], i[1], needs_tau);
+    };
+    Tensor grad_logits, grad_tau;
+    const std::vector<Tensor> inputs{grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4]};
+    if (!cuda_backward && ctx->saved_data["p"].toBool() && all_plain(inputs)) {
+      const std::vector<int64_t> scalars{plans::bits(t[0]), plans::bits(t[1]), plans::bits(t[2]),
+                                         i[0], i[1], needs_tau};
+      const std::vector<Tensor> out = by_plan(plans::Op::kBackward, inputs, scalars, [&] {
+        auto [g, gt] = call();
+        return std::vector<Tensor>{g, gt};
+      });
+      grad_logits = out[0];
+      grad_tau = out[1];
+    } else {
+      std::tie(grad_logits, grad_tau) = call();
+    }
     return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
             needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
   }
@@ -306,7 +370,9 @@ std::tuple<Tensor, std::vector<Tensor>> loss_step_forward_only(
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
   const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
                    ignore_index, reduction, update_state, loss_dtype};
-  StepOut out = step_forward<Kernels>(logits, tau, a);
+  bool use_plans = false;
+  if constexpr (std::is_same_v<Kernels, TritonKernels>) use_plans = plans_serve(logits);
+  StepOut out = step_forward<Kernels>(logits, tau, a, use_plans);
   return {out.loss, stats_entries(out.stats)};
 }
 

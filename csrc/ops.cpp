@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mit_loss_math.h"  // kRowStats
+#include "triton_plans.h"   // plans::bind
 
 #ifndef MITKERNELS_TORCH_VERSION
 #ifdef TORCH_VERSION
@@ -192,4 +193,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mitkernels compiled kernels: loading this module registers torch.ops.mitkernels_C";
   m.def("build_info", &build_info,
         "What this build holds: cpu, cuda, cuda_archs, torch_version, cpu_kernels, openmp.");
+  mitk::plans::bind(m);
 }

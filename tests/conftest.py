@@ -148,3 +148,20 @@ def gpu_test(condition: bool, reason: str):
         return pytest.mark.gpu(pytest.mark.skipif(not condition, reason=reason)(fn))
 
     return mark
+
+
+def jit_mit_loss_module():
+    """``mitkernels/triton/mit_loss.py`` loaded again with real ``@triton.jit`` kernels, even when
+    this process runs the interpreter: what AOT compilation reads."""
+    import importlib.util
+
+    from triton import knobs
+
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False
+        spec = importlib.util.spec_from_file_location(
+            "_mitkernels_triton_aot", ROOT / "mitkernels" / "triton" / "mit_loss.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module

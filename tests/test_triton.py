@@ -40,7 +40,9 @@ def _kernels():
     # every public-function test parametrized by backend (golden trajectories, bad input,
     # layouts, TET, CCT-EAL, masked classes, random steps) with the triton backend
     [str(Path(__file__).with_name("test_functional.py")), "-k", "triton"],
-], ids=["test_triton", "test_functional"])
+    # launch plans recorded from the launchers and replayed into the C++ logging launcher
+    [str(Path(__file__).with_name("test_launch_plans.py"))],
+], ids=["test_triton", "test_functional", "test_launch_plans"])
 def test_interpreter_suite(suite):
     """CPU tests of the Triton backend, in a process that starts with TRITON_INTERPRET=1."""
     if INTERPRET:

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import jit_mit_loss_module as _compiled_module
+
 triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,20 +50,6 @@ EPILOGUE_SPILL_LIMITS = {"_fused_kernel": FUSED_SPILL_LIMIT, "_forward_kernel": 
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64"}
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mitkernels_triton_aot_cache")
-
-
-def _compiled_module():
-    """mit_loss with real @triton.jit kernels, even when this process runs the interpreter."""
-    from triton import knobs
-
-    with knobs.runtime.scope():
-        knobs.runtime.interpret = False
-        spec = importlib.util.spec_from_file_location(
-            "_mitkernels_triton_aot", ROOT / "mitkernels" / "triton" / "mit_loss.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return module
 
 
 def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:

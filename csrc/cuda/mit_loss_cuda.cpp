@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../loss_step.h"      // cuda_backward_check
+#include "../triton_plans.h"   // plans::launcher
 #include "../mit_loss_math.h"  // kRowStats
 
 #define MITK_CUDA_API_ONLY
@@ -309,6 +310,19 @@ bool backward_runs_on(int device) {
 // The eager Triton step asks it before taking this extension's gradient kernel for its backward.
 [[maybe_unused]] const bool kBackwardCheckSet =
     (mitk::cuda_backward_check() = &backward_runs_on, true);
+
+// The launch plans' launcher (csrc/triton_plans.h): a Triton kernel on the device's current
+// stream, as Triton's own launcher puts it.
+void plan_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
+                   void** params, int, c10::Device device) {
+  const int rc = launch_driver_function(function, grid, threads, shared,
+                                        c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                        params);
+  TORCH_CHECK(rc == 0, "mitkernels launch plan: cuLaunchKernel failed (CUresult ", rc, ")");
+}
+
+[[maybe_unused]] const bool kPlanLauncherSet =
+    (mitk::plans::launcher(c10::kCUDA) = &plan_launcher, true);
 
 }  // namespace
 }  // namespace cuda

@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #ifndef MITK_CUDA_API_ONLY
+#include <cuda.h>  // CUfunction, CUresult: launch_driver_function
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -94,6 +95,11 @@ cudaError_t launch_backward(const RowArgs& a, int reduction, bool compute_grad_t
                             cudaStream_t stream);
 // Whether the gradient kernel has an image for the current device (this build's architectures).
 bool backward_kernel_available();
+// Launches `function`, a CUfunction that Triton loaded (csrc/triton_plans.h), with `params`:
+// cuLaunchKernel through the driver entry point the runtime hands out, so the extension does not
+// link against libcuda (it must load where no driver is). Returns the CUresult.
+int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t threads,
+                           uint32_t shared, cudaStream_t stream, void** params);
 
 #ifndef MITK_CUDA_API_ONLY
 namespace {
@@ -897,6 +903,30 @@ bool backward_kernel_available() {
   // Not a sticky error, but the next launch's cudaGetLastError would report it: clear it.
   if (err != cudaSuccess) (void)cudaGetLastError();
   return err == cudaSuccess;
+}
+
+int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t threads,
+                           uint32_t shared, cudaStream_t stream, void** params) {
+  // Triton launches with cuLaunchKernelEx; with one CTA a cluster, no cooperative grid, no
+  // programmatic dependent launch and under 228 KB of shared memory (launch_plans.py refuses
+  // other kernels) that is cuLaunchKernel's launch.
+  using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                unsigned, unsigned, CUstream, void**, void**);
+  static LaunchFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuLaunchKernel", &p, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuLaunchKernel", &p, cudaEnableDefault, &found);
+#endif
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<LaunchFn>(p)
+                                                                      : nullptr;
+  }();
+  if (fn == nullptr) return CUDA_ERROR_NOT_FOUND;
+  return fn(reinterpret_cast<CUfunction>(function), grid[0], grid[1], grid[2], threads, 1, 1, shared,
+            reinterpret_cast<CUstream>(stream), params, nullptr);
 }
 #endif  // MITK_CUDA_API_ONLY
 

@@ -46,6 +46,7 @@ from torch import Tensor
 
 # Absolute: tests/test_triton_aot.py loads this file on its own, outside the package.
 from mitkernels._backends import TRITON_MAX_ROWS
+from mitkernels.triton import launch_plans as _plans
 from mitkernels.ops import KIND_MIT, ROW_STATS_FIELDS, STATS_FIELDS, summary_size
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
@@ -1304,20 +1305,20 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     rows = n * s
     per_class = tau.shape[0] > 1
     cfg = row_config(c, logits.dtype)
-    row_stats = torch.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    row_stats = _plans.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
     width = summary_size(c, tau.shape[0])
-    summary = torch.empty((width,), dtype=torch.float64, device=logits.device)
+    summary = _plans.empty((width,), dtype=torch.float64, device=logits.device)
     nprog = _num_programs(cfg, logits)
     counting = atomic_hist(per_class)
     part_width = width if cfg.local_classes and not counting else HEADER
-    partials = torch.empty((nprog, part_width), dtype=torch.float64, device=logits.device)
-    hist = torch.zeros((c if counting else 1,), dtype=torch.int32, device=logits.device)
-    _rows_kernel[(nprog,)](
+    partials = _plans.empty((nprog, part_width), dtype=torch.float64, device=logits.device)
+    hist = _plans.zeros((c if counting else 1,), dtype=torch.int32, device=logits.device)
+    _plans.launch(_rows_kernel, (nprog,),
         logits, targets, tau, row_stats, partials, hist, rows, c, s, *logits.stride(),
         ignore_index, t_eps, t_min, t_max, **rows_constexprs(cfg, per_class, logits.dtype),
         ATOMIC_HIST=counting, num_warps=cfg.num_warps)
     summary_ce = summary_constexprs(cfg, per_class)
-    _summary_kernel[(triton.cdiv(width, summary_ce["BLOCK_W"]),)](
+    _plans.launch(_summary_kernel, (triton.cdiv(width, summary_ce["BLOCK_W"]),),
         partials, nprog, part_width, row_stats, targets, hist, summary, rows, c, width,
         ignore_index, **summary_ce, num_warps=SUMMARY_WARPS)
     return row_stats, summary
@@ -1347,7 +1348,7 @@ def _state_pointers(state: Sequence[Tensor], kind: int, dummy_f64: Tensor) -> Li
     if kind == KIND_MIT:
         return ptrs
     ptrs = ptrs + [dummy_f64] * (3 - len(ptrs))
-    return ptrs + [torch.empty((1,), dtype=torch.int64, device=dummy_f64.device)]
+    return ptrs + [_plans.empty((1,), dtype=torch.int64, device=dummy_f64.device)]
 
 
 def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
@@ -1357,9 +1358,9 @@ def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
 
 def _finalize_outputs(rows: int, device, acc: torch.dtype, num_temperatures: int, reduction: int,
                       loss_dtype: torch.dtype):
-    loss = torch.empty((rows,) if reduction == 0 else (), dtype=loss_dtype, device=device)
-    stats = torch.empty((STATS_LEN,), dtype=torch.float64, device=device)
-    grad_info = torch.empty((2 + num_temperatures,), dtype=acc, device=device)
+    loss = _plans.empty((rows,) if reduction == 0 else (), dtype=loss_dtype, device=device)
+    stats = _plans.empty((STATS_LEN,), dtype=torch.float64, device=device)
+    grad_info = _plans.empty((2 + num_temperatures,), dtype=acc, device=device)
     return loss, stats, grad_info
 
 
@@ -1367,7 +1368,7 @@ def _launch_none_loss(row_stats: Tensor, grad_info: Tensor, stats: Tensor, loss:
     """reduction='none': the per-row loss once the finalize has written c (grad_info[0])."""
     rows = row_stats.shape[1]
     if rows > 0:
-        _none_loss_kernel[(triton.cdiv(rows, NONE_LOSS_BLOCK),)](
+        _plans.launch(_none_loss_kernel, (triton.cdiv(rows, NONE_LOSS_BLOCK),),
             row_stats, grad_info, stats, loss, rows, BLOCK=NONE_LOSS_BLOCK,
             num_warps=NONE_LOSS_WARPS)
 
@@ -1385,13 +1386,13 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     hp0, hp1 = _hparams(hparams)
     local = summary if local_summary is None else local_summary
     if kind == KIND_MIT and num_classes > FINALIZE_BLOCK:
-        ticket = torch.zeros((1,), dtype=torch.int32, device=summary.device)
+        ticket = _plans.zeros((1,), dtype=torch.int32, device=summary.device)
         # the partials and histogram of FROM_PARTS unused: the summary has them
         _launch_finalize_classes(summary, local, tau, st, loss, stats, grad_info, ticket,
                                  summary, 0, ticket, num_classes, num_temperatures, hp0, hp1,
                                  t_eps, t_min, t_max, update_state, reduction, False)
     else:
-        _finalize_kernel[(1,)](
+        _plans.launch(_finalize_kernel, (1,),
             summary, local, tau, *st, loss, stats, grad_info, num_classes, num_temperatures,
             kind, hp0, hp1, t_eps, t_min, t_max, int(bool(update_state)), reduction,
             BLOCK_K=FINALIZE_BLOCK, num_warps=FINALIZE_WARPS)
@@ -1409,10 +1410,10 @@ def _forward_buffers(logits, cfg, summary_len, reduction, loss_dtype, spatial=Fa
     device = logits.device
     acc = _acc_dtype(logits.dtype)
     nprog = _num_programs(cfg, logits, spatial)
-    rs = torch.empty((ROW_STATS, rows), dtype=acc, device=device)
-    partials = torch.empty((nprog, HEADER), dtype=torch.float64, device=device)
-    ibuf = torch.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)
-    summary = torch.empty((summary_len,), dtype=torch.float64, device=device)
+    rs = _plans.empty((ROW_STATS, rows), dtype=acc, device=device)
+    partials = _plans.empty((nprog, HEADER), dtype=torch.float64, device=device)
+    ibuf = _plans.zeros((IBUF_HIST + c,), dtype=torch.int32, device=device)
+    summary = _plans.empty((summary_len,), dtype=torch.float64, device=device)
     loss, stats, grad_info = _finalize_outputs(rows, device, acc, 1, reduction, loss_dtype)
     return nprog, rs, partials, ibuf, summary, loss, stats, grad_info
 
@@ -1421,8 +1422,8 @@ def _launch_finalize_classes(summary, local, tau, st, loss, stats, grad_info, ti
                              num_partials, hist, num_classes, num_temperatures, hp0, hp1, t_eps,
                              t_min, t_max, update_state, reduction, from_parts):
     nprog = triton.cdiv(num_classes, CLASS_BLOCK)
-    parts = torch.empty((nprog, 2), dtype=torch.float64, device=summary.device)
-    _finalize_classes_kernel[(nprog,)](
+    parts = _plans.empty((nprog, 2), dtype=torch.float64, device=summary.device)
+    _plans.launch(_finalize_classes_kernel, (nprog,),
         summary, local, tau, *st, loss, stats, grad_info, parts, ticket, partials, num_partials,
         hist, num_classes, num_temperatures, hp0, hp1, t_eps, t_min, t_max,
         int(bool(update_state)), reduction, **classes_constexprs(from_parts),
@@ -1442,7 +1443,7 @@ def _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_m
     hp0, hp1 = _hparams(hparams)
     rows = n * s
     hist = ibuf[IBUF_HIST:]
-    _rows_kernel[(nprog,)](
+    _plans.launch(_rows_kernel, (nprog,),
         logits, targets, tau, rs, partials, hist, rows, c, s, *logits.stride(), ignore_index,
         t_eps, t_min, t_max, **rows_constexprs(cfg, False, logits.dtype), ATOMIC_HIST=True,
         num_warps=cfg.num_warps)
@@ -1454,6 +1455,7 @@ def _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_m
     return loss, stats, rs, grad_info
 
 
+@_plans.recordable(lambda logits, targets, tau, state, *_: (logits, targets, tau, *state))
 def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tensor], kind: int,
                   hparams: List[float], t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int, update_state: bool,
@@ -1477,14 +1479,14 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
                                            t_min, t_max, reduction, update_state, loss_dtype)
         return loss, stats, rs, grad_info
     acc = _acc_dtype(logits.dtype)
-    rs = torch.empty((ROW_STATS, rows), dtype=acc, device=logits.device)
-    summary = torch.empty((summary_size(c, num_temperatures),), dtype=torch.float64,
+    rs = _plans.empty((ROW_STATS, rows), dtype=acc, device=logits.device)
+    summary = _plans.empty((summary_size(c, num_temperatures),), dtype=torch.float64,
                           device=logits.device)
     loss, stats, grad_info = _finalize_outputs(rows, logits.device, acc, num_temperatures,
                                                reduction, loss_dtype)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
-    _fused_kernel[(1,)](
+    _plans.launch(_fused_kernel, (1,),
         logits, targets, tau, rs, summary, *st, loss, stats, grad_info, rows, c, s,
         *logits.stride(), num_temperatures, ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
         int(bool(update_state)), reduction,
@@ -1503,7 +1505,7 @@ def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_
         logits, cfg, summary_size(c, 1), reduction, loss_dtype, spatial)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
-    _forward_kernel[(nprog,)](
+    _plans.launch(_forward_kernel, (nprog,),
         logits, targets, tau, rs, partials, ibuf, summary, *st, loss, stats, grad_info, rows, c, s,
         *logits.stride(), ignore_index, kind, hp0, hp1, t_eps, t_min, t_max,
         int(bool(update_state)), reduction, **forward_constexprs(cfg, spatial),
@@ -1513,6 +1515,7 @@ def _launch_forward(logits, targets, tau, state, kind, hparams, t_eps, t_min, t_
     return loss, stats, rs, grad_info
 
 
+@_plans.recordable(lambda *args: args[:6])  # grad_loss, logits, targets, tau, row_stats, grad_info
 def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tensor,
                   row_stats: Tensor, grad_info: Tensor, t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int,
@@ -1523,18 +1526,18 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tenso
     num_temperatures = tau.shape[0]
     spatial = spatial_config(logits, backward=True)
     cfg = spatial or row_config(c, logits.dtype)
-    grad_logits = torch.empty_like(logits)  # the logits' strides when dense (ops._grad_logits_like)
-    grad_tau = torch.empty_like(tau)
+    grad_logits = _plans.empty_like(logits)  # the logits' strides when dense (ops._grad_logits_like)
+    grad_tau = _plans.empty_like(tau)
     grad_loss = grad_loss.contiguous()
     g_stride = 1 if (reduction == 0 and grad_loss.dim() > 0) else 0
-    _backward_kernel[(max(1, _tile_count(cfg, logits, spatial is not None)),)](
+    _plans.launch(_backward_kernel, (max(1, _tile_count(cfg, logits, spatial is not None)),),
         grad_loss, g_stride, logits, grad_logits, targets, tau, row_stats, grad_info, grad_tau,
         rows, c, s, num_temperatures, *logits.stride(), *grad_logits.stride(), ignore_index,
         t_eps, t_min, t_max, int(bool(compute_grad_tau) and reduction != 0),
         **backward_constexprs(cfg, num_temperatures > 1, spatial is not None),
         num_warps=cfg.num_warps)
     if compute_grad_tau and reduction == 0:
-        _grad_tau_none_kernel[(triton.cdiv(num_temperatures, GRAD_TAU_BLOCK_K),)](
+        _plans.launch(_grad_tau_none_kernel, (triton.cdiv(num_temperatures, GRAD_TAU_BLOCK_K),),
             grad_loss, targets, tau, row_stats, grad_info, grad_tau, rows, c, num_temperatures,
             ignore_index, t_eps, t_min, t_max, BLOCK_N=GRAD_TAU_BLOCK_N,
             BLOCK_K=GRAD_TAU_BLOCK_K, num_warps=GRAD_TAU_WARPS)

@@ -1,0 +1,367 @@
+// Launch plans of the eager Triton step: storage, keys, replay (see triton_plans.h).
+#include "triton_plans.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/extension.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+namespace mitk {
+namespace plans {
+namespace {
+
+using at::Tensor;
+
+// Where a kernel parameter's value comes from (launch_plans.py's PARAM_KINDS, in this order).
+enum ParamKind : int { kInput = 0, kBuffer = 1, kI32 = 2, kI64 = 3, kF32 = 4, kF64 = 5, kNull = 6 };
+
+struct Param {
+  int kind;
+  int64_t index;   // kInput / kBuffer: which one
+  int64_t value;   // kInput / kBuffer: byte offset; kI32 / kI64: the value
+  double fvalue;   // kF32 / kF64
+};
+
+struct Buffer {
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  bool zero;
+};
+
+struct Launch {
+  uint64_t function;
+  std::array<uint32_t, 3> grid;
+  uint32_t threads, shared;
+  std::vector<Param> params;
+};
+
+struct Plan {
+  int64_t num_inputs;
+  std::vector<Buffer> buffers;
+  std::vector<Launch> launches;
+  std::vector<int64_t> outputs;  // buffer indices, in the op's output order
+};
+
+// A Triton kernel of this library takes under 40 parameters (two scratch pointers included).
+constexpr int kMaxParams = 64;
+// Signatures seen in one process: a training run has a handful (its batch shapes); past this
+// many, new signatures stay on the Python launchers rather than grow the store without bound.
+constexpr size_t kMaxPlans = 4096;
+
+struct KeyHash {
+  size_t operator()(const Key& k) const noexcept {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the words
+    for (int64_t v : k) {
+      h ^= static_cast<uint64_t>(v);
+      h *= 1099511628211ull;
+    }
+    return static_cast<size_t>(h);
+  }
+};
+
+struct Store {
+  std::mutex mutex;
+  // A null plan: calls with that signature stay on Python (launch_plans.py said why).
+  std::unordered_map<Key, std::shared_ptr<const Plan>, KeyHash> plans;
+  std::string last_refusal;
+  std::atomic<int64_t> hits{0}, recorded{0}, refused{0};
+};
+
+Store& store() {
+  static Store* s = new Store();  // leaked: replays may run on threads alive at exit
+  return *s;
+}
+
+thread_local const Key* pending = nullptr;
+
+// The CPU slot's recording launcher (tests): what each launch was given.
+struct LoggedLaunch {
+  uint64_t function;
+  std::array<uint32_t, 3> grid;
+  uint32_t threads, shared;
+  std::vector<uint64_t> params;  // each parameter's 8-byte slot
+};
+std::mutex log_mutex;
+std::vector<LoggedLaunch>& launch_log() {
+  static auto* log = new std::vector<LoggedLaunch>();
+  return *log;
+}
+
+void logging_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
+                      void** params, int num_params, c10::Device) {
+  LoggedLaunch entry{function, {grid[0], grid[1], grid[2]}, threads, shared, {}};
+  for (int i = 0; i < num_params; ++i) {
+    uint64_t v;
+    std::memcpy(&v, params[i], sizeof v);
+    entry.params.push_back(v);
+  }
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  launch_log().push_back(std::move(entry));
+}
+
+at::ScalarType dtype_from_name(const std::string& name) {
+  static const std::unordered_map<std::string, at::ScalarType> names = {
+      {"float16", at::kHalf}, {"bfloat16", at::kBFloat16}, {"float32", at::kFloat},
+      {"float64", at::kDouble}, {"int8", at::kChar}, {"uint8", at::kByte},
+      {"int32", at::kInt}, {"int64", at::kLong}, {"bool", at::kBool}};
+  const auto it = names.find(name);
+  TORCH_CHECK_VALUE(it != names.end(), "launch plan: unknown buffer dtype '", name, "'");
+  return it->second;
+}
+
+uint64_t slot_of(const Param& p, at::TensorList inputs, const std::vector<Tensor>& buffers) {
+  uint64_t v = 0;
+  switch (p.kind) {
+    case kInput:
+      return reinterpret_cast<uint64_t>(inputs[p.index].data_ptr()) + p.value;
+    case kBuffer:
+      return reinterpret_cast<uint64_t>(buffers[p.index].data_ptr()) + p.value;
+    case kI32: {
+      const int32_t x = static_cast<int32_t>(p.value);
+      std::memcpy(&v, &x, sizeof x);
+      return v;
+    }
+    case kI64:
+      return static_cast<uint64_t>(p.value);
+    case kF32: {
+      const float x = static_cast<float>(p.fvalue);
+      std::memcpy(&v, &x, sizeof x);
+      return v;
+    }
+    case kF64:
+      std::memcpy(&v, &p.fvalue, sizeof v);
+      return v;
+    default:  // kNull: the scratch pointers Triton appends, unused by these kernels
+      return 0;
+  }
+}
+
+std::vector<Tensor> run(const Plan& plan, at::TensorList inputs) {
+  const c10::Device device = inputs[0].device();
+  const Launcher launch = launcher(device.type());
+  TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
+  const c10::OptionalDeviceGuard guard(device);
+  // The recording launcher runs no kernel: its buffers are zeroed so the outputs are defined.
+  const bool zero_all = device.is_cpu();
+  std::vector<Tensor> buffers;
+  buffers.reserve(plan.buffers.size());
+  for (const Buffer& b : plan.buffers) {
+    Tensor t = at::empty_strided(b.sizes, b.strides, at::TensorOptions().dtype(b.dtype).device(device));
+    if (b.zero || zero_all) t.zero_();
+    buffers.push_back(std::move(t));
+  }
+  std::array<uint64_t, kMaxParams> slots;
+  std::array<void*, kMaxParams> params;
+  for (const Launch& l : plan.launches) {
+    const int n = static_cast<int>(l.params.size());
+    for (int i = 0; i < n; ++i) {
+      slots[i] = slot_of(l.params[i], inputs, buffers);
+      params[i] = &slots[i];
+    }
+    launch(l.function, l.grid.data(), l.threads, l.shared, params.data(), n, device);
+  }
+  std::vector<Tensor> out;
+  out.reserve(plan.outputs.size());
+  for (int64_t i : plan.outputs) out.push_back(buffers[i]);
+  return out;
+}
+
+// --- Python side (launch_plans.py) ------------------------------------------------------------
+using PyParam = std::tuple<int, int64_t, int64_t, double>;
+using PyBuffer = std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>;
+using PyLaunch = std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<PyParam>>;
+
+void put(std::shared_ptr<const Plan> plan) {
+  TORCH_CHECK(pending != nullptr, "launch plan: no call of this thread is being recorded");
+  Store& s = store();
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.plans.size() < kMaxPlans) s.plans[*pending] = std::move(plan);
+  pending = nullptr;  // one plan a recorded call
+}
+
+void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
+                const std::vector<PyLaunch>& launches, const std::vector<int64_t>& outputs) {
+  auto plan = std::make_shared<Plan>();
+  plan->num_inputs = num_inputs;
+  for (const auto& [sizes, strides, dtype, zero] : buffers) {
+    TORCH_CHECK_VALUE(sizes.size() == strides.size(), "launch plan: buffer sizes and strides differ in length");
+    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero});
+  }
+  const auto nbuf = static_cast<int64_t>(plan->buffers.size());
+  for (const auto& [function, grid, threads, shared, params] : launches) {
+    TORCH_CHECK_VALUE(grid.size() == 3, "launch plan: a grid has 3 dimensions");
+    TORCH_CHECK_VALUE(params.size() <= static_cast<size_t>(kMaxParams), "launch plan: ",
+                      params.size(), " parameters, more than ", kMaxParams);
+    Launch l{function, {}, static_cast<uint32_t>(threads), static_cast<uint32_t>(shared), {}};
+    for (int d = 0; d < 3; ++d) {
+      TORCH_CHECK_VALUE(grid[d] >= 0 && grid[d] <= UINT32_MAX, "launch plan: grid ", grid[d]);
+      l.grid[d] = static_cast<uint32_t>(grid[d]);
+    }
+    for (const auto& [kind, index, value, fvalue] : params) {
+      TORCH_CHECK_VALUE(kind >= kInput && kind <= kNull, "launch plan: parameter kind ", kind);
+      TORCH_CHECK_VALUE(kind != kInput || (index >= 0 && index < num_inputs),
+                        "launch plan: input ", index, " of ", num_inputs);
+      TORCH_CHECK_VALUE(kind != kBuffer || (index >= 0 && index < nbuf),
+                        "launch plan: buffer ", index, " of ", nbuf);
+      l.params.push_back({kind, index, value, fvalue});
+    }
+    plan->launches.push_back(std::move(l));
+  }
+  for (int64_t i : outputs) {
+    TORCH_CHECK_VALUE(i >= 0 && i < nbuf, "launch plan: output buffer ", i, " of ", nbuf);
+  }
+  plan->outputs = outputs;
+  put(std::move(plan));
+  store().recorded++;
+}
+
+void refuse(const std::string& reason) {
+  put(nullptr);
+  Store& s = store();
+  s.refused++;
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  s.last_refusal = reason;
+}
+
+pybind11::dict info() {
+  Store& s = store();
+  pybind11::dict d;
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  d["plans"] = s.plans.size();
+  d["hits"] = s.hits.load();
+  d["recorded"] = s.recorded.load();
+  d["refused"] = s.refused.load();
+  d["last_refusal"] = s.last_refusal;
+  return d;
+}
+
+void clear() {
+  Store& s = store();
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  s.plans.clear();
+  s.last_refusal.clear();
+  s.hits = 0;
+  s.recorded = 0;
+  s.refused = 0;
+}
+
+void test_launcher(bool enable) {
+  launcher(c10::kCPU) = enable ? &logging_launcher : nullptr;
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  launch_log().clear();
+}
+
+std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>>
+test_log() {
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>> out;
+  for (const auto& e : launch_log()) {
+    out.emplace_back(e.function, std::vector<int64_t>{e.grid[0], e.grid[1], e.grid[2]}, e.threads,
+                     e.shared, e.params);
+  }
+  launch_log().clear();
+  return out;
+}
+
+}  // namespace
+
+Launcher& launcher(c10::DeviceType type) {
+  static Launcher cuda = nullptr, cpu = nullptr;
+  return type == c10::kCUDA ? cuda : cpu;
+}
+
+bool requested() {
+  const char* env = std::getenv("MITKERNELS_TRITON_LAUNCH");
+  const std::string choice = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(choice.empty() || choice == "python" || choice == "cpp",
+                    "MITKERNELS_TRITON_LAUNCH must be python or cpp, got '", choice, "'");
+  return choice == "cpp";
+}
+
+bool usable(const at::Tensor& logits) {
+  const c10::DeviceType type = logits.device().type();
+  // The variable is checked on every Triton step, so a typo fails whatever the device.
+  return requested() && (type == c10::kCUDA || type == c10::kCPU) && launcher(type) != nullptr;
+}
+
+int64_t bits(double v) {
+  int64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+Key make_key(Op op, at::TensorList inputs, const std::vector<int64_t>& scalars) {
+  Key k;
+  k.reserve(8 + inputs.size() * 12 + scalars.size());
+  k.push_back(static_cast<int64_t>(op));
+  k.push_back(static_cast<int64_t>(inputs[0].device().type()));
+  k.push_back(inputs[0].device().index());
+  k.push_back(static_cast<int64_t>(inputs.size()));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
+    const auto ptr = reinterpret_cast<uintptr_t>(t.data_ptr());
+    k.push_back(static_cast<int64_t>(t.scalar_type()));
+    k.push_back(t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) k.push_back(t.size(d));
+    for (int64_t d = 0; d < t.dim(); ++d) k.push_back(t.stride(d));
+    k.push_back(ptr % 16 == 0);  // Triton compiles aligned and unaligned pointers apart
+    // Which earlier input shares this pointer (a plan maps inputs by position).
+    int64_t alias = -1;
+    for (size_t j = 0; j < i && alias < 0; ++j) {
+      if (reinterpret_cast<uintptr_t>(inputs[j].data_ptr()) == ptr) alias = static_cast<int64_t>(j);
+    }
+    k.push_back(alias);
+  }
+  k.push_back(static_cast<int64_t>(scalars.size()));
+  k.insert(k.end(), scalars.begin(), scalars.end());
+  return k;
+}
+
+std::optional<std::vector<Tensor>> replay(const Key& key, at::TensorList inputs) {
+  Store& s = store();
+  std::shared_ptr<const Plan> plan;
+  {
+    const std::lock_guard<std::mutex> lock(s.mutex);
+    const auto it = s.plans.find(key);
+    if (it == s.plans.end() || it->second == nullptr) return std::nullopt;
+    plan = it->second;
+  }
+  TORCH_CHECK(plan->num_inputs == static_cast<int64_t>(inputs.size()),
+              "launch plan: recorded for ", plan->num_inputs, " inputs, called with ", inputs.size());
+  s.hits++;
+  return run(*plan, inputs);
+}
+
+bool known(const Key& key) {
+  Store& s = store();
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  return s.plans.count(key) > 0 || s.plans.size() >= kMaxPlans;
+}
+
+Recording::Recording(const Key& key) { pending = known(key) ? nullptr : &key; }
+Recording::~Recording() { pending = nullptr; }
+
+void bind(pybind11::module_& m) {
+  m.def("_triton_plan_pending", [] { return pending != nullptr; },
+        "Whether this thread's current Triton op call is to be recorded as a launch plan.");
+  m.def("_triton_plan_store", &store_plan, "Store the launch plan of the call being recorded.");
+  m.def("_triton_plan_refuse", &refuse,
+        "Keep the recorded call's signature on the Python launchers, saying why.");
+  m.def("_triton_plan_info", &info, "Counts of the launch plan store.");
+  m.def("_triton_plan_clear", &clear, "Forget every launch plan (tile tables changed, tests).");
+  m.def("_triton_plan_test_launcher", &test_launcher,
+        "Tests: launch plans of CPU tensors go to a launcher that logs their parameters.");
+  m.def("_triton_plan_test_log", &test_log, "Tests: the logged launches, oldest first (then cleared).");
+}
+
+}  // namespace plans
+}  // namespace mitk

@@ -1,0 +1,435 @@
+"""Launch plans (``mitkernels/triton/launch_plans.py``, ``csrc/triton_plans.cpp``).
+
+CPU, under ``TRITON_INTERPRET=1`` (``test_triton.py``'s ``test_interpreter_suite`` runs this
+module in such a process): the interpreter compiles nothing, so the plans are recorded with the
+kernels compiled ahead of time for sm_90 the way a launch would compile them (the JIT's binder
+and specialization, ``triton.compile``), and replayed into the extension's logging launcher. Each
+replayed launch is then checked against the Python launchers run on copies of the same inputs:
+the same compiled specialization, grid, block and shared memory; every parameter of the
+compiled kernel's PTX entry filled (pointers to the right tensors, the same integers and floats,
+the scratch pointers null). The launch itself (cuLaunchKernel) runs only on a GPU:
+``test_cuda_plans_match_the_python_launches``.
+"""
+import os
+import struct
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import mitkernels  # noqa: E402
+from mitkernels import _backends  # noqa: E402
+from mitkernels.triton import launch_plans  # noqa: E402
+from conftest import gpu_test, jit_mit_loss_module  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EXT = _backends.extension()
+HAVE_PLANS = not isinstance(EXT, ImportError) and hasattr(EXT, "_triton_plan_store")
+cpu_only = pytest.mark.skipif(
+    not (INTERPRET and HAVE_PLANS),
+    reason="needs the extension, and TRITON_INTERPRET=1 (test_triton.py's interpreter suite)")
+BACKWARD_KERNELS = ("_backward_kernel", "_grad_tau_none_kernel")
+
+
+# ------------------------------------------------------------------------------------------
+# Compiling as a launch would, without a GPU.
+# ------------------------------------------------------------------------------------------
+METADATA = ("name", "shared", "num_warps", "num_ctas", "global_scratch_size",
+            "profile_scratch_size", "launch_pdl", "launch_cooperative_grid")
+_WORKER_JIT = None
+
+
+def _compile_in_worker(name, signature, constexprs, attrs, options):
+    """In a process without the interpreter (Triton's own jit functions, tl.cdiv among them, are
+    interpreted in this one): compile kernel ``name`` for sm_90."""
+    global _WORKER_JIT
+    from triton.backends.compiler import GPUTarget
+
+    if _WORKER_JIT is None:
+        _WORKER_JIT = jit_mit_loss_module()
+    src = triton.compiler.ASTSource(getattr(_WORKER_JIT, name), signature, constexprs, attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return (dict(ck.src.signature), {f: getattr(ck.metadata, f, None) for f in METADATA},
+            ck.asm["ptx"])
+
+
+class AotCompiler:
+    """``compiled_for`` for the recorder: each interpreted launch's kernel compiled for sm_90 with
+    the specialization and options a GPU launch would give it (Triton 3.9's JIT path: its binder
+    and _pack_args here, triton.compile in a worker process), and a made-up function handle
+    for each compiled variant."""
+
+    def __init__(self):
+        import concurrent.futures
+        import multiprocessing
+
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        self.jit = jit_mit_loss_module()
+        self.backend = make_backend(GPUTarget("cuda", 90, 32))
+        self.binders = {name: create_function_from_signature(k.signature, k.params, self.backend)
+                        for name, k in self.jit.KERNELS.items()}
+        self.compiled = {}
+        interpret = os.environ.pop("TRITON_INTERPRET", None)
+        try:  # the worker starts now, without TRITON_INTERPRET
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"))
+            self.pool.submit(os.getpid).result()
+        finally:
+            if interpret is not None:
+                os.environ["TRITON_INTERPRET"] = interpret
+
+    def __call__(self, kernel, args, kwargs):
+        from triton import knobs
+
+        name = kernel.fn.__name__
+        jit = self.jit.KERNELS[name]
+        kw = dict(kwargs, debug=False,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+        bound, specialization, options = self.binders[name](*args, **kw)
+        key = (name, str(specialization), str(options))
+        if key not in self.compiled:
+            options, signature, constexprs, attrs = jit._pack_args(self.backend, kw, bound,
+                                                                   specialization, options)
+            sig, meta, ptx = self.pool.submit(_compile_in_worker, name, signature, constexprs,
+                                              attrs, dict(options.__dict__)).result()
+            self.compiled[key] = types.SimpleNamespace(
+                src=types.SimpleNamespace(signature=sig), metadata=types.SimpleNamespace(**meta),
+                asm={"ptx": ptx}, function=0x5EED0000 + len(self.compiled))
+        return self.compiled[key]
+
+
+@pytest.fixture(scope="module")
+def aot():
+    try:
+        compiler = AotCompiler()
+    except (ImportError, AttributeError) as err:  # Triton internals other than 3.9's
+        pytest.skip(f"this Triton's JIT internals differ: {err}")
+    yield compiler
+    compiler.pool.shutdown()
+
+
+@pytest.fixture
+def plans(monkeypatch, aot):
+    """Plans on, recorded with ``aot``, replayed into the logging launcher."""
+    monkeypatch.setenv("MITKERNELS_TRITON_LAUNCH", "cpp")
+    monkeypatch.setattr(launch_plans, "compiled_for", aot)
+    EXT._triton_plan_clear()
+    EXT._triton_plan_test_launcher(True)
+    yield EXT
+    EXT._triton_plan_test_launcher(False)
+    EXT._triton_plan_clear()
+
+
+# ------------------------------------------------------------------------------------------
+# The step of each case: every forward path of mit_loss.py and both backwards.
+# ------------------------------------------------------------------------------------------
+CASES = {
+    # name: (loss, logits shape, dtype, reduction); the launcher path it takes
+    "fused": ("mit", (9, 6), torch.float32, "mean"),             # _fused_kernel
+    "rows_none": ("mit", (2000, 5), torch.float32, "none"),      # _forward_kernel, none-loss
+    "wide": ("mit", (6, 1500), torch.float32, "sum"),            # _rows_kernel + classes finalize
+    "spatial_bf16": ("mit", (4, 3, 40, 40), torch.bfloat16, "mean"),  # SPATIAL tiles
+    "cct": ("cct", (1500, 7), torch.float32, "mean"),            # rows + summary + finalize
+    "tet_fp64": ("tet", (30, 4), torch.float64, "mean"),         # fused, TET's dummy state
+}
+
+
+def make_inputs(case, seed):
+    loss_name, shape, dtype, reduction = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    logits = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, c, (shape[0], *shape[2:]), generator=g)
+    targets.view(-1)[3] = -100
+    if loss_name == "mit":
+        state = mitkernels.MiTState(c, temperature=0.8)
+        extra = {"state": state}
+    elif loss_name == "cct":
+        extra = {"tau": torch.linspace(-0.4, 0.4, c, dtype=torch.float64).requires_grad_(True),
+                 "ema": torch.full((c,), 1 / c, dtype=torch.float64),
+                 "alpha": torch.tensor(0.3, dtype=torch.float64)}
+    else:
+        extra = {}
+    return logits, targets, extra
+
+
+def clone_inputs(inputs):
+    logits, targets, extra = inputs
+    extra2 = {}
+    for k, v in extra.items():
+        if isinstance(v, mitkernels.MiTState):
+            s = mitkernels.MiTState(v.num_classes)
+            s.load_state_dict(v.state_dict())
+            extra2[k] = s
+        else:
+            extra2[k] = v.detach().clone().requires_grad_(v.requires_grad)
+    return logits.clone(), targets.clone(), extra2
+
+
+def user_tensors(inputs):
+    """name -> tensor of what a call's kernels may point at directly."""
+    logits, targets, extra = inputs
+    out = {"logits": logits, "targets": targets}
+    for k, v in extra.items():
+        if isinstance(v, mitkernels.MiTState):
+            out["tau"] = v.tau
+            out.update(v.buffers())
+        else:
+            out[k] = v
+    return out
+
+
+def step(case, inputs):
+    loss_name, _, _, reduction = CASES[case]
+    logits, targets, extra = inputs
+    x = logits.detach().requires_grad_(True)
+    if loss_name == "mit":
+        loss, stats = mitkernels.mit_loss(x, targets, extra["state"], backend="triton",
+                                          reduction=reduction)
+        tau = extra["state"].tau
+    elif loss_name == "cct":
+        loss, stats = mitkernels.cct_eal_loss(x, targets, extra["tau"], extra["ema"],
+                                              extra["alpha"], backend="triton",
+                                              reduction=reduction)
+        tau = extra["tau"]
+    else:
+        loss, stats = mitkernels.tet_loss(x, targets, 0.7, 0.2, backend="triton",
+                                          reduction=reduction)
+        tau = None
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype,
+                             device=loss.device).reshape(loss.shape)
+    wrt = (x,) if tau is None else (x, tau)
+    grads = torch.autograd.grad((loss * weights).sum(), wrt)
+    return loss, stats, grads
+
+
+# ------------------------------------------------------------------------------------------
+# The oracle: the Python launchers' launches, in the logged launches' terms.
+# ------------------------------------------------------------------------------------------
+def python_launches(monkeypatch, case, inputs):
+    """(kernel, grid, args, kwargs) of each launch the Python launchers make for this step."""
+    seen = []
+    original = launch_plans.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, grid, args, kwargs))
+        return original(kernel, grid, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setenv("MITKERNELS_TRITON_LAUNCH", "python")
+        m.setattr(launch_plans, "launch", spy)
+        step(case, inputs)
+    return seen
+
+
+class Labels:
+    """A pointer's role within one op call: the user tensor it is, the forward output it is
+    (``rs``, ``gi``: the backward reads them), or the parameter that first passed it."""
+
+    def __init__(self, users, carried=None):
+        self.known = {t.data_ptr(): name for name, t in users.items()}
+        self.known.update(carried or {})
+        self.first = {}
+
+    def __call__(self, ptr, where):
+        if ptr in self.known:
+            return self.known[ptr]
+        return self.first.setdefault(ptr, where)
+
+
+def _slot(value: int, ptx_type: str):
+    raw = struct.pack("<Q", value)
+    return {"u32": struct.unpack("<i", raw[:4])[0], "s32": struct.unpack("<i", raw[:4])[0],
+            "u64": value, "s64": struct.unpack("<q", raw)[0],
+            "f32": struct.unpack("<f", raw[:4])[0], "f64": struct.unpack("<d", raw)[0]}[ptx_type]
+
+
+def expected_params(aot, kernel, args, kwargs, labels, index):
+    """The parameters a GPU launch of this call gets: ``(kind, value)`` in PTX order."""
+    import inspect
+
+    compiled = aot(kernel, args, kwargs)
+    names = set(kernel.arg_names)
+    bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                        if k in names})
+    bound.apply_defaults()
+    out = []
+    for name, value in bound.arguments.items():
+        ty = compiled.src.signature[name]
+        if ty == "constexpr":
+            continue
+        if ty.startswith("*"):
+            out.append(("ptr", labels(value.data_ptr(), (index, name)), name))
+        else:
+            out.append(("val", value, name))
+    return compiled, out
+
+
+def check_replay(aot, logged, launches, users_replay, users_python):
+    assert [type(k).__name__ for k, *_ in launches]  # the Python launchers launched something
+    assert len(logged) == len(launches), (len(logged), [k.fn.__name__ for k, *_ in launches])
+    op_labels = {}
+    carried = {"replay": {}, "python": {}}
+    for i, ((function, grid, threads, shared, slots), (kernel, pgrid, args, kwargs)) in \
+            enumerate(zip(logged, launches)):
+        op = "backward" if kernel.fn.__name__ in BACKWARD_KERNELS else "forward"
+        if op not in op_labels:
+            op_labels[op] = (Labels(users_replay, carried["replay"] if op == "backward" else None),
+                             Labels(users_python, carried["python"] if op == "backward" else None))
+        rep_labels, py_labels = op_labels[op]
+        compiled, want = expected_params(aot, kernel, args, kwargs, py_labels, i)
+        name = kernel.fn.__name__
+        assert function == compiled.function, f"{name}: another specialization was replayed"
+        assert tuple(grid) == tuple(pgrid) + (1,) * (3 - len(pgrid)), name
+        assert threads == 32 * kwargs["num_warps"] and shared == compiled.metadata.shared, name
+        ptx = launch_plans.ptx_params(compiled.asm["ptx"], compiled.metadata.name)
+        assert len(slots) == len(ptx) and len(ptx) in (len(want), len(want) + 1, len(want) + 2)
+        for j, (kind, value, pname) in enumerate(want):
+            got = slots[j]
+            if kind == "ptr":
+                label = rep_labels(got, (i, pname))
+                assert label == value, f"{name}.{pname}: points at {label}, Python at {value}"
+                if op == "forward" and pname in ("rs_ptr", "gi_ptr"):
+                    carried["replay"].setdefault(got, pname)
+                    carried["python"].setdefault(args[kernel.arg_names.index(pname)].data_ptr(),
+                                                 pname)
+            else:
+                assert _slot(got, ptx[j]) == pytest.approx(value, rel=0, abs=0) or \
+                    (isinstance(value, float) and ptx[j] == "f32"
+                     and _slot(got, "f32") == struct.unpack("<f", struct.pack("<f", value))[0]), \
+                    f"{name}.{pname}: {_slot(got, ptx[j])} against {value}"
+        assert all(s == 0 for s in slots[len(want):]), f"{name}: scratch pointers not null"
+
+
+# ------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------
+@cpu_only
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_launches_match_the_python_launches(monkeypatch, plans, aot, case):
+    first = make_inputs(case, seed=1)
+    step(case, first)  # records the forward's plan and the backward's
+    info = plans._triton_plan_info()
+    assert info["refused"] == 0, info["last_refusal"]
+    assert info["recorded"] == 2  # the forward and the backward
+    assert info["hits"] == 0 and plans._triton_plan_test_log() == []
+
+    second = make_inputs(case, seed=2)
+    step(case, second)  # replays both
+    logged = plans._triton_plan_test_log()
+    assert plans._triton_plan_info()["hits"] == 2
+    python_side = clone_inputs(second)
+    launches = python_launches(monkeypatch, case, python_side)
+    check_replay(aot, logged, launches, user_tensors(second), user_tensors(python_side))
+
+
+@cpu_only
+def test_a_new_signature_records_a_new_plan(plans):
+    inputs = make_inputs("fused", seed=1)
+    step("fused", inputs)
+    assert plans._triton_plan_info()["recorded"] == 2
+    step("fused", make_inputs("fused", seed=2))
+    assert plans._triton_plan_info()["hits"] == 2
+    # 8 rows: another shape
+    logits, targets, extra = make_inputs("fused", seed=3)
+    step("fused", (logits[:8], targets[:8], extra))
+    assert plans._triton_plan_info()["recorded"] == 4
+    # logits one element into their storage: 4-byte aligned, which Triton compiles apart
+    logits, targets, extra = make_inputs("fused", seed=4)
+    shifted = torch.empty(logits.numel() + 1, dtype=logits.dtype)[1:].view(logits.shape)
+    shifted.copy_(logits)
+    step("fused", (shifted, targets, extra))
+    info = plans._triton_plan_info()
+    assert info["recorded"] == 6 and info["hits"] == 2, info  # the backward reads them too
+    assert info["refused"] == 0, info["last_refusal"]
+    assert len(plans._triton_plan_test_log()) == 2  # the one replayed step: a launch each way
+
+
+@cpu_only
+def test_an_unplannable_call_stays_on_python_and_is_right(monkeypatch, plans):
+    # No compiled kernel for the recorder (as under the interpreter without tests' AOT): the
+    # signature is refused once, then its calls run the Python launchers every time, unchanged.
+    monkeypatch.setattr(launch_plans, "compiled_for", None)
+    results = []
+    for _ in range(3):
+        inputs = make_inputs("fused", seed=5)
+        loss, stats, grads = step("fused", inputs)
+        results.append((loss.detach(), stats["loss"], grads[0], inputs[2]["state"].tau.detach()))
+    info = plans._triton_plan_info()
+    assert info["refused"] == 2 and info["hits"] == 0 and info["recorded"] == 0, info
+    assert "no compiled kernel" in info["last_refusal"]
+    assert plans._triton_plan_test_log() == []
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
+
+
+@cpu_only
+def test_unknown_launch_setting_is_an_error(monkeypatch, plans):
+    inputs = make_inputs("fused", seed=6)
+    state = inputs[2]["state"]
+    before = {k: t.clone() for k, t in state.buffers().items()}
+    monkeypatch.setenv("MITKERNELS_TRITON_LAUNCH", "c++")
+    with pytest.raises(ValueError, match="MITKERNELS_TRITON_LAUNCH must be python or cpp, "
+                                         "got 'c\\+\\+'"):
+        step("fused", inputs)
+    for k, t in state.buffers().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_ptx_params_reads_the_entry():
+    ptx = (".visible .entry other(\n .param .u32 other_param_0\n)\n"
+           ".visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n"
+           "\t.param .u32 k_param_1,\n\t.param .f64 k_param_2\n)\n{\n}")
+    assert launch_plans.ptx_params(ptx, "k") == ["u64", "u32", "f64"]
+    with pytest.raises(launch_plans.Unplannable):
+        launch_plans.ptx_params(ptx, "missing")
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the launches themselves.
+# ------------------------------------------------------------------------------------------
+gpu_only = gpu_test(not INTERPRET and torch.cuda.is_available() and HAVE_PLANS and
+                    _backends.unavailable_reason("triton", torch.device("cuda")) is None,
+                    "needs a CUDA device, Triton and the extension")
+
+
+@gpu_only
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backward", ["auto", "triton"])
+def test_cuda_plans_match_the_python_launches(monkeypatch, case, backward):
+    """Three steps through plans (one recorded, two replayed) give the bits of three steps
+    through the Python launchers, state included."""
+    monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", backward)
+    EXT._triton_plan_clear()
+
+    def run(launch):
+        monkeypatch.setenv("MITKERNELS_TRITON_LAUNCH", launch)
+        logits, targets, extra = make_inputs(case, seed=7)
+        inputs = (logits.cuda(), targets.cuda(), {
+            k: (v.to("cuda") if isinstance(v, mitkernels.MiTState)
+                else v.detach().cuda().requires_grad_(v.requires_grad))
+            for k, v in extra.items()})
+        out = []
+        for _ in range(3):
+            loss, stats, grads = step(case, inputs)
+            out += [loss.detach(), *stats.values(), *grads]
+        out += list(user_tensors(inputs).values())
+        torch.cuda.synchronize()
+        return [t.cpu() for t in out]
+
+    via_plans = run("cpp")
+    info = EXT._triton_plan_info()
+    assert info["refused"] == 0, info["last_refusal"]
+    assert info["hits"] >= 2, info
+    via_python = run("python")
+    assert len(via_plans) == len(via_python)
+    for a, b in zip(via_plans, via_python):
+        assert torch.equal(a, b)
+    EXT._triton_plan_clear()
