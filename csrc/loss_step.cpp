@@ -15,6 +15,7 @@
 // dispatcher calls into Python for the launches only (on a GPU, with the extension's CUDA
 // kernels, for the forward's only: triton_step_takes_cuda_backward).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -250,6 +251,10 @@ ForwardOut call_forward(const Canonical& in, const StepArgs& a, bool use_plans) 
 template <class Kernels>
 StepOut step_forward(const Tensor& logits, const Tensor& tau, const StepArgs& a, bool use_plans) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // The logits' device current: Triton launches on the current device (the autograd engine sets
+  // it for the backward), and launch plans record kernels loaded there.
+  c10::OptionalDeviceGuard device_guard;
+  if (logits.is_cuda() && is_plain(logits)) device_guard.reset_device(logits.device());
   const Canonical in = canonical(logits, a.targets, tau);
   StepOut out;
   std::tie(out.loss, out.stats, out.row_stats, out.grad_info) =

@@ -371,6 +371,28 @@ def test_an_unplannable_call_stays_on_python_and_is_right(monkeypatch, plans):
 
 
 @cpu_only
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: (p[0], p[1], p[2], [len(p[1])]), "output buffer"),
+    (lambda p: (p[0], p[1], [(*p[2][0][:4], [(1, len(p[1]), 0, 0.0)])], p[3]), "buffer"),
+    (lambda p: (p[0], p[1], [(*p[2][0][:4], [(0, p[0], 0, 0.0)])], p[3]), "input"),
+    (lambda p: (p[0], p[1], [(*p[2][0][:4], [(9, 0, 0, 0.0)])], p[3]), "parameter kind"),
+    (lambda p: (p[0], p[1], [(p[2][0][0], [1, 1], *p[2][0][2:])], p[3]), "3 dimensions"),
+], ids=["output", "buffer", "input", "kind", "grid"])
+def test_the_store_refuses_a_malformed_plan(monkeypatch, plans, damage, message):
+    # Whatever the recorder hands over is checked before it is kept: a plan that points outside
+    # its inputs or buffers is refused (the call's result stands; the signature stays on Python).
+    plan = launch_plans.Recorder.plan
+    monkeypatch.setattr(launch_plans.Recorder, "plan", lambda self, out: damage(plan(self, out)))
+    loss, _, _ = step("fused", make_inputs("fused", seed=8))
+    info = plans._triton_plan_info()
+    assert info["recorded"] == 0 and info["refused"] == 2, info
+    assert message in info["last_refusal"], info["last_refusal"]
+    assert torch.isfinite(loss).all()
+    step("fused", make_inputs("fused", seed=9))
+    assert plans._triton_plan_info()["hits"] == 0 and plans._triton_plan_test_log() == []
+
+
+@cpu_only
 def test_unknown_launch_setting_is_an_error(monkeypatch, plans):
     inputs = make_inputs("fused", seed=6)
     state = inputs[2]["state"]

@@ -912,21 +912,32 @@ int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t t
   // other kernels) that is cuLaunchKernel's launch.
   using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                                 unsigned, unsigned, CUstream, void**, void**);
-  static LaunchFn fn = [] {
+  using CtxFn = CUresult (*)(CUcontext*);
+  static const auto entry = [](const char* name) -> void* {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
 #if CUDART_VERSION >= 12050
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuLaunchKernel", &p, 12000, cudaEnableDefault, &found);
+    const cudaError_t err = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
 #else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuLaunchKernel", &p, cudaEnableDefault, &found);
+    const cudaError_t err = cudaGetDriverEntryPoint(name, &p, cudaEnableDefault, &found);
 #endif
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<LaunchFn>(p)
-                                                                      : nullptr;
-  }();
-  if (fn == nullptr) return CUDA_ERROR_NOT_FOUND;
-  return fn(reinterpret_cast<CUfunction>(function), grid[0], grid[1], grid[2], threads, 1, 1, shared,
-            reinterpret_cast<CUstream>(stream), params, nullptr);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? p : nullptr;
+  };
+  static const auto launch = reinterpret_cast<LaunchFn>(entry("cuLaunchKernel"));
+  static const auto current = reinterpret_cast<CtxFn>(entry("cuCtxGetCurrent"));
+  if (launch == nullptr || current == nullptr) return CUDA_ERROR_NOT_FOUND;
+  // The driver launches into the thread's current context. The runtime (the caller's device
+  // guard, the allocations before) makes the device's primary context current, where Triton
+  // loaded the function; a thread with none gets it from cudaSetDevice.
+  CUcontext ctx = nullptr;
+  if (current(&ctx) != CUDA_SUCCESS || ctx == nullptr) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+      return CUDA_ERROR_INVALID_CONTEXT;
+    }
+  }
+  return launch(reinterpret_cast<CUfunction>(function), grid[0], grid[1], grid[2], threads, 1, 1,
+                shared, reinterpret_cast<CUstream>(stream), params, nullptr);
 }
 #endif  // MITK_CUDA_API_ONLY
 

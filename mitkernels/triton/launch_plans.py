@@ -136,6 +136,12 @@ class Recorder:
     def plan(self, outputs: Sequence[Tensor]) -> tuple:
         if self.problem is not None:
             raise Unplannable(self.problem)
+        device = self.inputs[0].device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            # Triton loaded the kernels into the current device's context; a replay launches
+            # them on the logits' device
+            raise Unplannable(f"logits on {device}, current device cuda:"
+                              f"{torch.cuda.current_device()}")
         # Inputs are matched by identity, the first match: the key holds which inputs share a
         # pointer, so a replay gives that parameter the same pointer.
         outs = []
@@ -189,7 +195,9 @@ def recordable(inputs_of: Callable[..., Sequence[Tensor]]):
                 _state.recorder = None
             try:
                 ext._triton_plan_store(*rec.plan(out))
-            except Unplannable as err:
+            except (Unplannable, ValueError) as err:
+                # ValueError: the store found the plan malformed. The call's own result stands
+                # (the launchers ran); the signature stays on them.
                 ext._triton_plan_refuse(str(err))
             return out
         return op
@@ -204,28 +212,26 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         rec.launch(kernel, grid, args, kwargs, compiled)
 
 
-def empty(shape, dtype: torch.dtype, device) -> Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
+def _buffer(t: Tensor, zero: bool) -> Tensor:
     rec = active()
     if rec is not None:
-        rec.buffer(t, False)
+        rec.buffer(t, zero)
     return t
+
+
+def empty(shape, dtype: torch.dtype, device) -> Tensor:
+    """``torch.empty``, a buffer of the plan being made."""
+    return _buffer(torch.empty(shape, dtype=dtype, device=device), False)
 
 
 def zeros(shape, dtype: torch.dtype, device) -> Tensor:
-    t = torch.zeros(shape, dtype=dtype, device=device)
-    rec = active()
-    if rec is not None:
-        rec.buffer(t, True)
-    return t
+    """``torch.zeros``, a buffer the plan zeroes."""
+    return _buffer(torch.zeros(shape, dtype=dtype, device=device), True)
 
 
 def empty_like(x: Tensor) -> Tensor:
-    t = torch.empty_like(x)
-    rec = active()
-    if rec is not None:
-        rec.buffer(t, False)
-    return t
+    """``torch.empty_like`` (its strides are recorded: a dense ``x``'s layout)."""
+    return _buffer(torch.empty_like(x), False)
 
 
 def info() -> dict:
