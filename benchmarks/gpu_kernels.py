@@ -34,7 +34,9 @@ Triton step (``mitkernels_C::triton_loss_step_``, a C++ autograd node whose back
 extension's CUDA gradient kernel when it has one and the logits hold under 1 GiB), ``triton-tk``
 the same with ``MITKERNELS_TRITON_BACKWARD=triton`` (Triton's backward, launched from Python on
 the autograd thread), ``triton-cu`` with ``=cuda`` (the CUDA kernel at any size), ``triton-py``
-the Triton step through the Python autograd node (no extension).
+the Triton step through the Python autograd node (no extension), ``triton-pl`` the step through
+launch plans (``MITKERNELS_TRITON_LAUNCH=cpp``: its Triton kernels launched from C++) and
+``triton-plk`` plans with Triton's backward at every size.
 """
 from __future__ import annotations
 
@@ -390,6 +392,13 @@ def launch_overhead(n: int = 256, c: int = 5) -> List[str]:
         backwards = [("", {})]
         if backend == "triton":
             backwards.append((", Triton's kernel", {"MITKERNELS_TRITON_BACKWARD": "triton"}))
+            # launch plans: the Triton kernels launched from C++ once a call of the same
+            # signature has been recorded (the warm-up calls of _host_us record it)
+            plans = {"MITKERNELS_TRITON_LAUNCH": "cpp"}
+            with mock.patch.dict(os.environ, plans):
+                add(f"{backend} mit_loss + grad, plans {n}x{c}", train_step)
+            backwards.append((", plans + Triton's kernel",
+                              {**plans, "MITKERNELS_TRITON_BACKWARD": "triton"}))
         for suffix, env in backwards:
             with mock.patch.dict(os.environ, env):  # the step's forward chooses its backward
                 loss, _ = mitkernels.mit_loss(x, case.y, state, backend=backend)
@@ -453,8 +462,11 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
             # triton-tk / triton-cu: the C++ node with Triton's / the CUDA backward (`triton`
             # chooses by size); triton-py: the Triton step through the Python autograd node (what
             # runs when the extension is missing)
-            variants = list(backends) + (["triton-tk", "triton-cu", "triton-py"]
-                                         if "triton" in backends else [])
+            # triton-pl: through launch plans (MITKERNELS_TRITON_LAUNCH=cpp: the kernels
+            # launched from C++, mitkernels/triton/launch_plans.py); triton-plk: plans and
+            # Triton's backward at any size
+            variants = list(backends) + (["triton-tk", "triton-cu", "triton-py", "triton-pl",
+                                          "triton-plk"] if "triton" in backends else [])
             for label in variants:
                 backend = label.split("-")[0]
                 if _backends.unavailable_reason(backend, DEVICE) is not None:
@@ -464,7 +476,12 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
 
                 step = functools.partial(_train_step, x, case.y_full, state, backend)
 
-                if label.endswith("-py"):
+                if label.endswith("-pl") or label.endswith("-plk"):
+                    env = {"MITKERNELS_TRITON_LAUNCH": "cpp"}
+                    if label.endswith("-plk"):
+                        env["MITKERNELS_TRITON_BACKWARD"] = "triton"
+                    variant = mock.patch.dict(os.environ, env)
+                elif label.endswith("-py"):
                     variant = mock.patch.object(functional, "_triton_step_op", lambda: None)
                 elif label.endswith("-tk"):
                     variant = mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "triton"})

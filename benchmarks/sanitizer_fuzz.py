@@ -13,7 +13,10 @@ Each case draws a shape (rows 1..1000, classes 2..5000, optional spatial dims), 
 huge). It runs the forward and the backward to logits and temperature, synchronizes (so a fault
 is blamed on its case), and checks what the op contract promises: finite results, a NaN loss
 and an untouched state when a target is invalid, and agreement with the eager reference when
-every target is valid. Exit status 0 when every case ran and every check held.
+every target is valid. Exit status 0 when every case ran and every check held. On a GPU whose
+extension has its CUDA part, ``triton-plans`` runs the Triton cases again through launch plans
+(``MITKERNELS_TRITON_LAUNCH=cpp``, Triton's backward at every size): a first call records the
+case's plans, and the checked call replays them.
 
 Runs on CPU too (``--device cpu``), for checking the driver itself: there invalid targets are
 refused with a ValueError before anything runs, which the driver expects.
@@ -21,6 +24,7 @@ refused with a ValueError before anything runs, which the driver expects.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -135,8 +139,26 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) if b.numel() else 0.0
 
 
+# The Triton backend through launch plans (mitkernels/triton/launch_plans.py), Triton's backward
+# at every size: each case runs once to record its plans, then is checked on a replay.
+PLANS = "triton-plans"
+PLANS_ENV = {"MITKERNELS_TRITON_LAUNCH": "cpp", "MITKERNELS_TRITON_BACKWARD": "triton"}
+
+
 def run_case(case: dict, backend: str, device: torch.device) -> str:
     """Runs one case; returns '' when every check held, else what went wrong."""
+    if backend == PLANS:
+        from unittest import mock
+
+        with mock.patch.dict(os.environ, PLANS_ENV):
+            base, logits = make_logits(case, device)
+            try:
+                loss, _, params = call_loss(case, logits, make_targets(case, device), "triton",
+                                            make_state(case, device))
+                torch.autograd.grad(loss.sum(), [base, *params], allow_unused=True)
+            except ValueError:
+                pass  # refused on CPU: the checked call below expects that too
+            return run_case(case, "triton", device)
     base, logits = make_logits(case, device)
     targets = make_targets(case, device)
     expect_refusal = case["invalid"] is not None and device.type == "cpu"
@@ -200,6 +222,8 @@ def main(argv=None) -> int:
         backends = [b for b in ("triton", "cuda", "cpu")
                     if _backends.unavailable_reason(b, device) is None
                     and not (b == "triton" and device.type == "cpu")]
+        if "triton" in backends and "cuda" in _backends.available(device):
+            backends.append(PLANS)  # plans launch through the extension's CUDA part
     if not backends:
         print(f"no kernel backend on {device}: {mitkernels.build_info()}", file=sys.stderr)
         return 3
