@@ -10,6 +10,8 @@ Providers, timed on the same tensors:
                 dtype and mode, warmed up before timing (its compile time is reported).
 * ``cpu`` / ``cuda`` / ``triton``  ``mitkernels.mit_loss(..., backend=name)`` for every kernel
                 backend ``mitkernels._backends.available(device)`` lists.
+* ``triton_plans``  the ``triton`` step through launch plans (``MITKERNELS_TRITON_LAUNCH=cpp``),
+                on CUDA when the extension has its CUDA part.
 * ``torch_ce``  ``F.cross_entropy``: a plain cross-entropy anchor (no temperature, no entropy).
 * ``liger_ce``  Liger-Kernel's ``LigerCrossEntropyLoss`` when it is importable (CUDA only).
 * ``copy``      ``out.copy_(x)`` of the logits (1 read + 1 write): the machine's bandwidth. The loss
@@ -456,6 +458,32 @@ class KernelProvider(Provider):
         return _loss_step(case, state, loss_fn)
 
 
+class PlansProvider(KernelProvider):
+    """The Triton backend through launch plans (``MITKERNELS_TRITON_LAUNCH=cpp``: its kernels
+    launched from C++ once the first call has recorded them). The variable is set around each
+    call (the step's forward reads it), which adds about 2 us of host time a step."""
+
+    def __init__(self):
+        super().__init__("triton")
+        self.name = "triton_plans"
+
+    def make(self, case, state):
+        inner = super().make(case, state)
+
+        def step():
+            old = os.environ.get("MITKERNELS_TRITON_LAUNCH")
+            os.environ["MITKERNELS_TRITON_LAUNCH"] = "cpp"
+            try:
+                return inner()
+            finally:
+                if old is None:
+                    del os.environ["MITKERNELS_TRITON_LAUNCH"]
+                else:
+                    os.environ["MITKERNELS_TRITON_LAUNCH"] = old
+
+        return step
+
+
 class TorchCEProvider(Provider):
     name = "torch_ce"
     is_mit = False
@@ -859,6 +887,9 @@ def build_providers(device: torch.device, args) -> Tuple[List[Provider], List[st
             reason = "the Triton interpreter is for tests, not timing (--interpret to time it)"
         if reason is None:
             providers.append(KernelProvider(name))
+            if name == "triton" and device.type == "cuda" and \
+                    _backends.unavailable_reason("cuda", device) is None:
+                providers.append(PlansProvider())  # plans launch through the CUDA part
         elif not (name == "cuda" and device.type == "cpu"):
             notes.append(f"backend {name}: not timed: {reason}")
     providers.append(TorchCEProvider())
@@ -887,8 +918,8 @@ def parse_args(argv=None):
                         "e.g. 256x5,1024x1000,8x5x128x128")
     p.add_argument("--dtypes", help="override: comma list of fp32,bf16,fp16")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd,fwdbwd")
-    p.add_argument("--providers", help="only these (eager,compiled,cpu,cuda,triton,torch_ce,"
-                   "liger_ce,copy)")
+    p.add_argument("--providers", help="only these (eager,compiled,cpu,cuda,triton,"
+                   "triton_plans,torch_ce,liger_ce,copy)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--interpret", action="store_true",
