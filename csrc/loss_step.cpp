@@ -302,12 +302,15 @@ struct LossStep : public torch::autograd::Function<Node> {
     const bool cuda_backward = ctx->saved_data["b"].toBool();
     const auto& backward_op =
         cuda_backward ? loss_backward_op<CompiledKernels>() : loss_backward_op<Kernels>();
+    // Contiguous here rather than in the launchers: the per-row gradient of loss.sum() is an
+    // expanded (stride 0) tensor, whose copy a launch plan could not trace to an input.
+    const Tensor grad = grad_loss.contiguous();
     const auto call = [&] {
-      return backward_op.call(grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4], t[0],
-                              t[1], t[2], i[0], i[1], needs_tau);
+      return backward_op.call(grad, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1],
+                              t[2], i[0], i[1], needs_tau);
     };
     Tensor grad_logits, grad_tau;
-    const std::vector<Tensor> inputs{grad_loss, in.logits, in.targets, in.tau, saved[3], saved[4]};
+    const std::vector<Tensor> inputs{grad, in.logits, in.targets, in.tau, saved[3], saved[4]};
     if (!cuda_backward && ctx->saved_data["p"].toBool() && all_plain(inputs)) {
       const std::vector<int64_t> scalars{plans::bits(t[0]), plans::bits(t[1]), plans::bits(t[2]),
                                          i[0], i[1], needs_tau};

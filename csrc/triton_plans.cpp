@@ -35,6 +35,7 @@ struct Buffer {
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
   bool zero;
+  std::string dtype_name;  // as launch_plans.py named it
 };
 
 struct Launch {
@@ -145,23 +146,45 @@ uint64_t slot_of(const Param& p, at::TensorList inputs, const std::vector<Tensor
   }
 }
 
-std::vector<Tensor> run(const Plan& plan, at::TensorList inputs) {
+// What the CPU slot's replays allocated (tests compare it with the Python launchers').
+std::vector<std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>&
+buffer_log() {
+  static auto* log = new std::vector<
+      std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>();
+  return *log;
+}
+
+// The plan's buffers and launches on `inputs`; nullopt, before any launch, when a buffer is not
+// 16-byte aligned (the kernels were compiled for aligned ones: an allocator that gives less
+// sends the call back to Python).
+std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) {
   const c10::Device device = inputs[0].device();
   const Launcher launch = launcher(device.type());
   TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
   const c10::OptionalDeviceGuard guard(device);
   // The recording launcher runs no kernel: its buffers are zeroed so the outputs are defined.
-  const bool zero_all = device.is_cpu();
+  const bool test_slot = device.is_cpu();
   std::vector<Tensor> buffers;
   buffers.reserve(plan.buffers.size());
   for (const Buffer& b : plan.buffers) {
     Tensor t = at::empty_strided(b.sizes, b.strides, at::TensorOptions().dtype(b.dtype).device(device));
-    if (b.zero || zero_all) t.zero_();
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return std::nullopt;
     buffers.push_back(std::move(t));
+  }
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (plan.buffers[i].zero || test_slot) buffers[i].zero_();
+  }
+  if (test_slot) {
+    const std::lock_guard<std::mutex> lock(log_mutex);
+    auto& entry = buffer_log().emplace_back();
+    for (const Buffer& b : plan.buffers) {
+      entry.emplace_back(b.sizes, b.strides, b.dtype_name, b.zero);
+    }
   }
   std::array<uint64_t, kMaxParams> slots;
   std::array<void*, kMaxParams> params;
   for (const Launch& l : plan.launches) {
+    if (l.grid[0] == 0 || l.grid[1] == 0 || l.grid[2] == 0) continue;  // as Triton's launcher
     const int n = static_cast<int>(l.params.size());
     for (int i = 0; i < n; ++i) {
       slots[i] = slot_of(l.params[i], inputs, buffers);
@@ -180,12 +203,23 @@ using PyParam = std::tuple<int, int64_t, int64_t, double>;
 using PyBuffer = std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>;
 using PyLaunch = std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<PyParam>>;
 
-void put(std::shared_ptr<const Plan> plan) {
+bool put(std::shared_ptr<const Plan> plan) {
   TORCH_CHECK(pending != nullptr, "launch plan: no call of this thread is being recorded");
   Store& s = store();
   const std::lock_guard<std::mutex> lock(s.mutex);
-  if (s.plans.size() < kMaxPlans) s.plans[*pending] = std::move(plan);
+  const bool room = s.plans.size() < kMaxPlans;
+  if (room) s.plans[*pending] = std::move(plan);
   pending = nullptr;  // one plan a recorded call
+  return room;
+}
+
+// Keeps `key`'s calls on Python from now on (a replay that could not run), saying why.
+void retire(const Key& key, const std::string& reason) {
+  Store& s = store();
+  const std::lock_guard<std::mutex> lock(s.mutex);
+  s.plans[key] = nullptr;
+  s.last_refusal = reason;
+  s.refused++;
 }
 
 void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
@@ -194,7 +228,7 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
   plan->num_inputs = num_inputs;
   for (const auto& [sizes, strides, dtype, zero] : buffers) {
     TORCH_CHECK_VALUE(sizes.size() == strides.size(), "launch plan: buffer sizes and strides differ in length");
-    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero});
+    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype});
   }
   const auto nbuf = static_cast<int64_t>(plan->buffers.size());
   for (const auto& [function, grid, threads, shared, params] : launches) {
@@ -220,12 +254,11 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
     TORCH_CHECK_VALUE(i >= 0 && i < nbuf, "launch plan: output buffer ", i, " of ", nbuf);
   }
   plan->outputs = outputs;
-  put(std::move(plan));
-  store().recorded++;
+  if (put(std::move(plan))) store().recorded++;
 }
 
 void refuse(const std::string& reason) {
-  put(nullptr);
+  if (!put(nullptr)) return;
   Store& s = store();
   s.refused++;
   const std::lock_guard<std::mutex> lock(s.mutex);
@@ -258,6 +291,7 @@ void test_launcher(bool enable) {
   launcher(c10::kCPU) = enable ? &logging_launcher : nullptr;
   const std::lock_guard<std::mutex> lock(log_mutex);
   launch_log().clear();
+  buffer_log().clear();
 }
 
 std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>>
@@ -272,10 +306,23 @@ test_log() {
   return out;
 }
 
+std::vector<std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>
+test_buffers() {
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  auto out = std::move(buffer_log());
+  buffer_log().clear();
+  return out;
+}
+
 }  // namespace
 
 Launcher& launcher(c10::DeviceType type) {
   static Launcher cuda = nullptr, cpu = nullptr;
+  return type == c10::kCUDA ? cuda : cpu;
+}
+
+Probe& launcher_probe(c10::DeviceType type) {
+  static Probe cuda = nullptr, cpu = nullptr;
   return type == c10::kCUDA ? cuda : cpu;
 }
 
@@ -290,7 +337,11 @@ bool requested() {
 bool usable(const at::Tensor& logits) {
   const c10::DeviceType type = logits.device().type();
   // The variable is checked on every Triton step, so a typo fails whatever the device.
-  return requested() && (type == c10::kCUDA || type == c10::kCPU) && launcher(type) != nullptr;
+  if (!requested() || (type != c10::kCUDA && type != c10::kCPU) || launcher(type) == nullptr) {
+    return false;
+  }
+  const Probe probe = launcher_probe(type);
+  return probe == nullptr || probe();
 }
 
 int64_t bits(double v) {
@@ -337,8 +388,21 @@ std::optional<std::vector<Tensor>> replay(const Key& key, at::TensorList inputs)
   }
   TORCH_CHECK(plan->num_inputs == static_cast<int64_t>(inputs.size()),
               "launch plan: recorded for ", plan->num_inputs, " inputs, called with ", inputs.size());
+  std::optional<std::vector<Tensor>> out;
+  try {
+    out = run(*plan, inputs);
+  } catch (const std::exception& err) {
+    // A launch the driver refused: this call fails (launches before it may have run), later
+    // calls with the signature take the Python launchers.
+    retire(key, std::string("replay failed: ") + err.what());
+    throw;
+  }
+  if (!out) {
+    retire(key, "a replay buffer was not 16-byte aligned");
+    return std::nullopt;
+  }
   s.hits++;
-  return run(*plan, inputs);
+  return out;
 }
 
 bool known(const Key& key) {
@@ -361,6 +425,8 @@ void bind(pybind11::module_& m) {
   m.def("_triton_plan_test_launcher", &test_launcher,
         "Tests: launch plans of CPU tensors go to a launcher that logs their parameters.");
   m.def("_triton_plan_test_log", &test_log, "Tests: the logged launches, oldest first (then cleared).");
+  m.def("_triton_plan_test_buffers", &test_buffers,
+        "Tests: each logged replay's buffers (sizes, strides, dtype, zero), oldest first (then cleared).");
 }
 
 }  // namespace plans

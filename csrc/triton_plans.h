@@ -33,6 +33,10 @@ enum class Op : int64_t { kForward = 0, kBackward = 1 };
 using Launcher = void (*)(uint64_t function, const uint32_t grid[3], uint32_t threads,
                           uint32_t shared, void** params, int num_params, c10::Device device);
 Launcher& launcher(c10::DeviceType type);  // kCUDA: set by the CUDA glue; kCPU: tests only
+// Whether the launcher can launch here (the CUDA glue: the driver's entry points resolve);
+// null: it can.
+using Probe = bool (*)();
+Probe& launcher_probe(c10::DeviceType type);
 
 // MITKERNELS_TRITON_LAUNCH: `python` (the default) or `cpp` (plans). Read on the caller's thread.
 bool requested();

@@ -36,7 +36,7 @@ BACKWARD_KERNELS = ("_backward_kernel", "_grad_tau_none_kernel")
 # ------------------------------------------------------------------------------------------
 # Compiling as a launch would, without a GPU.
 # ------------------------------------------------------------------------------------------
-METADATA = ("name", "shared", "num_warps", "num_ctas", "global_scratch_size",
+METADATA = ("name", "hash", "shared", "num_warps", "num_ctas", "global_scratch_size",
             "profile_scratch_size", "launch_pdl", "launch_cooperative_grid")
 _WORKER_JIT = None
 
@@ -213,19 +213,36 @@ def step(case, inputs):
 # The oracle: the Python launchers' launches, in the logged launches' terms.
 # ------------------------------------------------------------------------------------------
 def python_launches(monkeypatch, case, inputs):
-    """(kernel, grid, args, kwargs) of each launch the Python launchers make for this step."""
-    seen = []
-    original = launch_plans.launch
+    """What the Python launchers do for this step: (kernel, grid, args, kwargs) of each launch,
+    and the allocations (sizes, strides, dtype, zeroed) of the forward and of the backward."""
+    events = []
 
     def spy(kernel, grid, *args, **kwargs):
-        seen.append((kernel, grid, args, kwargs))
+        events.append(("launch", (kernel, grid, args, kwargs)))
         return original(kernel, grid, *args, **kwargs)
 
+    def alloc(make, zero):
+        def wrapped(*args, **kwargs):
+            t = make(*args, **kwargs)
+            events.append(("alloc", (list(t.shape), list(t.stride()),
+                                     str(t.dtype).rpartition(".")[2], zero)))
+            return t
+        return wrapped
+
+    original = launch_plans.launch
     with monkeypatch.context() as m:
         m.setenv("MITKERNELS_TRITON_LAUNCH", "python")
         m.setattr(launch_plans, "launch", spy)
+        for name, zero in (("empty", False), ("zeros", True), ("empty_like", False)):
+            m.setattr(launch_plans, name, alloc(getattr(launch_plans, name), zero))
         step(case, inputs)
-    return seen
+    launches = [e for kind, e in events if kind == "launch"]
+    # the backward's allocations are those after the forward's last launch
+    last_forward = max(i for i, (kind, e) in enumerate(events)
+                       if kind == "launch" and e[0].fn.__name__ not in BACKWARD_KERNELS)
+    allocations = [[e for kind, e in events[:last_forward] if kind == "alloc"],
+                   [e for kind, e in events[last_forward:] if kind == "alloc"]]
+    return launches, allocations
 
 
 class Labels:
@@ -324,9 +341,12 @@ def test_replayed_launches_match_the_python_launches(monkeypatch, plans, aot, ca
     step(case, second)  # replays both
     logged = plans._triton_plan_test_log()
     assert plans._triton_plan_info()["hits"] == 2
+    replay_buffers = plans._triton_plan_test_buffers()
     python_side = clone_inputs(second)
-    launches = python_launches(monkeypatch, case, python_side)
+    launches, allocations = python_launches(monkeypatch, case, python_side)
     check_replay(aot, logged, launches, user_tensors(second), user_tensors(python_side))
+    # the same buffers, in the same order, zeroed where the launchers zeroed them
+    assert replay_buffers == allocations
 
 
 @cpu_only
@@ -349,6 +369,60 @@ def test_a_new_signature_records_a_new_plan(plans):
     assert info["recorded"] == 6 and info["hits"] == 2, info  # the backward reads them too
     assert info["refused"] == 0, info["last_refusal"]
     assert len(plans._triton_plan_test_log()) == 2  # the one replayed step: a launch each way
+
+
+def _scalar_step(change, seed):
+    """A MiT or CCT-EAL step of 9 x 6 logits with one scalar argument changed (or none)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    y = torch.randint(0, 6, (9,), generator=g)
+    if change.startswith("cct") or change == "base_cct":
+        tau = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        kw = {"ema_momentum": 0.8} if change == "cct_momentum" else \
+            {"t_min": 0.7} if change == "cct_t_min" else {}
+        loss, _ = mitkernels.cct_eal_loss(x, y, tau, torch.full((6,), 1 / 6, dtype=torch.float64),
+                                          torch.tensor(0.3, dtype=torch.float64),
+                                          backend="triton", **kw)
+        return torch.autograd.grad(loss, (x, tau))
+    state = mitkernels.MiTState(6)
+    kw = {"ignore_index": 2} if change == "ignore_index" else \
+        {"update_state": False} if change == "update_state" else {}
+    loss, _ = mitkernels.mit_loss(x, y, state, backend="triton", **kw)
+    return torch.autograd.grad(loss, (x,) if change == "needs_tau" else (x, state.tau))
+
+
+@cpu_only
+@pytest.mark.parametrize("change,replayed", [
+    ("ignore_index", 0), ("update_state", 1), ("needs_tau", 1), ("cct_momentum", 1),
+    ("cct_t_min", 0)])
+def test_a_changed_scalar_is_a_new_signature(plans, change, replayed):
+    # Each scalar the launchers pass to a kernel is in the key: with one changed, the op it
+    # reaches records a new plan rather than replay the old literal (`replayed`: how many of the
+    # step's two ops keep their key).
+    base = "base_cct" if change.startswith("cct") else "base"
+    _scalar_step(base, seed=1)
+    _scalar_step(base, seed=2)
+    before = plans._triton_plan_info()
+    assert before["hits"] == 2 and before["recorded"] == 2, before
+    _scalar_step(change, seed=3)
+    after = plans._triton_plan_info()
+    assert after["hits"] - before["hits"] == replayed, after
+    assert after["recorded"] - before["recorded"] == 2 - replayed, after
+    assert after["refused"] == 0, after["last_refusal"]
+
+
+@cpu_only
+def test_the_backward_of_a_summed_none_loss_is_planned(plans):
+    # loss.sum() hands the backward an expanded (stride 0) gradient; the step makes it
+    # contiguous before the launchers see it, so the backward is planned like the others.
+    for seed in (1, 2):
+        logits, targets, extra = make_inputs("rows_none", seed)
+        x = logits.requires_grad_(True)
+        loss, _ = mitkernels.mit_loss(x, targets, extra["state"], backend="triton",
+                                      reduction="none")
+        torch.autograd.grad(loss.sum(), (x, extra["state"].tau))
+    info = plans._triton_plan_info()
+    assert info == {**info, "recorded": 2, "hits": 2, "refused": 0}, info
 
 
 @cpu_only
@@ -422,6 +496,14 @@ gpu_only = gpu_test(not INTERPRET and torch.cuda.is_available() and HAVE_PLANS a
                     "needs a CUDA device, Triton and the extension")
 
 
+def _poison_cuda_allocator():
+    """Leave the caching allocator's free blocks full of 0xFF bytes, so that a buffer a replay
+    fails to zero starts as garbage rather than as a lucky zero."""
+    blocks = [torch.full((n,), -1, dtype=torch.int8, device="cuda")
+              for n in (512, 4096, 1 << 16, 1 << 20, 1 << 22) for _ in range(8)]
+    del blocks
+
+
 @gpu_only
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backward", ["auto", "triton"])
@@ -440,6 +522,7 @@ def test_cuda_plans_match_the_python_launches(monkeypatch, case, backward):
             for k, v in extra.items()})
         out = []
         for _ in range(3):
+            _poison_cuda_allocator()
             loss, stats, grads = step(case, inputs)
             out += [loss.detach(), *stats.values(), *grads]
         out += list(user_tensors(inputs).values())

@@ -322,7 +322,8 @@ void plan_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, 
 }
 
 [[maybe_unused]] const bool kPlanLauncherSet =
-    (mitk::plans::launcher(c10::kCUDA) = &plan_launcher, true);
+    (mitk::plans::launcher(c10::kCUDA) = &plan_launcher,
+     mitk::plans::launcher_probe(c10::kCUDA) = &driver_launch_available, true);
 
 }  // namespace
 }  // namespace cuda

@@ -100,6 +100,8 @@ bool backward_kernel_available();
 // link against libcuda (it must load where no driver is). Returns the CUresult.
 int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t threads,
                            uint32_t shared, cudaStream_t stream, void** params);
+// Whether launch_driver_function can launch: the driver's entry points resolve.
+bool driver_launch_available();
 
 #ifndef MITK_CUDA_API_ONLY
 namespace {
@@ -905,15 +907,16 @@ bool backward_kernel_available() {
   return err == cudaSuccess;
 }
 
-int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t threads,
-                           uint32_t shared, cudaStream_t stream, void** params) {
-  // Triton launches with cuLaunchKernelEx; with one CTA a cluster, no cooperative grid, no
-  // programmatic dependent launch and under 228 KB of shared memory (launch_plans.py refuses
-  // other kernels) that is cuLaunchKernel's launch.
+namespace {
+// The driver functions a plan's launch needs, from the runtime's entry point query.
+struct DriverCalls {
   using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                                 unsigned, unsigned, CUstream, void**, void**);
   using CtxFn = CUresult (*)(CUcontext*);
-  static const auto entry = [](const char* name) -> void* {
+  LaunchFn launch = nullptr;
+  CtxFn current = nullptr;
+
+  static void* entry(const char* name) {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
 #if CUDART_VERSION >= 12050
@@ -921,23 +924,42 @@ int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t t
 #else
     const cudaError_t err = cudaGetDriverEntryPoint(name, &p, cudaEnableDefault, &found);
 #endif
+    if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; keep it from the next check
     return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? p : nullptr;
-  };
-  static const auto launch = reinterpret_cast<LaunchFn>(entry("cuLaunchKernel"));
-  static const auto current = reinterpret_cast<CtxFn>(entry("cuCtxGetCurrent"));
-  if (launch == nullptr || current == nullptr) return CUDA_ERROR_NOT_FOUND;
+  }
+  static const DriverCalls& get() {
+    static const DriverCalls calls{reinterpret_cast<LaunchFn>(entry("cuLaunchKernel")),
+                                   reinterpret_cast<CtxFn>(entry("cuCtxGetCurrent"))};
+    return calls;
+  }
+};
+}  // namespace
+
+bool driver_launch_available() {
+  const DriverCalls& d = DriverCalls::get();
+  return d.launch != nullptr && d.current != nullptr;
+}
+
+int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t threads,
+                           uint32_t shared, cudaStream_t stream, void** params) {
+  // Triton launches with cuLaunchKernelEx; with one CTA a cluster, no cooperative grid, no
+  // programmatic dependent launch and under 228 KB of shared memory (launch_plans.py refuses
+  // other kernels) that is cuLaunchKernel's launch. Shared memory above 48 KB needs the
+  // function's dynamic-shared attribute, which Triton's loader set when it loaded it.
+  const DriverCalls& d = DriverCalls::get();
+  if (d.launch == nullptr || d.current == nullptr) return CUDA_ERROR_NOT_FOUND;
   // The driver launches into the thread's current context. The runtime (the caller's device
   // guard, the allocations before) makes the device's primary context current, where Triton
   // loaded the function; a thread with none gets it from cudaSetDevice.
   CUcontext ctx = nullptr;
-  if (current(&ctx) != CUDA_SUCCESS || ctx == nullptr) {
+  if (d.current(&ctx) != CUDA_SUCCESS || ctx == nullptr) {
     int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
       return CUDA_ERROR_INVALID_CONTEXT;
     }
   }
-  return launch(reinterpret_cast<CUfunction>(function), grid[0], grid[1], grid[2], threads, 1, 1,
-                shared, reinterpret_cast<CUstream>(stream), params, nullptr);
+  return d.launch(reinterpret_cast<CUfunction>(function), grid[0], grid[1], grid[2], threads, 1, 1,
+                  shared, reinterpret_cast<CUstream>(stream), params, nullptr);
 }
 #endif  // MITK_CUDA_API_ONLY
 

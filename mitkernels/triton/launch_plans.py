@@ -14,8 +14,12 @@ A launch is planned only when it can be launched exactly as Triton would: one CT
 cooperative grid, no programmatic dependent launch, no scratch memory, and parameters that match
 the compiled kernel's PTX entry one for one (pointers, 32/64-bit integers, floats; then the
 scratch pointers Triton appends, passed as null as Triton passes them when their size is 0).
-Anything else keeps that signature on the Python launchers (``_triton_plan_info`` says why).
+Anything else keeps that signature on the Python launchers, silently: ``info()`` counts the
+plans, their replays (``hits``) and the refusals, and gives the last refusal's reason.
 A replay skips Triton's launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers).
+
+Plans suit a training loop's few fixed shapes: each new signature costs one Python call plus
+its recording, and the store keeps at most 4096 (later ones stay on Python).
 """
 from __future__ import annotations
 
@@ -37,7 +41,10 @@ _INPUT, _BUFFER, _I32, _I64, _F32, _F64, _NULL = range(len(PARAM_KINDS))
 _SCALARS = {"i32": _I32, "i64": _I64, "u64": _I64, "fp32": _F32, "fp64": _F64}
 _PTX_TYPES = {_INPUT: ("u64",), _BUFFER: ("u64",), _I32: ("u32", "s32", "b32"),
               _I64: ("u64", "s64", "b64"), _F32: ("f32",), _F64: ("f64",), _NULL: ("u64",)}
-_MAX_SHARED = 228 * 1024  # above it Triton's launcher sets an attribute cuLaunchKernel lacks
+# Above it Triton's launcher adds a launch attribute (oversized shared memory) cuLaunchKernel
+# lacks. Below it any size works: above 48 KB the function's dynamic-shared attribute, which
+# Triton's loader sets when it loads the kernel (Triton 3.6 and 3.9), is what a launch needs.
+_MAX_SHARED = 228 * 1024
 
 # Interpreted launches (TRITON_INTERPRET=1) compile nothing: tests set this to a function
 # (kernel, args, kwargs) -> an object like triton's CompiledKernel (src, metadata, asm,
@@ -56,6 +63,7 @@ class Recorder:
         self.inputs = list(inputs)
         self.buffers: List[Tuple[Tensor, bool]] = []
         self.launches: list = []
+        self.compiled: list = []  # kept alive with the plan: Triton 3.9 unloads collected ones
         self.problem: Optional[str] = None
 
     def buffer(self, t: Tensor, zero: bool) -> None:
@@ -68,7 +76,8 @@ class Recorder:
             if compiled is None and compiled_for is not None:
                 compiled = compiled_for(kernel, args, kwargs)
             self.launches.append(self._launch(kernel, grid, args, kwargs, compiled))
-        except Unplannable as err:
+            self.compiled.append(compiled)
+        except Exception as err:  # noqa: BLE001 - whatever it is, this call is not planned
             self.problem = f"{kernel.fn.__name__}: {err}"
 
     def _pointer(self, value) -> tuple:
@@ -80,8 +89,8 @@ class Recorder:
         storage = value.untyped_storage().data_ptr()
         for j, (b, _) in enumerate(self.buffers):
             # a view of a buffer: same storage (below autograd, as C++ calls the launchers,
-            # views do not record their base)
-            if value is b or storage == b.untyped_storage().data_ptr():
+            # views do not record their base); empty storages all sit at 0
+            if value is b or (storage != 0 and storage == b.untyped_storage().data_ptr()):
                 offset = value.data_ptr() - b.data_ptr()
                 if b.data_ptr() % 16 or not 0 <= offset < max(1, b.untyped_storage().nbytes()):
                     raise Unplannable("a buffer view the plan cannot place")
@@ -121,7 +130,7 @@ class Recorder:
                               else (kind, 0, 0, float(value)))
             else:
                 raise Unplannable(f"parameter {name} of type {ty}")
-        ptx = ptx_params(compiled.asm["ptx"], md.name)
+        ptx = _ptx_params_of(compiled)
         # Triton appends its scratch pointers (global, then profile: two in Triton 3.6 and 3.9).
         extra = len(ptx) - len(params)
         if not 0 <= extra <= 2 or any(t != "u64" for t in ptx[len(params):]):
@@ -155,6 +164,20 @@ class Recorder:
         return len(self.inputs), buffers, self.launches, outs
 
 
+_PTX_PARAMS: dict = {}
+
+
+def _ptx_params_of(compiled) -> List[str]:
+    # Read once a compiled kernel (a regex over its whole PTX): a new shape records new plans
+    # with kernels compiled before.
+    key = (compiled.metadata.name, getattr(compiled.metadata, "hash", None))
+    if key[1] is None:
+        return ptx_params(compiled.asm["ptx"], compiled.metadata.name)
+    if key not in _PTX_PARAMS:
+        _PTX_PARAMS[key] = ptx_params(compiled.asm["ptx"], compiled.metadata.name)
+    return _PTX_PARAMS[key]
+
+
 def ptx_params(ptx: str, name: str) -> List[str]:
     """The PTX types (``u64``, ``u32``, ``f64``, ..) of kernel ``name``'s parameters, in order."""
     m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
@@ -164,6 +187,9 @@ def ptx_params(ptx: str, name: str) -> List[str]:
 
 
 _state = threading.local()
+# The compiled kernels of stored plans: their CUfunction handles stay loaded while plans exist
+# (a process keeps its plans to the end, or until clear(), which keeps these too).
+_KEPT: list = []
 
 
 def active() -> Optional[Recorder]:
@@ -195,10 +221,12 @@ def recordable(inputs_of: Callable[..., Sequence[Tensor]]):
                 _state.recorder = None
             try:
                 ext._triton_plan_store(*rec.plan(out))
-            except (Unplannable, ValueError) as err:
-                # ValueError: the store found the plan malformed. The call's own result stands
-                # (the launchers ran); the signature stays on them.
-                ext._triton_plan_refuse(str(err))
+                _KEPT.extend(rec.compiled)
+            except Exception as err:  # noqa: BLE001
+                # Unplannable, the store's ValueError for a malformed plan, or a surprise: the
+                # call's own result stands (its launches ran, the state is updated), and the
+                # signature stays on the Python launchers.
+                ext._triton_plan_refuse(f"{type(err).__name__}: {err}")
             return out
         return op
     return wrap
@@ -241,8 +269,10 @@ def info() -> dict:
 
 
 def clear() -> None:
-    """Forget every plan: after changing a tile table (benchmarks' sweeps), plans recorded with
-    the old tables would replay them."""
+    """Forget every plan. A plan holds what the launchers chose when it was recorded: after a
+    change to what they read at call time (``mit_loss.py``'s tile tables, ``spatial_config``,
+    the program caps), plans recorded before would replay the old choice. (The benchmarks'
+    sweeps change them but call the launchers directly, never through plans.)"""
     ext = _ext()
     if ext is not None:
         ext._triton_plan_clear()
