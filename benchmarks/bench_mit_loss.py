@@ -468,7 +468,10 @@ class PlansProvider(KernelProvider):
         self.name = "triton_plans"
 
     def make(self, case, state):
+        from mitkernels.triton import launch_plans
+
         inner = super().make(case, state)
+        self.since = launch_plans.info()
 
         def step():
             old = os.environ.get("MITKERNELS_TRITON_LAUNCH")
@@ -482,6 +485,17 @@ class PlansProvider(KernelProvider):
                     os.environ["MITKERNELS_TRITON_LAUNCH"] = old
 
         return step
+
+    def served(self) -> str:
+        """Whether plans served the calls since the last ``make`` (a refused signature runs the
+        Python launchers under this provider's name): the row's note."""
+        from mitkernels.triton import launch_plans
+
+        now = launch_plans.info()
+        hits = now.get("hits", 0) - self.since.get("hits", 0)
+        refused = now.get("refused", 0) - self.since.get("refused", 0)
+        why = f" ({now.get('last_refusal', '')[:60]})" if refused else ""
+        return f"plans: {hits} replays, {refused} refused{why}"
 
 
 class TorchCEProvider(Provider):
@@ -669,6 +683,8 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
             timing = time_cpu(step, cfg.target_s, cfg.min_reps, cfg.max_reps, warm_call_s)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                    repeats=timing.repeats)
+        if isinstance(provider, PlansProvider):
+            row["note"] = (row["note"] + " " + provider.served()).strip()
     except Skip as err:
         row.update(status="skipped", note=str(err))
     except Exception as err:  # noqa: BLE001 - one failing provider must not end the sweep

@@ -451,6 +451,7 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
 
     from mitkernels import functional
     from mitkernels.state import MiTState
+    from mitkernels.triton import launch_plans
 
     lines = []
     print(f"# training step taken apart ({steps} steps each; ms)", flush=True)
@@ -491,6 +492,7 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                     variant = mock.patch.dict(os.environ, {"MITKERNELS_TRITON_BACKWARD": "cuda"})
                 else:
                     variant = contextlib.nullcontext()
+                launch_plans.clear()  # counts from zero for the -pl rows
                 with variant:
                     for _ in range(3):
                         step()
@@ -513,6 +515,10 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                     isolated_ms = bench(step, 100)
                 line = (f"{case.label:>12} {dtype_name:>5} {label:>9} {host_ms:8.4f} "
                         f"{device_ms:8.4f} {isolated_ms:9.4f}")
+                if "-pl" in label:  # did plans serve these steps, or the Python launchers?
+                    info = launch_plans.info()
+                    line += (f"  plans: {info.get('hits', 0)} replays, "
+                             f"{info.get('refused', 0)} refused {info.get('last_refusal', '')}")
                 lines.append(line)
                 print(line, flush=True)
             del case

@@ -158,7 +158,15 @@ def run_case(case: dict, backend: str, device: torch.device) -> str:
                 torch.autograd.grad(loss.sum(), [base, *params], allow_unused=True)
             except ValueError:
                 pass  # refused on CPU: the checked call below expects that too
-            return run_case(case, "triton", device)
+            from mitkernels.triton import launch_plans
+
+            before = launch_plans.info()
+            problem = run_case(case, "triton", device)
+            after = launch_plans.info()
+            if after.get("hits", 0) == before.get("hits", 0):  # the Python launchers ran
+                why = after.get("last_refusal", "") if after.get("refused") else "no plan"
+                problem = "; ".join(p for p in (problem, f"not replayed: {why}") if p)
+            return problem
     base, logits = make_logits(case, device)
     targets = make_targets(case, device)
     expect_refusal = case["invalid"] is not None and device.type == "cpu"
