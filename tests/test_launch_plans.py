@@ -538,3 +538,15 @@ def test_cuda_plans_match_the_python_launches(monkeypatch, case, backward):
     for a, b in zip(via_plans, via_python):
         assert torch.equal(a, b)
     EXT._triton_plan_clear()
+
+
+@cpu_only
+def test_plans_host_cpu_benchmark_runs():
+    # benchmarks/plans_host_cpu.py: the three columns for a small shape, plans replayed
+    from conftest import run_python
+
+    out = run_python(["benchmarks/plans_host_cpu.py", "--shapes", "8x3", "--calls", "5"],
+                     timeout=300, env={"TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("8x3")]
+    assert len(row) == 1 and all(float(v) > 0 for v in row[0][1:]), out.stdout
