@@ -10,8 +10,13 @@ pytestmark = [requires_cuda, pytest.mark.gpu]
 BACKENDS = cuda_backends() or ["triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_captures_and_replays(backend):
+# launch "cpp": the Triton step through launch plans (mitkernels/triton/launch_plans.py), whose
+# C++ replay allocates and launches inside the capture
+@pytest.mark.parametrize("backend,launch", [(b, "python") for b in BACKENDS] + [("triton", "cpp")])
+def test_training_step_captures_and_replays(monkeypatch, backend, launch):
+    if backend not in BACKENDS or (launch == "cpp" and "cuda" not in BACKENDS):
+        pytest.skip("needs the backend (plans: and the extension's CUDA part, which launches)")
+    monkeypatch.setenv("MITKERNELS_TRITON_LAUNCH", launch)
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = torch.nn.Linear(32, 5).to(dev)
@@ -48,6 +53,11 @@ def test_training_step_captures_and_replays(backend):
     torch.testing.assert_close(crit.class_counts, expected)
     assert not torch.equal(crit.tau.detach(), tau_before)  # tau learns on replay
     assert torch.isfinite(static_loss).all()
+    if launch == "cpp":  # plans served the captured step
+        from mitkernels.triton import launch_plans
+
+        info = launch_plans.info()
+        assert info.get("hits", 0) > 0 and info.get("refused", 0) == 0, info
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
