@@ -36,6 +36,7 @@ struct Buffer {
   at::ScalarType dtype;
   bool zero;
   std::string dtype_name;  // as launch_plans.py named it
+  int64_t offset;          // bytes into the replay's one allocation
 };
 
 struct Launch {
@@ -45,8 +46,13 @@ struct Launch {
   std::vector<Param> params;
 };
 
+// A replay allocates its buffers as views of one block (one allocator call, not one each):
+// the zeroed ones first, so one memset zeroes them all; each at a multiple of kAlign bytes.
+constexpr int64_t kAlign = 256;
+
 struct Plan {
   int64_t num_inputs;
+  int64_t block_bytes = 0, zero_bytes = 0;
   std::vector<Buffer> buffers;
   std::vector<Launch> launches;
   std::vector<int64_t> outputs;  // buffer indices, in the op's output order
@@ -92,6 +98,7 @@ struct LoggedLaunch {
   std::vector<uint64_t> params;  // each parameter's 8-byte slot
 };
 std::mutex log_mutex;
+bool log_buffers = true;  // the CPU slot's replays check and log their buffers
 std::vector<LoggedLaunch>& launch_log() {
   static auto* log = new std::vector<LoggedLaunch>();
   return *log;
@@ -157,29 +164,47 @@ buffer_log() {
 // The plan's buffers and launches on `inputs`; nullopt, before any launch, when a buffer is not
 // 16-byte aligned (the kernels were compiled for aligned ones: an allocator that gives less
 // sends the call back to Python).
+// A tensor of `dtype` on `block`'s storage, without the dispatcher (as stats_entries in
+// loss_step.cpp: a dispatched view costs more than a small step's kernels).
+Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
+               at::IntArrayRef strides, int64_t offset_bytes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(block.storage()), block.key_set(), c10::scalarTypeToTypeMeta(dtype));
+  impl->set_sizes_and_strides(sizes, strides,
+                              offset_bytes / static_cast<int64_t>(c10::elementSize(dtype)));
+  return Tensor(std::move(impl));
+}
+
 std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) {
   const c10::Device device = inputs[0].device();
   const Launcher launch = launcher(device.type());
   TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
   const c10::OptionalDeviceGuard guard(device);
-  // The recording launcher runs no kernel: its buffers are zeroed so the outputs are defined.
-  const bool test_slot = device.is_cpu();
+  const Tensor block = at::empty({plan.block_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  if (reinterpret_cast<uintptr_t>(block.data_ptr()) % 16 != 0) return std::nullopt;
+  // The recording launcher (CPU, tests) runs no kernel: the block is zeroed whole so that the
+  // outputs are defined. Logging buffers, it is first filled with 0xFF, so that the log can
+  // say which buffers the plan's zeroing reached.
+  const bool test_slot = device.is_cpu(), check = test_slot && log_buffers;
+  if (check) block.fill_(0xFF);
+  if (plan.zero_bytes > 0 && !(test_slot && !check)) {
+    view_of(block, at::kByte, {plan.zero_bytes}, {1}, 0).zero_();
+  }
   std::vector<Tensor> buffers;
   buffers.reserve(plan.buffers.size());
   for (const Buffer& b : plan.buffers) {
-    Tensor t = at::empty_strided(b.sizes, b.strides, at::TensorOptions().dtype(b.dtype).device(device));
-    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return std::nullopt;
-    buffers.push_back(std::move(t));
+    buffers.push_back(view_of(block, b.dtype, b.sizes, b.strides, b.offset));
   }
-  for (size_t i = 0; i < buffers.size(); ++i) {
-    if (plan.buffers[i].zero || test_slot) buffers[i].zero_();
-  }
-  if (test_slot) {
+  if (test_slot && !check) block.zero_();
+  if (check) {
     const std::lock_guard<std::mutex> lock(log_mutex);
     auto& entry = buffer_log().emplace_back();
-    for (const Buffer& b : plan.buffers) {
-      entry.emplace_back(b.sizes, b.strides, b.dtype_name, b.zero);
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      const Tensor& t = buffers[i];
+      const bool zeroed = t.numel() == 0 || t.eq(0).all().item<bool>();
+      entry.emplace_back(t.sizes().vec(), t.strides().vec(), plan.buffers[i].dtype_name, zeroed);
     }
+    block.zero_();
   }
   std::array<uint64_t, kMaxParams> slots;
   std::array<void*, kMaxParams> params;
@@ -228,9 +253,26 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
   plan->num_inputs = num_inputs;
   for (const auto& [sizes, strides, dtype, zero] : buffers) {
     TORCH_CHECK_VALUE(sizes.size() == strides.size(), "launch plan: buffer sizes and strides differ in length");
-    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype});
+    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype, 0});
   }
+  // The block's layout: zeroed buffers first (one memset), each at a multiple of kAlign.
   const auto nbuf = static_cast<int64_t>(plan->buffers.size());
+  int64_t end = 0;
+  for (bool zeroed : {true, false}) {
+    for (Buffer& b : plan->buffers) {
+      if (b.zero != zeroed) continue;
+      int64_t span = 1;  // elements from the first to the last one it addresses
+      for (size_t d = 0; d < b.sizes.size(); ++d) {
+        TORCH_CHECK_VALUE(b.sizes[d] >= 0 && b.strides[d] >= 0, "launch plan: buffer layout");
+        if (b.sizes[d] == 0) span = 0;
+        if (span > 0) span += (b.sizes[d] - 1) * b.strides[d];
+      }
+      b.offset = (end + kAlign - 1) / kAlign * kAlign;
+      end = b.offset + span * static_cast<int64_t>(c10::elementSize(b.dtype));
+    }
+    if (zeroed) plan->zero_bytes = end;
+  }
+  plan->block_bytes = end;
   for (const auto& [function, grid, threads, shared, params] : launches) {
     TORCH_CHECK_VALUE(grid.size() == 3, "launch plan: a grid has 3 dimensions");
     TORCH_CHECK_VALUE(params.size() <= static_cast<size_t>(kMaxParams), "launch plan: ",
@@ -287,8 +329,9 @@ void clear() {
   s.refused = 0;
 }
 
-void test_launcher(bool enable) {
+void test_launcher(bool enable, bool buffers) {
   launcher(c10::kCPU) = enable ? &logging_launcher : nullptr;
+  log_buffers = buffers;
   const std::lock_guard<std::mutex> lock(log_mutex);
   launch_log().clear();
   buffer_log().clear();
@@ -422,8 +465,10 @@ void bind(pybind11::module_& m) {
         "Keep the recorded call's signature on the Python launchers, saying why.");
   m.def("_triton_plan_info", &info, "Counts of the launch plan store.");
   m.def("_triton_plan_clear", &clear, "Forget every launch plan (tile tables changed, tests).");
-  m.def("_triton_plan_test_launcher", &test_launcher,
-        "Tests: launch plans of CPU tensors go to a launcher that logs their parameters.");
+  m.def("_triton_plan_test_launcher", &test_launcher, pybind11::arg("enable"),
+        pybind11::arg("buffers") = true,
+        "Tests: launch plans of CPU tensors go to a launcher that logs their parameters (and, "
+        "with buffers, each replay's buffers, checked for the zeroing).");
   m.def("_triton_plan_test_log", &test_log, "Tests: the logged launches, oldest first (then cleared).");
   m.def("_triton_plan_test_buffers", &test_buffers,
         "Tests: each logged replay's buffers (sizes, strides, dtype, zero), oldest first (then cleared).");

@@ -18,6 +18,10 @@ Anything else keeps that signature on the Python launchers, silently: ``info()``
 plans, their replays (``hits``) and the refusals, and gives the last refusal's reason.
 A replay skips Triton's launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers).
 
+A replay allocates the buffers as views of one block (one allocator call; the zeroed buffers
+first, one memset), so its outputs share a storage: the row statistics, say, live as long as
+the loss does.
+
 Plans suit a training loop's few fixed shapes: each new signature costs one Python call plus
 its recording, and the store keeps at most 4096 (later ones stay on Python).
 """
