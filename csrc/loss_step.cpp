@@ -13,7 +13,9 @@
 // triton_loss_step_ is the same step over triton_loss_forward_ / triton_loss_backward, whose
 // kernels are the Triton launchers (Python, registered by mitkernels/functional.py): the
 // dispatcher calls into Python for the launches only (on a GPU, with the extension's CUDA
-// kernels, for the forward's only: triton_step_takes_cuda_backward).
+// kernels, for the forward's only: triton_step_takes_cuda_backward), and with
+// MITKERNELS_TRITON_LAUNCH=cpp not even for those once a call of the same signature has been
+// recorded: the launches are replayed from C++ (csrc/triton_plans.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
@@ -233,9 +235,10 @@ ForwardOut call_forward(const Canonical& in, const StepArgs& a, bool use_plans) 
                                            a.hparams, a.t_eps, a.t_min, a.t_max, a.ignore_index,
                                            a.reduction, a.update_state, a.loss_dtype);
   };
+  if (!use_plans) return call();
   std::vector<Tensor> inputs{in.logits, in.targets, in.tau};
   inputs.insert(inputs.end(), a.state.begin(), a.state.end());
-  if (!use_plans || !all_plain(inputs)) return call();
+  if (!all_plain(inputs)) return call();
   std::vector<int64_t> scalars{a.kind, static_cast<int64_t>(a.hparams.size())};
   for (double h : a.hparams) scalars.push_back(plans::bits(h));
   for (double t : {a.t_eps, a.t_min, a.t_max}) scalars.push_back(plans::bits(t));
@@ -310,8 +313,11 @@ struct LossStep : public torch::autograd::Function<Node> {
                               t[2], i[0], i[1], needs_tau);
     };
     Tensor grad_logits, grad_tau;
-    const std::vector<Tensor> inputs{grad, in.logits, in.targets, in.tau, saved[3], saved[4]};
-    if (!cuda_backward && ctx->saved_data["p"].toBool() && all_plain(inputs)) {
+    std::vector<Tensor> inputs;
+    if (!cuda_backward && ctx->saved_data["p"].toBool()) {
+      inputs = {grad, in.logits, in.targets, in.tau, saved[3], saved[4]};
+    }
+    if (!inputs.empty() && all_plain(inputs)) {
       const std::vector<int64_t> scalars{plans::bits(t[0]), plans::bits(t[1]), plans::bits(t[2]),
                                          i[0], i[1], needs_tau};
       const std::vector<Tensor> out = by_plan(plans::Op::kBackward, inputs, scalars, [&] {
