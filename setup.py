@@ -119,7 +119,8 @@ def _extensions():
         link.append("-fopenmp")
     defines = [("MITKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
 
-    sources = ["csrc/ops.cpp", "csrc/loss_step.cpp", "csrc/triton_plans.cpp", "csrc/cpu/mit_loss_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/loss_step.cpp", "csrc/triton_plans.cpp",
+               "csrc/cpu/mit_loss_cpu.cpp"]
     is_gcc = not windows and sys.platform != "darwin"
     if platform.machine().lower() in ("x86_64", "amd64") and is_gcc:
         for isa in ISA_FLAGS:

@@ -37,6 +37,7 @@ struct Buffer {
   bool zero;
   std::string dtype_name;  // as launch_plans.py named it
   int64_t offset;          // bytes into the replay's one allocation
+  int64_t bytes;           // from its first element to the end of its last
 };
 
 struct Launch {
@@ -153,17 +154,16 @@ uint64_t slot_of(const Param& p, at::TensorList inputs, const std::vector<Tensor
   }
 }
 
+// A buffer as launch_plans.py describes it, and as the CPU slot's replays log it: sizes,
+// strides, dtype name, zeroed.
+using BufferSpec = std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>;
+
 // What the CPU slot's replays allocated (tests compare it with the Python launchers').
-std::vector<std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>&
-buffer_log() {
-  static auto* log = new std::vector<
-      std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>();
+std::vector<std::vector<BufferSpec>>& buffer_log() {
+  static auto* log = new std::vector<std::vector<BufferSpec>>();
   return *log;
 }
 
-// The plan's buffers and launches on `inputs`; nullopt, before any launch, when a buffer is not
-// 16-byte aligned (the kernels were compiled for aligned ones: an allocator that gives less
-// sends the call back to Python).
 // A tensor of `dtype` on `block`'s storage, without the dispatcher (as stats_entries in
 // loss_step.cpp: a dispatched view costs more than a small step's kernels).
 Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
@@ -175,34 +175,38 @@ Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
   return Tensor(std::move(impl));
 }
 
+// The plan's buffers and launches on `inputs`; nullopt, before any launch, when the block is not
+// 16-byte aligned (the kernels were compiled for aligned buffers: an allocator that gives less
+// sends the call back to Python).
 std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) {
   const c10::Device device = inputs[0].device();
   const Launcher launch = launcher(device.type());
   TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
   const c10::OptionalDeviceGuard guard(device);
-  const Tensor block = at::empty({plan.block_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  const Tensor block =
+      at::empty({plan.block_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   if (reinterpret_cast<uintptr_t>(block.data_ptr()) % 16 != 0) return std::nullopt;
-  // The recording launcher (CPU, tests) runs no kernel: the block is zeroed whole so that the
-  // outputs are defined. Logging buffers, it is first filled with 0xFF, so that the log can
-  // say which buffers the plan's zeroing reached.
-  const bool test_slot = device.is_cpu(), check = test_slot && log_buffers;
-  if (check) block.fill_(0xFF);
-  if (plan.zero_bytes > 0 && !(test_slot && !check)) {
-    view_of(block, at::kByte, {plan.zero_bytes}, {1}, 0).zero_();
-  }
+  // The CPU slot (tests) runs no kernel. Logging buffers, it fills the block with 0xFF first,
+  // so that the log says which buffers the plan's zeroing reached; then it zeroes the whole
+  // block, so that the outputs are defined.
+  const bool test_slot = device.is_cpu();
+  if (test_slot && log_buffers) block.fill_(0xFF);
+  if (plan.zero_bytes > 0) view_of(block, at::kByte, {plan.zero_bytes}, {1}, 0).zero_();
   std::vector<Tensor> buffers;
   buffers.reserve(plan.buffers.size());
   for (const Buffer& b : plan.buffers) {
     buffers.push_back(view_of(block, b.dtype, b.sizes, b.strides, b.offset));
   }
-  if (test_slot && !check) block.zero_();
-  if (check) {
-    const std::lock_guard<std::mutex> lock(log_mutex);
-    auto& entry = buffer_log().emplace_back();
-    for (size_t i = 0; i < buffers.size(); ++i) {
-      const Tensor& t = buffers[i];
-      const bool zeroed = t.numel() == 0 || t.eq(0).all().item<bool>();
-      entry.emplace_back(t.sizes().vec(), t.strides().vec(), plan.buffers[i].dtype_name, zeroed);
+  if (test_slot) {
+    if (log_buffers) {
+      const std::lock_guard<std::mutex> lock(log_mutex);
+      auto& entry = buffer_log().emplace_back();
+      for (size_t i = 0; i < buffers.size(); ++i) {
+        const Tensor& t = buffers[i];
+        const bool zeroed = t.numel() == 0 || t.eq(0).all().item<bool>();
+        entry.emplace_back(t.sizes().vec(), t.strides().vec(), plan.buffers[i].dtype_name,
+                           zeroed);
+      }
     }
     block.zero_();
   }
@@ -225,7 +229,6 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) 
 
 // --- Python side (launch_plans.py) ------------------------------------------------------------
 using PyParam = std::tuple<int, int64_t, int64_t, double>;
-using PyBuffer = std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>;
 using PyLaunch = std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<PyParam>>;
 
 bool put(std::shared_ptr<const Plan> plan) {
@@ -238,22 +241,28 @@ bool put(std::shared_ptr<const Plan> plan) {
   return room;
 }
 
+// Counts a refusal and keeps its reason; the store's mutex is held.
+void note_refusal(Store& s, const std::string& reason) {
+  s.last_refusal = reason;
+  s.refused++;
+}
+
 // Keeps `key`'s calls on Python from now on (a replay that could not run), saying why.
 void retire(const Key& key, const std::string& reason) {
   Store& s = store();
   const std::lock_guard<std::mutex> lock(s.mutex);
   s.plans[key] = nullptr;
-  s.last_refusal = reason;
-  s.refused++;
+  note_refusal(s, reason);
 }
 
-void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
+void store_plan(int64_t num_inputs, const std::vector<BufferSpec>& buffers,
                 const std::vector<PyLaunch>& launches, const std::vector<int64_t>& outputs) {
   auto plan = std::make_shared<Plan>();
   plan->num_inputs = num_inputs;
   for (const auto& [sizes, strides, dtype, zero] : buffers) {
-    TORCH_CHECK_VALUE(sizes.size() == strides.size(), "launch plan: buffer sizes and strides differ in length");
-    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype, 0});
+    TORCH_CHECK_VALUE(sizes.size() == strides.size(),
+                      "launch plan: buffer sizes and strides differ in length");
+    plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype, 0, 0});
   }
   // The block's layout: zeroed buffers first (one memset), each at a multiple of kAlign.
   const auto nbuf = static_cast<int64_t>(plan->buffers.size());
@@ -268,7 +277,8 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
         if (span > 0) span += (b.sizes[d] - 1) * b.strides[d];
       }
       b.offset = (end + kAlign - 1) / kAlign * kAlign;
-      end = b.offset + span * static_cast<int64_t>(c10::elementSize(b.dtype));
+      b.bytes = span * static_cast<int64_t>(c10::elementSize(b.dtype));
+      end = b.offset + b.bytes;
     }
     if (zeroed) plan->zero_bytes = end;
   }
@@ -284,10 +294,14 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
     }
     for (const auto& [kind, index, value, fvalue] : params) {
       TORCH_CHECK_VALUE(kind >= kInput && kind <= kNull, "launch plan: parameter kind ", kind);
-      TORCH_CHECK_VALUE(kind != kInput || (index >= 0 && index < num_inputs),
-                        "launch plan: input ", index, " of ", num_inputs);
+      TORCH_CHECK_VALUE(kind != kInput || (index >= 0 && index < num_inputs && value == 0),
+                        "launch plan: input ", index, " of ", num_inputs, " at ", value);
       TORCH_CHECK_VALUE(kind != kBuffer || (index >= 0 && index < nbuf),
                         "launch plan: buffer ", index, " of ", nbuf);
+      // a view's offset lies inside its buffer (an empty buffer's pointer is its start)
+      TORCH_CHECK_VALUE(kind != kBuffer || (value >= 0 && (value < plan->buffers[index].bytes ||
+                                                           value == 0)),
+                        "launch plan: buffer ", index, " at byte ", value);
       l.params.push_back({kind, index, value, fvalue});
     }
     plan->launches.push_back(std::move(l));
@@ -302,9 +316,8 @@ void store_plan(int64_t num_inputs, const std::vector<PyBuffer>& buffers,
 void refuse(const std::string& reason) {
   if (!put(nullptr)) return;
   Store& s = store();
-  s.refused++;
   const std::lock_guard<std::mutex> lock(s.mutex);
-  s.last_refusal = reason;
+  note_refusal(s, reason);
 }
 
 pybind11::dict info() {
@@ -337,10 +350,13 @@ void test_launcher(bool enable, bool buffers) {
   buffer_log().clear();
 }
 
-std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>>
-test_log() {
+// A logged launch for Python: function, grid, threads, shared bytes, parameter slots.
+using LaunchRecord =
+    std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>;
+
+std::vector<LaunchRecord> test_log() {
   const std::lock_guard<std::mutex> lock(log_mutex);
-  std::vector<std::tuple<uint64_t, std::vector<int64_t>, int64_t, int64_t, std::vector<uint64_t>>> out;
+  std::vector<LaunchRecord> out;
   for (const auto& e : launch_log()) {
     out.emplace_back(e.function, std::vector<int64_t>{e.grid[0], e.grid[1], e.grid[2]}, e.threads,
                      e.shared, e.params);
@@ -349,8 +365,7 @@ test_log() {
   return out;
 }
 
-std::vector<std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::string, bool>>>
-test_buffers() {
+std::vector<std::vector<BufferSpec>> test_buffers() {
   const std::lock_guard<std::mutex> lock(log_mutex);
   auto out = std::move(buffer_log());
   buffer_log().clear();

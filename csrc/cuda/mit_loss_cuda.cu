@@ -920,7 +920,8 @@ struct DriverCalls {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
 #if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
 #else
     const cudaError_t err = cudaGetDriverEntryPoint(name, &p, cudaEnableDefault, &found);
 #endif
@@ -946,8 +947,8 @@ int launch_driver_function(uint64_t function, const uint32_t grid[3], uint32_t t
   // programmatic dependent launch and under 228 KB of shared memory (launch_plans.py refuses
   // other kernels) that is cuLaunchKernel's launch. Shared memory above 48 KB needs the
   // function's dynamic-shared attribute, which Triton's loader set when it loaded it.
+  if (!driver_launch_available()) return CUDA_ERROR_NOT_FOUND;
   const DriverCalls& d = DriverCalls::get();
-  if (d.launch == nullptr || d.current == nullptr) return CUDA_ERROR_NOT_FOUND;
   // The driver launches into the thread's current context. The runtime (the caller's device
   // guard, the allocations before) makes the device's primary context current, where Triton
   // loaded the function; a thread with none gets it from cudaSetDevice.

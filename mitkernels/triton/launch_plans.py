@@ -87,6 +87,8 @@ class Recorder:
     def _pointer(self, value) -> tuple:
         if not isinstance(value, Tensor):
             raise Unplannable(f"a pointer parameter got {type(value).__name__}")
+        # Inputs are matched by identity, the first match: the key holds which inputs share a
+        # pointer, so a replay gives that parameter the same pointer.
         for i, t in enumerate(self.inputs):
             if value is t:
                 return (_INPUT, i, 0, 0.0)
@@ -155,8 +157,6 @@ class Recorder:
             # them on the logits' device
             raise Unplannable(f"logits on {device}, current device cuda:"
                               f"{torch.cuda.current_device()}")
-        # Inputs are matched by identity, the first match: the key holds which inputs share a
-        # pointer, so a replay gives that parameter the same pointer.
         outs = []
         for out in outputs:
             idx = [j for j, (b, _) in enumerate(self.buffers) if out is b]

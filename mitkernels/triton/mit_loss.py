@@ -1305,7 +1305,8 @@ def _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index):
     rows = n * s
     per_class = tau.shape[0] > 1
     cfg = row_config(c, logits.dtype)
-    row_stats = _plans.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    row_stats = _plans.empty((ROW_STATS, rows), dtype=_acc_dtype(logits.dtype),
+                             device=logits.device)
     width = summary_size(c, tau.shape[0])
     summary = _plans.empty((width,), dtype=torch.float64, device=logits.device)
     nprog = _num_programs(cfg, logits)
@@ -1526,7 +1527,8 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tenso
     num_temperatures = tau.shape[0]
     spatial = spatial_config(logits, backward=True)
     cfg = spatial or row_config(c, logits.dtype)
-    grad_logits = _plans.empty_like(logits)  # the logits' strides when dense (ops._grad_logits_like)
+    # the logits' strides when dense (ops._grad_logits_like)
+    grad_logits = _plans.empty_like(logits)
     grad_tau = _plans.empty_like(tau)
     grad_loss = grad_loss.contiguous()
     g_stride = 1 if (reduction == 0 and grad_loss.dim() > 0) else 0
