@@ -491,11 +491,7 @@ class PlansProvider(KernelProvider):
         Python launchers under this provider's name): the row's note."""
         from mitkernels.triton import launch_plans
 
-        now = launch_plans.info()
-        hits = now.get("hits", 0) - self.since.get("hits", 0)
-        refused = now.get("refused", 0) - self.since.get("refused", 0)
-        why = f" ({now.get('last_refusal', '')[:60]})" if refused else ""
-        return f"plans: {hits} replays, {refused} refused{why}"
+        return launch_plans.summary(self.since)
 
 
 class TorchCEProvider(Provider):

@@ -516,9 +516,7 @@ def step_timeline(shapes, dtypes, backends, steps: int = 20) -> List[str]:
                 line = (f"{case.label:>12} {dtype_name:>5} {label:>9} {host_ms:8.4f} "
                         f"{device_ms:8.4f} {isolated_ms:9.4f}")
                 if "-pl" in label:  # did plans serve these steps, or the Python launchers?
-                    info = launch_plans.info()
-                    line += (f"  plans: {info.get('hits', 0)} replays, "
-                             f"{info.get('refused', 0)} refused {info.get('last_refusal', '')}")
+                    line += "  " + launch_plans.summary()
                 lines.append(line)
                 print(line, flush=True)
             del case

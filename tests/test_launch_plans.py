@@ -447,6 +447,7 @@ def test_an_unplannable_call_stays_on_python_and_is_right(monkeypatch, plans):
     info = plans._triton_plan_info()
     assert info["refused"] == 2 and info["hits"] == 0 and info["recorded"] == 0, info
     assert "no compiled kernel" in info["last_refusal"]
+    assert launch_plans.summary().startswith("plans: 0 replays, 2 refused (Unplannable")
     assert plans._triton_plan_test_log() == []
     for got in results[1:]:
         for a, b in zip(got, results[0]):

@@ -971,7 +971,8 @@ def test_cuda_segmentation_layouts(monkeypatch, backend, backward, num_classes, 
     kernels' thread-a-row form (thread_rows): the cuda backend's forward and backward, and the
     eager Triton step's default backward; Triton's own backward too. With at most 16 classes in
     float32 and 8 in 16 bits (16 in their backward), Triton's kernels take tiles of one sample's
-    pixels (SPATIAL_TABLE; 1023 and 1600 pixels end a sample in a partial tile). Odd pixel counts (33 x 31), ignored pixels,
+    pixels (SPATIAL_TABLE; 1023 and 1600 pixels end a sample in a partial tile). Odd pixel
+    counts (33 x 31), ignored pixels,
     150 classes strided (a thread a row) and 300 (a warp a row, its strided loop),
     channels-last (contiguous classes, 5 of them)."""
     if backend not in cuda_backends():

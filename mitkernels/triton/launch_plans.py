@@ -272,6 +272,16 @@ def info() -> dict:
     return dict(ext._triton_plan_info()) if ext is not None else {}
 
 
+def summary(since: Optional[dict] = None) -> str:
+    """Whether plans served the calls since ``since`` (an earlier ``info()``; default: since the
+    last ``clear``), for a benchmark row run under plans: replays, refusals, the last reason."""
+    now, since = info(), since or {}
+    hits = now.get("hits", 0) - since.get("hits", 0)
+    refused = now.get("refused", 0) - since.get("refused", 0)
+    why = f" ({now.get('last_refusal', '')[:80]})" if refused else ""
+    return f"plans: {hits} replays, {refused} refused{why}"
+
+
 def clear() -> None:
     """Forget every plan. A plan holds what the launchers chose when it was recorded: after a
     change to what they read at call time (``mit_loss.py``'s tile tables, ``spatial_config``,
@@ -283,4 +293,4 @@ def clear() -> None:
 
 
 __all__ = ["PARAM_KINDS", "Recorder", "Unplannable", "active", "clear", "compiled_for", "empty",
-           "empty_like", "info", "launch", "ptx_params", "recordable", "zeros"]
+           "empty_like", "info", "launch", "ptx_params", "recordable", "summary", "zeros"]
