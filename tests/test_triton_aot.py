@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib.util
 import io
 import multiprocessing
 import os
@@ -24,7 +23,6 @@ import re
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +31,6 @@ from conftest import jit_mit_loss_module as _compiled_module
 
 triton = pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 ROW_KERNELS = ("_rows_kernel", "_forward_kernel", "_fused_kernel", "_backward_kernel")
 # The ones that read every logit of a large batch:
