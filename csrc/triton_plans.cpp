@@ -100,13 +100,17 @@ struct LoggedLaunch {
 };
 std::mutex log_mutex;
 bool log_buffers = true;  // the CPU slot's replays check and log their buffers
+// Tests: after refuse_after more logged launches, the next refuse_times are refused (as the
+// driver refuses a launch) with refuse_code; -1: none is.
+int64_t refuse_after = -1, refuse_times = 0;
+int refuse_code = 0;
 std::vector<LoggedLaunch>& launch_log() {
   static auto* log = new std::vector<LoggedLaunch>();
   return *log;
 }
 
-void logging_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
-                      void** params, int num_params, c10::Device) {
+int logging_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
+                     void** params, int num_params, c10::Device) {
   LoggedLaunch entry{function, {grid[0], grid[1], grid[2]}, threads, shared, {}};
   for (int i = 0; i < num_params; ++i) {
     uint64_t v;
@@ -114,7 +118,13 @@ void logging_launcher(uint64_t function, const uint32_t grid[3], uint32_t thread
     entry.params.push_back(v);
   }
   const std::lock_guard<std::mutex> lock(log_mutex);
+  if (refuse_after == 0 && refuse_times > 0) {
+    if (--refuse_times == 0) refuse_after = -1;
+    return refuse_code;  // refused: not logged
+  }
+  if (refuse_after > 0) refuse_after--;
   launch_log().push_back(std::move(entry));
+  return 0;
 }
 
 at::ScalarType dtype_from_name(const std::string& name) {
@@ -175,17 +185,26 @@ Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
   return Tensor(std::move(impl));
 }
 
-// The plan's buffers and launches on `inputs`; nullopt, before any launch, when the block is not
-// 16-byte aligned (the kernels were compiled for aligned buffers: an allocator that gives less
-// sends the call back to Python).
-std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) {
+// The plan's buffers and launches on `inputs`; nullopt, with `why` said, when the replay stops
+// before any of its kernels ran, so that the call can take the Python launchers as if no plan
+// were stored:
+// - the block is not 16-byte aligned (the kernels were compiled for aligned buffers: an
+//   allocator that gives less);
+// - the driver refuses the first launch (a configuration the driver will not take, a function
+//   that is not loaded in this thread's context). Such refusals are returned at once and leave
+//   the context usable. A later refusal fails the call: kernels before it ran, and one of them
+//   may have updated the state.
+std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs, std::string& why) {
   const c10::Device device = inputs[0].device();
   const Launcher launch = launcher(device.type());
   TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
   const c10::OptionalDeviceGuard guard(device);
   const Tensor block =
       at::empty({plan.block_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  if (reinterpret_cast<uintptr_t>(block.data_ptr()) % 16 != 0) return std::nullopt;
+  if (reinterpret_cast<uintptr_t>(block.data_ptr()) % 16 != 0) {
+    why = "a replay buffer was not 16-byte aligned";
+    return std::nullopt;
+  }
   // The CPU slot (tests) runs no kernel. Logging buffers, it fills the block with 0xFF first,
   // so that the log says which buffers the plan's zeroing reached; then it zeroes the whole
   // block, so that the outputs are defined.
@@ -212,6 +231,7 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) 
   }
   std::array<uint64_t, kMaxParams> slots;
   std::array<void*, kMaxParams> params;
+  int64_t launched = 0;
   for (const Launch& l : plan.launches) {
     if (l.grid[0] == 0 || l.grid[1] == 0 || l.grid[2] == 0) continue;  // as Triton's launcher
     const int n = static_cast<int>(l.params.size());
@@ -219,7 +239,15 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs) 
       slots[i] = slot_of(l.params[i], inputs, buffers);
       params[i] = &slots[i];
     }
-    launch(l.function, l.grid.data(), l.threads, l.shared, params.data(), n, device);
+    const int rc = launch(l.function, l.grid.data(), l.threads, l.shared, params.data(), n, device);
+    if (rc != 0 && launched == 0) {
+      why = "the driver refused the replay's first launch (CUresult " + std::to_string(rc) +
+            "); the call took the Python launchers";
+      return std::nullopt;
+    }
+    TORCH_CHECK(rc == 0, "mitkernels launch plan: the driver refused launch ", launched + 1,
+                " of the replay (CUresult ", rc, ") after its earlier kernels were queued");
+    launched++;
   }
   std::vector<Tensor> out;
   out.reserve(plan.outputs.size());
@@ -348,6 +376,14 @@ void test_launcher(bool enable, bool buffers) {
   const std::lock_guard<std::mutex> lock(log_mutex);
   launch_log().clear();
   buffer_log().clear();
+  refuse_after = -1;
+}
+
+void test_refuse(int64_t after, int64_t times, int code) {
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  refuse_after = after;
+  refuse_times = times;
+  refuse_code = code;
 }
 
 // A logged launch for Python: function, grid, threads, shared bytes, parameter slots.
@@ -447,16 +483,17 @@ std::optional<std::vector<Tensor>> replay(const Key& key, at::TensorList inputs)
   TORCH_CHECK(plan->num_inputs == static_cast<int64_t>(inputs.size()),
               "launch plan: recorded for ", plan->num_inputs, " inputs, called with ", inputs.size());
   std::optional<std::vector<Tensor>> out;
+  std::string why;
   try {
-    out = run(*plan, inputs);
+    out = run(*plan, inputs, why);
   } catch (const std::exception& err) {
-    // A launch the driver refused: this call fails (launches before it may have run), later
-    // calls with the signature take the Python launchers.
+    // A launch the driver refused after others ran (or an allocation that failed): this call
+    // fails, later calls with the signature take the Python launchers.
     retire(key, std::string("replay failed: ") + err.what());
     throw;
   }
-  if (!out) {
-    retire(key, "a replay buffer was not 16-byte aligned");
+  if (!out) {  // nothing ran: this call and later ones take the Python launchers
+    retire(key, why);
     return std::nullopt;
   }
   s.hits++;
@@ -484,6 +521,10 @@ void bind(pybind11::module_& m) {
         pybind11::arg("buffers") = true,
         "Tests: launch plans of CPU tensors go to a launcher that logs their parameters (and, "
         "with buffers, each replay's buffers, checked for the zeroing).");
+  m.def("_triton_plan_test_refuse", &test_refuse, pybind11::arg("after"),
+        pybind11::arg("times") = 1, pybind11::arg("code") = 1,
+        "Tests: the test launcher refuses `times` launches after `after` more (-1: none), "
+        "returning `code` as the driver would.");
   m.def("_triton_plan_test_log", &test_log, "Tests: the logged launches, oldest first (then cleared).");
   m.def("_triton_plan_test_buffers", &test_buffers,
         "Tests: each logged replay's buffers (sizes, strides, dtype, zero), oldest first (then cleared).");

@@ -29,9 +29,11 @@ namespace plans {
 enum class Op : int64_t { kForward = 0, kBackward = 1 };
 
 // Launches `function` (a CUfunction, as Triton's CompiledKernel.function holds it) on the
-// current stream of `device` with `num_params` packed parameters.
-using Launcher = void (*)(uint64_t function, const uint32_t grid[3], uint32_t threads,
-                          uint32_t shared, void** params, int num_params, c10::Device device);
+// current stream of `device` with `num_params` packed parameters. Returns 0, or the driver's
+// error (a CUresult) when it refused the launch: a replay whose first launch is refused goes
+// to the Python launchers, one refused later fails the call (triton_plans.cpp's run).
+using Launcher = int (*)(uint64_t function, const uint32_t grid[3], uint32_t threads,
+                         uint32_t shared, void** params, int num_params, c10::Device device);
 Launcher& launcher(c10::DeviceType type);  // kCUDA: set by the CUDA glue; kCPU: tests only
 // Whether the launcher can launch here (the CUDA glue: the driver's entry points resolve);
 // null: it can.
@@ -48,9 +50,10 @@ using Key = std::vector<int64_t>;
 Key make_key(Op op, at::TensorList inputs, const std::vector<int64_t>& scalars);
 int64_t bits(double v);  // a double's bits, for Key scalars
 
-// The outputs of the stored plan for `key` run on `inputs`, or nullopt when none is stored (or
-// the signature's calls are kept on Python). On nullopt, run the Python launchers inside a
-// Recording for `key`: they store the plan (launch_plans.py).
+// The outputs of the stored plan for `key` run on `inputs`, or nullopt when none is stored, the
+// signature's calls are kept on Python, or the replay stopped before its first kernel ran (its
+// plan is then retired). On nullopt, run the Python launchers inside a Recording for `key`: a
+// first call stores the plan (launch_plans.py).
 std::optional<std::vector<at::Tensor>> replay(const Key& key, at::TensorList inputs);
 
 // Marks this thread's next Python launch of the op as one to record under `key`.

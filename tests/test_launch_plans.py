@@ -454,6 +454,64 @@ def test_an_unplannable_call_stays_on_python_and_is_right(monkeypatch, plans):
             assert torch.equal(a, b)
 
 
+def _python_step(monkeypatch, case, inputs):
+    """The step through the Python launchers (no plan recorded or replayed)."""
+    with monkeypatch.context() as m:
+        m.setenv("MITKERNELS_TRITON_LAUNCH", "python")
+        return step(case, inputs)
+
+
+def _assert_same_step(got, want, state_got, state_want, grads=True):
+    loss, stats, g = got
+    assert torch.equal(loss.detach(), want[0].detach())
+    assert torch.equal(stats["loss"], want[1]["loss"])
+    for k, t in state_want.buffers().items():
+        assert torch.equal(state_got.buffers()[k], t), k
+    if grads:
+        for a, b in zip(g, want[2]):
+            assert torch.equal(a, b)
+
+
+@cpu_only
+def test_a_first_launch_the_driver_refuses_takes_the_python_launchers(monkeypatch, plans):
+    # A refusal returned by the launch itself, before any kernel of the replay ran (a function
+    # not loaded in this context, a configuration the driver will not take): the call runs the
+    # Python launchers and is right, and the signature stays on them.
+    step("fused", make_inputs("fused", seed=1))  # records the forward and the backward
+    for seed in (2, 3):
+        inputs, python_side = make_inputs("fused", seed), None
+        python_side = clone_inputs(inputs)
+        if seed == 2:
+            plans._triton_plan_test_refuse(0, times=2, code=201)  # each op's first launch
+        got = step("fused", inputs)
+        want = _python_step(monkeypatch, "fused", python_side)
+        _assert_same_step(got, want, inputs[2]["state"], python_side[2]["state"])
+    info = plans._triton_plan_info()
+    assert info["hits"] == 0 and info["recorded"] == 2 and info["refused"] == 2, info
+    assert "refused the replay's first launch (CUresult 201)" in info["last_refusal"], info
+    assert plans._triton_plan_test_log() == []  # nothing was launched through a plan
+
+
+@cpu_only
+def test_a_later_launch_the_driver_refuses_fails_the_call(monkeypatch, plans):
+    # The none-loss forward launches twice: refused at its second launch, the first had been
+    # queued (on a GPU it may have updated the state), so the call fails, naming the refusal;
+    # the signature then stays on the Python launchers.
+    step("rows_none", make_inputs("rows_none", seed=1))
+    plans._triton_plan_test_refuse(1, code=1)
+    with pytest.raises(RuntimeError, match=r"refused launch 2 of the replay \(CUresult 1\)"):
+        step("rows_none", make_inputs("rows_none", seed=2))
+    info = plans._triton_plan_info()
+    assert info["refused"] == 1 and "replay failed" in info["last_refusal"], info
+    assert len(plans._triton_plan_test_log()) == 1
+    inputs = make_inputs("rows_none", seed=3)
+    python_side = clone_inputs(inputs)
+    got = step("rows_none", inputs)  # the forward on Python; the backward still replays
+    want = _python_step(monkeypatch, "rows_none", python_side)
+    _assert_same_step(got, want, inputs[2]["state"], python_side[2]["state"], grads=False)
+    assert plans._triton_plan_info()["hits"] == 1
+
+
 @cpu_only
 @pytest.mark.parametrize("damage,message", [
     (lambda p: (p[0], p[1], p[2], [len(p[1])]), "output buffer"),

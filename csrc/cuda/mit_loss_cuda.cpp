@@ -312,13 +312,11 @@ bool backward_runs_on(int device) {
     (mitk::cuda_backward_check() = &backward_runs_on, true);
 
 // The launch plans' launcher (csrc/triton_plans.h): a Triton kernel on the device's current
-// stream, as Triton's own launcher puts it.
-void plan_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
-                   void** params, int, c10::Device device) {
-  const int rc = launch_driver_function(function, grid, threads, shared,
-                                        c10::cuda::getCurrentCUDAStream(device.index()).stream(),
-                                        params);
-  TORCH_CHECK(rc == 0, "mitkernels launch plan: cuLaunchKernel failed (CUresult ", rc, ")");
+// stream, as Triton's own launcher puts it. Returns the CUresult.
+int plan_launcher(uint64_t function, const uint32_t grid[3], uint32_t threads, uint32_t shared,
+                  void** params, int, c10::Device device) {
+  return launch_driver_function(function, grid, threads, shared,
+                                c10::cuda::getCurrentCUDAStream(device.index()).stream(), params);
 }
 
 [[maybe_unused]] const bool kPlanLauncherSet =

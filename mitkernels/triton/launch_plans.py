@@ -15,7 +15,10 @@ cooperative grid, no programmatic dependent launch, no scratch memory, and param
 the compiled kernel's PTX entry one for one (pointers, 32/64-bit integers, floats; then the
 scratch pointers Triton appends, passed as null as Triton passes them when their size is 0).
 Anything else keeps that signature on the Python launchers, silently: ``info()`` counts the
-plans, their replays (``hits``) and the refusals, and gives the last refusal's reason.
+plans, their replays (``hits``) and the refusals, and gives the last refusal's reason. So does
+a replay whose first launch the driver refuses (that call runs the Python launchers: none of
+its kernels had run); a refusal after the first launch fails the call, as a kernel before it
+may have updated the state.
 A replay skips Triton's launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers).
 
 A replay allocates the buffers as views of one block (one allocator call; the zeroed buffers
