@@ -1006,6 +1006,8 @@ void grad_range(const RowArgs& a, int64_t begin, int64_t end) { grad_fn(a.dtype)
 #endif
 #include <torch/library.h>
 
+#include "../op_checks.h"
+
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -1102,7 +1104,7 @@ int dtype_code(at::ScalarType t) {
   return kF32;
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using checks::acc_type;
 
 // Outputs come straight from the CPU allocator, not through a dispatched at::empty / zeros /
 // .to(): on a 32-row batch each dispatched op costs about as much as the rows' math, and a
@@ -1163,35 +1165,11 @@ void write_scalar(const Tensor& t, double v) {
   }
 }
 
-void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "mitkernels_C::", op, " (cpu): ", name,
-              " must be a CPU tensor, got ", t.device());
-}
-
 // Row inputs of row_stats / loss_forward_ / loss_backward: shapes, dtypes, devices.
-struct RowShape {
-  int64_t N, C, S, R, K;
-};
-
+using checks::RowShape;
 RowShape check_row_inputs(const Tensor& logits, const Tensor& targets, const Tensor& tau,
                           const char* op) {
-  check_cpu(logits, op, "logits");
-  check_cpu(targets, op, "targets");
-  check_cpu(tau, op, "tau");
-  TORCH_CHECK(logits.dim() == 3, "mitkernels_C::", op, ": logits must be [N, C, S], got shape ",
-              logits.sizes());
-  dtype_code(logits.scalar_type());
-  const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
-  TORCH_CHECK(C >= 1, "mitkernels_C::", op, ": logits need at least one class, got C = ", C);
-  TORCH_CHECK(targets.dim() == 1 && targets.numel() == N * S, "mitkernels_C::", op,
-              ": targets must be [N*S] = [", N * S, "], got shape ", targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-              "mitkernels_C::", op, ": targets must be int64 or int32, got ", targets.scalar_type());
-  TORCH_CHECK(tau.dim() == 1 && (tau.numel() == 1 || tau.numel() == C), "mitkernels_C::", op,
-              ": tau must be [1] or [C] = [", C, "], got shape ", tau.sizes());
-  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kDouble,
-              "mitkernels_C::", op, ": tau must be float32 or float64, got ", tau.scalar_type());
-  return {N, C, S, N * S, tau.numel()};
+  return checks::check_row_inputs(logits, targets, tau, c10::kCPU, op);
 }
 
 // T_k in double, rounded through tau's dtype (as the eager computation in that dtype would be).
@@ -1374,73 +1352,20 @@ std::tuple<Tensor, Tensor> row_stats_cpu(const Tensor& logits, const Tensor& tar
 // ---------------------------------------------------------------------------------------------
 // finalize_: float64 scalar math of the op contract.
 // ---------------------------------------------------------------------------------------------
-enum Kind : int64_t { kMiT = 0, kTET = 1, kCCT = 2 };
-
-void check_state_vec(const Tensor& t, int64_t C, const char* what) {
-  check_cpu(t, "finalize_", what);
-  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == C && t.is_contiguous(),
-              "mitkernels_C::finalize_: ", what, " must be a contiguous float64 [C] = [", C,
-              "] tensor, got ", t.scalar_type(), " ", t.sizes());
-}
-
-void check_state_scalar(const Tensor& t, const char* what) {
-  check_cpu(t, "finalize_", what);
-  TORCH_CHECK(t.numel() == 1, "mitkernels_C::finalize_: ", what, " must hold one value, got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat ||
-                  t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
-              "mitkernels_C::finalize_: ", what, " must be float64/float32/int64/int32, got ",
-              t.scalar_type());
-}
+using checks::kCCT;
+using checks::kMiT;
+using checks::kTET;
 
 // The finalize_ math on host summaries: S (all ranks) and L (this rank's) of `size` entries.
 std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     const double* S, const double* L, int64_t size, const Tensor& row_stats, const Tensor& tau_in,
     at::TensorList state, int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min,
     double t_max, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
-  check_cpu(row_stats, "finalize_", "row_stats");
-  check_cpu(tau_in, "finalize_", "tau");
-  TORCH_CHECK(kind == kMiT || kind == kTET || kind == kCCT,
-              "mitkernels_C::finalize_: kind must be 0 (MiT), 1 (TET) or 2 (CCT-EAL), got ", kind);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "mitkernels_C::finalize_: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-  TORCH_CHECK(!(kind == kCCT && reduction == 0),
-              "mitkernels_C::finalize_: reduction 'none' is not defined for CCT-EAL");
-  TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
-                  (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == kRowStats &&
-                  (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: row_stats must be float32/float64 [", kRowStats,
-              ", R], got ",
-              row_stats.scalar_type(), " ", row_stats.sizes());
-  TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating, got ",
-              loss_dtype);
+  // Every check before anything is written.
+  const int64_t C = checks::check_finalize_inputs(size, row_stats, tau_in, state, kind, hparams,
+                                                  reduction, loss_dtype, c10::Device(c10::kCPU));
   const int64_t K = tau_in.numel();
-  const int64_t C = K == 1 ? size - SUMMARY_HEADER_SIZE : K;
-  TORCH_CHECK(C >= 1 && size == SUMMARY_HEADER_SIZE + (K == 1 ? C : 3 * C),
-              "mitkernels_C::finalize_: summary has ", size, " entries, which fits neither [5 + C] ",
-              "(one temperature) nor [5 + 3C] with C = K = ", K);
   const Tensor tau = tau_in.contiguous();
-  // State checks before anything is written.
-  if (kind == kMiT) {
-    TORCH_CHECK(state.size() == 4, "mitkernels_C::finalize_: MiT state is [class_counts, ",
-                "total_seen, lambda_entropy, dual_updates], got ", state.size(), " tensors");
-    check_state_vec(state[0], C, "class_counts");
-    check_state_scalar(state[1], "total_seen");
-    check_state_scalar(state[2], "lambda_entropy");
-    check_state_scalar(state[3], "dual_updates");
-  } else if (kind == kTET) {
-    TORCH_CHECK(hparams.size() >= 1, "mitkernels_C::finalize_: TET hparams are [lambda]");
-  } else {
-    TORCH_CHECK(state.size() == 2, "mitkernels_C::finalize_: CCT-EAL state is [label_freq_ema, ",
-                "alpha], got ", state.size(), " tensors");
-    check_state_vec(state[0], C, "label_freq_ema");
-    check_state_scalar(state[1], "alpha");
-    TORCH_CHECK(hparams.size() >= 2,
-                "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
-  }
 
   const double B = S[0], sum_ceh = S[1], sum_h = S[2], sum_v = S[3], n_invalid = S[4];
   const double sum_ce = sum_ceh + sum_h;
@@ -1565,21 +1490,9 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cpu(
     const Tensor& tau, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
     double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
     at::ScalarType loss_dtype) {
-  const char* op = "finalize_";
-  check_cpu(summary_in, op, "summary");
-  TORCH_CHECK(summary_in.scalar_type() == at::kDouble && summary_in.dim() == 1,
-              "mitkernels_C::finalize_: summary must be a float64 vector, got ",
-              summary_in.scalar_type(), " ", summary_in.sizes());
-  const int64_t size = summary_in.numel();
+  const int64_t size = checks::check_summaries(summary_in, local_in, c10::kCPU);
   const Tensor summary = summary_in.contiguous();
-  Tensor local = summary;
-  if (local_in.has_value()) {
-    check_cpu(*local_in, op, "local_summary");
-    TORCH_CHECK(local_in->scalar_type() == at::kDouble && local_in->numel() == size,
-                "mitkernels_C::finalize_: local_summary must be float64 like summary ([", size,
-                "]), got ", local_in->scalar_type(), " ", local_in->sizes());
-    local = local_in->contiguous();
-  }
+  const Tensor local = local_in.has_value() ? local_in->contiguous() : summary;
   return finalize_impl(summary.const_data_ptr<double>(), local.const_data_ptr<double>(), size,
                        row_stats, tau, state, kind, hparams, t_eps, t_min, t_max, reduction,
                        update_state, loss_dtype);
@@ -1609,31 +1522,10 @@ std::tuple<Tensor, Tensor> loss_backward_cpu(const Tensor& grad_loss, const Tens
                                              bool compute_grad_tau) {
   const char* op = "loss_backward";
   const RowShape sh = check_row_inputs(logits, targets_in, tau_in, op);
-  check_cpu(grad_loss, op, "grad_loss");
-  check_cpu(row_stats_in, op, "row_stats");
-  check_cpu(grad_info_in, op, "grad_info");
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const bool acc64 = acc == at::kDouble;
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "mitkernels_C::loss_backward: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == kRowStats &&
-                  row_stats_in.size(1) == sh.R && row_stats_in.scalar_type() == acc,
-              "mitkernels_C::loss_backward: row_stats must be ", acc, " [", kRowStats, ", ", sh.R,
-              "], got ",
-              row_stats_in.scalar_type(), " ", row_stats_in.sizes());
-  TORCH_CHECK(grad_info_in.dim() == 1 && grad_info_in.numel() == 2 + sh.K &&
-                  at::isFloatingType(grad_info_in.scalar_type()),
-              "mitkernels_C::loss_backward: grad_info must be floating [2 + K] = [", 2 + sh.K,
-              "], got ", grad_info_in.scalar_type(), " ", grad_info_in.sizes());
-  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()),
-              "mitkernels_C::loss_backward: grad_loss must be floating, got ", grad_loss.scalar_type());
-  if (reduction == 0) {
-    TORCH_CHECK(grad_loss.numel() == sh.R, "mitkernels_C::loss_backward: grad_loss must be [R] = [",
-                sh.R, "] for reduction 'none', got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "mitkernels_C::loss_backward: grad_loss must be a scalar ",
-                "for reduction 'mean'/'sum', got ", grad_loss.sizes());
-  }
+  checks::check_backward_inputs(grad_loss, row_stats_in, grad_info_in, sh, acc, reduction,
+                                c10::Device(c10::kCPU));
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
   const Tensor rs = row_stats_in.contiguous();

@@ -13,6 +13,7 @@
 #include "../loss_step.h"      // cuda_backward_check
 #include "../triton_plans.h"   // plans::launcher
 #include "../mit_loss_math.h"  // kRowStats
+#include "../op_checks.h"      // the ops' contract checks
 
 #define MITK_CUDA_API_ONLY
 #include "mit_loss_cuda.cu"
@@ -23,7 +24,7 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
-constexpr int64_t kHeader = 5;
+
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -50,35 +51,11 @@ int scalar_code(at::ScalarType t, const char* what) {
   return kSDouble;
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_on(const Tensor& t, const Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "mitkernels_C::", op, " (cuda): ", name,
-              " must be on ", ref.device(), ", got ", t.device());
-}
-
-struct Shape {
-  int64_t N, C, S, R, K;
-};
+using checks::acc_type;
+using Shape = checks::RowShape;
 
 Shape check_rows(const Tensor& logits, const Tensor& targets, const Tensor& tau, const char* op) {
-  TORCH_CHECK(logits.is_cuda(), "mitkernels_C::", op, " (cuda): logits must be a CUDA tensor");
-  check_on(targets, logits, op, "targets");
-  check_on(tau, logits, op, "tau");
-  TORCH_CHECK(logits.dim() == 3, "mitkernels_C::", op, ": logits must be [N, C, S], got shape ",
-              logits.sizes());
-  dtype_code(logits.scalar_type());
-  const int64_t N = logits.size(0), C = logits.size(1), S = logits.size(2);
-  TORCH_CHECK(C >= 1, "mitkernels_C::", op, ": logits need at least one class");
-  TORCH_CHECK(targets.dim() == 1 && targets.numel() == N * S, "mitkernels_C::", op,
-              ": targets must be [N*S] = [", N * S, "], got shape ", targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-              "mitkernels_C::", op, ": targets must be int64 or int32, got ", targets.scalar_type());
-  TORCH_CHECK(tau.dim() == 1 && (tau.numel() == 1 || tau.numel() == C), "mitkernels_C::", op,
-              ": tau must be [1] or [C] = [", C, "], got shape ", tau.sizes());
-  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kDouble,
-              "mitkernels_C::", op, ": tau must be float32 or float64, got ", tau.scalar_type());
-  return {N, C, S, N * S, tau.numel()};
+  return checks::check_row_inputs(logits, targets, tau, c10::kCUDA, op);
 }
 
 RowArgs row_args(const Tensor& logits, const Tensor& targets, const Tensor& tau, const Shape& sh,
@@ -113,7 +90,7 @@ std::tuple<Tensor, Tensor> row_stats_cuda(const Tensor& logits, const Tensor& ta
   const Tensor tau = tau_in.contiguous();
   Tensor rs = at::empty({mitk::kRowStats, sh.R},
                         logits.options().dtype(acc_type(logits.scalar_type())));
-  Tensor summary = at::empty({kHeader + (sh.K == 1 ? sh.C : 3 * sh.C)},
+  Tensor summary = at::empty({SUMMARY_HEADER_SIZE + (sh.K == 1 ? sh.C : 3 * sh.C)},
                              logits.options().dtype(at::kDouble));
   Tensor work = at::empty({summary_workspace_doubles(sh.R, sh.C, sh.K)},
                           logits.options().dtype(at::kDouble));
@@ -125,76 +102,20 @@ std::tuple<Tensor, Tensor> row_stats_cuda(const Tensor& logits, const Tensor& ta
   return {rs, summary};
 }
 
-void check_vec(const Tensor& t, const Tensor& ref, int64_t C, const char* what) {
-  check_on(t, ref, "finalize_", what);
-  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == C && t.is_contiguous(),
-              "mitkernels_C::finalize_: ", what, " must be a contiguous float64 [C] = [", C,
-              "] tensor, got ", t.scalar_type(), " ", t.sizes());
-}
-
-void check_scalar(const Tensor& t, const Tensor& ref, const char* what) {
-  check_on(t, ref, "finalize_", what);
-  TORCH_CHECK(t.numel() == 1, "mitkernels_C::finalize_: ", what, " must hold one value");
-  scalar_code(t.scalar_type(), what);
-}
-
 std::tuple<Tensor, Tensor, Tensor> finalize_cuda(
     const Tensor& summary_in, const std::optional<Tensor>& local_in, const Tensor& row_stats_in,
     const Tensor& tau_in, at::TensorList state, int64_t kind, at::ArrayRef<double> hparams,
     double t_eps, double t_min, double t_max, int64_t reduction, bool update_state,
     at::ScalarType loss_dtype) {
-  TORCH_CHECK(summary_in.is_cuda(), "mitkernels_C::finalize_ (cuda): summary must be on CUDA");
-  check_on(row_stats_in, summary_in, "finalize_", "row_stats");
-  check_on(tau_in, summary_in, "finalize_", "tau");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "mitkernels_C::finalize_: kind must be 0, 1 or 2, got ", kind);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "mitkernels_C::finalize_: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(!(kind == 2 && reduction == 0),
-              "mitkernels_C::finalize_: reduction 'none' is not defined for CCT-EAL");
-  TORCH_CHECK(summary_in.scalar_type() == at::kDouble && summary_in.dim() == 1,
-              "mitkernels_C::finalize_: summary must be a float64 vector");
-  TORCH_CHECK(tau_in.dim() == 1 && tau_in.numel() >= 1 &&
-                  (tau_in.scalar_type() == at::kFloat || tau_in.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: tau must be a float32/float64 [K] tensor");
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == mitk::kRowStats &&
-                  (row_stats_in.scalar_type() == at::kFloat ||
-                   row_stats_in.scalar_type() == at::kDouble),
-              "mitkernels_C::finalize_: row_stats must be float32/float64 [", mitk::kRowStats,
-              ", R]");
+  // Every check before anything is written.
+  const int64_t size = checks::check_summaries(summary_in, local_in, c10::kCUDA);
+  const int64_t C = checks::check_finalize_inputs(size, row_stats_in, tau_in, state, kind, hparams,
+                                                  reduction, loss_dtype, summary_in.device());
+  const int64_t K = tau_in.numel();
   const int loss_code = scalar_code(loss_dtype, "loss_dtype");
-  TORCH_CHECK(at::isFloatingType(loss_dtype), "mitkernels_C::finalize_: loss_dtype must be floating");
-  const int64_t K = tau_in.numel(), size = summary_in.numel();
-  const int64_t C = K == 1 ? size - kHeader : K;
-  TORCH_CHECK(C >= 1 && size == kHeader + (K == 1 ? C : 3 * C),
-              "mitkernels_C::finalize_: summary has ", size, " entries, which fits neither [5 + C] ",
-              "nor [5 + 3C] with C = K = ", K);
-  const Tensor& ref = summary_in;
-  if (kind == 0) {
-    TORCH_CHECK(state.size() == 4, "mitkernels_C::finalize_: MiT state is [class_counts, ",
-                "total_seen, lambda_entropy, dual_updates], got ", state.size(), " tensors");
-    check_vec(state[0], ref, C, "class_counts");
-    check_scalar(state[1], ref, "total_seen");
-    check_scalar(state[2], ref, "lambda_entropy");
-    check_scalar(state[3], ref, "dual_updates");
-  } else if (kind == 1) {
-    TORCH_CHECK(hparams.size() >= 1, "mitkernels_C::finalize_: TET hparams are [lambda]");
-  } else {
-    TORCH_CHECK(state.size() == 2, "mitkernels_C::finalize_: CCT-EAL state is [label_freq_ema, ",
-                "alpha], got ", state.size(), " tensors");
-    check_vec(state[0], ref, C, "label_freq_ema");
-    check_scalar(state[1], ref, "alpha");
-    TORCH_CHECK(hparams.size() >= 2,
-                "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
-  }
   const c10::cuda::CUDAGuard guard(summary_in.device());
   const Tensor summary = summary_in.contiguous();
-  Tensor local = summary;
-  if (local_in.has_value()) {
-    check_on(*local_in, ref, "finalize_", "local_summary");
-    TORCH_CHECK(local_in->scalar_type() == at::kDouble && local_in->numel() == size,
-                "mitkernels_C::finalize_: local_summary must be float64 like summary");
-    local = local_in->contiguous();
-  }
+  const Tensor local = local_in.has_value() ? local_in->contiguous() : summary;
   const Tensor rs = row_stats_in.contiguous();
   const Tensor tau = tau_in.contiguous();
   const int64_t R = rs.size(1);
@@ -261,25 +182,9 @@ std::tuple<Tensor, Tensor> loss_backward_cuda(const Tensor& grad_loss, const Ten
                                               bool compute_grad_tau) {
   const char* op = "loss_backward";
   const Shape sh = check_rows(logits, targets_in, tau_in, op);
-  check_on(grad_loss, logits, op, "grad_loss");
-  check_on(row_stats_in, logits, op, "row_stats");
-  check_on(grad_info_in, logits, op, "grad_info");
   const at::ScalarType acc = acc_type(logits.scalar_type());
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "mitkernels_C::loss_backward: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == mitk::kRowStats &&
-                  row_stats_in.size(1) == sh.R && row_stats_in.scalar_type() == acc,
-              "mitkernels_C::loss_backward: row_stats must be ", acc, " [", mitk::kRowStats, ", ",
-              sh.R, "], got ",
-              row_stats_in.scalar_type(), " ", row_stats_in.sizes());
-  TORCH_CHECK(grad_info_in.dim() == 1 && grad_info_in.numel() == 2 + sh.K &&
-                  at::isFloatingType(grad_info_in.scalar_type()),
-              "mitkernels_C::loss_backward: grad_info must be floating [2 + K] = [", 2 + sh.K, "]");
-  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()),
-              "mitkernels_C::loss_backward: grad_loss must be floating");
-  TORCH_CHECK(grad_loss.numel() == (reduction == 0 ? sh.R : 1),
-              "mitkernels_C::loss_backward: grad_loss must be ", reduction == 0 ? "[R]" : "a scalar",
-              ", got ", grad_loss.sizes());
+  checks::check_backward_inputs(grad_loss, row_stats_in, grad_info_in, sh, acc, reduction,
+                                logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor targets = targets_in.contiguous();
   const Tensor tau = tau_in.contiguous();
