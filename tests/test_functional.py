@@ -68,7 +68,7 @@ def _kernel_vs_reference(backend, logits, targets, reduction="mean", ignore_inde
     torch.testing.assert_close(l1, l0, **tol)
     torch.testing.assert_close(g1, g0, **tol)
     torch.testing.assert_close(t1, t0, **tol)
-    for key in ("ce", "H", "H_star", "lambda", "T", "valid"):
+    for key in ("loss", "ce", "H", "H_star", "lambda", "T", "valid"):  # loss: the mean form
         torch.testing.assert_close(s1[key], s0[key], **tol)
     for name in ("class_counts", "total_seen", "lambda_entropy", "dual_updates"):
         torch.testing.assert_close(getattr(st1, name), getattr(st0, name), **tol)
@@ -432,7 +432,7 @@ def test_tet_against_reference(backend, reduction):
     l2.sum().backward()
     torch.testing.assert_close(l2, l1, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-10, rtol=1e-10)
-    for key in ("ce", "H", "T", "lambda"):
+    for key in ("loss", "ce", "H", "T", "lambda"):
         torch.testing.assert_close(s2[key], s1[key].double(), atol=1e-10, rtol=1e-10)
 
 
@@ -465,7 +465,7 @@ def test_cct_eal_against_reference_over_steps(backend, reduction):
         torch.testing.assert_close(g1, g0, **tol)
         torch.testing.assert_close(t1, t0, **tol)
         torch.testing.assert_close(e1, e0, **tol)
-        for key in ("ce", "H", "H_star", "T_mean", "alpha_t"):
+        for key in ("loss", "ce", "H", "H_star", "T_mean", "alpha_t"):
             torch.testing.assert_close(s1[key], s0[key].double(), **tol)
 
 

@@ -1473,7 +1473,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
 
   Tensor stats = empty_cpu({STATS_SIZE}, at::kDouble);
   double* st = stats.mutable_data_ptr<double>();
-  st[0] = reduction == 2 ? loss_sum : loss_mean;
+  st[0] = loss_mean;  // the mean form whatever the reduction (ops.py's contract, as reference.py)
   st[1] = mean_ce;
   st[2] = mean_h;
   st[3] = h_star;
