@@ -97,6 +97,23 @@ Canonical canonical(const Tensor& logits, const Tensor& targets, const Tensor& t
 
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
+// create_graph=True runs a backward under grad mode, and the gradients it returns join the
+// graph. The kernels have no derivative of their own: rather than come back as constants, whose
+// derivative would silently be 0, the gradients come back through this node, which depends on
+// the logits and tau and raises when a second derivative reaches it. (Python's
+// @once_differentiable does the like, but only when the incoming gradient requires grad; these
+// gradients depend on the logits whatever it does.)
+struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
+  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor&, const Tensor&) {
+    return grad;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "mitkernels: the loss's kernels have no second derivative (a gradient of "
+                "its gradient, taken with create_graph=True); backend='reference' has one");
+    return {};
+  }
+};
+
 // Which kernel ops a step calls: the extension's (CPU and CUDA kernels in C++) or the Triton
 // launchers registered under the triton_ names.
 struct CompiledKernels {
@@ -300,37 +317,46 @@ struct LossStep : public torch::autograd::Function<Node> {
     const Tensor &logits = saved[0], &tau = saved[1];
     const auto t = ctx->saved_data["t"].toDoubleVector();
     const auto i = ctx->saved_data["i"].toIntVector();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Canonical in = canonical(logits, saved[2], tau);
-    const bool cuda_backward = ctx->saved_data["b"].toBool();
-    const auto& backward_op =
-        cuda_backward ? loss_backward_op<CompiledKernels>() : loss_backward_op<Kernels>();
-    // Contiguous here rather than in the launchers: the per-row gradient of loss.sum() is an
-    // expanded (stride 0) tensor, whose copy a launch plan could not trace to an input.
-    const Tensor grad = grad_loss.contiguous();
-    const auto call = [&] {
-      return backward_op.call(grad, in.logits, in.targets, in.tau, saved[3], saved[4], t[0], t[1],
-                              t[2], i[0], i[1], needs_tau);
-    };
-    Tensor grad_logits, grad_tau;
-    std::vector<Tensor> inputs;
-    if (!cuda_backward && ctx->saved_data["p"].toBool()) {
-      inputs = {grad, in.logits, in.targets, in.tau, saved[3], saved[4]};
+    // The kernels' gradients, computed below autograd.
+    variable_list out = [&]() -> variable_list {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Canonical in = canonical(logits, saved[2], tau);
+      const bool cuda_backward = ctx->saved_data["b"].toBool();
+      const auto& backward_op =
+          cuda_backward ? loss_backward_op<CompiledKernels>() : loss_backward_op<Kernels>();
+      // Contiguous here rather than in the launchers: the per-row gradient of loss.sum() is an
+      // expanded (stride 0) tensor, whose copy a launch plan could not trace to an input.
+      const Tensor grad = grad_loss.contiguous();
+      const auto call = [&] {
+        return backward_op.call(grad, in.logits, in.targets, in.tau, saved[3], saved[4], t[0],
+                                t[1], t[2], i[0], i[1], needs_tau);
+      };
+      Tensor grad_logits, grad_tau;
+      std::vector<Tensor> inputs;
+      if (!cuda_backward && ctx->saved_data["p"].toBool()) {
+        inputs = {grad, in.logits, in.targets, in.tau, saved[3], saved[4]};
+      }
+      if (!inputs.empty() && all_plain(inputs)) {
+        const std::vector<int64_t> scalars{plans::bits(t[0]), plans::bits(t[1]),
+                                           plans::bits(t[2]), i[0], i[1], needs_tau};
+        const std::vector<Tensor> out = by_plan(plans::Op::kBackward, inputs, scalars, [&] {
+          auto [g, gt] = call();
+          return std::vector<Tensor>{g, gt};
+        });
+        grad_logits = out[0];
+        grad_tau = out[1];
+      } else {
+        std::tie(grad_logits, grad_tau) = call();
+      }
+      return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
+              needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
+    }();
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      for (int k = 0; k < 2; ++k) {
+        if (out[k].defined()) out[k] = NoSecondDerivative::apply(out[k], logits, tau);
+      }
     }
-    if (!inputs.empty() && all_plain(inputs)) {
-      const std::vector<int64_t> scalars{plans::bits(t[0]), plans::bits(t[1]), plans::bits(t[2]),
-                                         i[0], i[1], needs_tau};
-      const std::vector<Tensor> out = by_plan(plans::Op::kBackward, inputs, scalars, [&] {
-        auto [g, gt] = call();
-        return std::vector<Tensor>{g, gt};
-      });
-      grad_logits = out[0];
-      grad_tau = out[1];
-    } else {
-      std::tie(grad_logits, grad_tau) = call();
-    }
-    return {needs_logits ? grad_logits.reshape_symint(logits.sym_sizes()) : Tensor(),
-            needs_tau ? grad_tau.reshape_symint(tau.sym_sizes()) : Tensor(), Tensor()};
+    return out;
   }
 };
 

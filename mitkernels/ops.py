@@ -263,6 +263,23 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on a gradient of the kernels, depending on the logits and tau, that raises
+    when a second derivative reaches it (as the C++ step's ``NoSecondDerivative``,
+    ``csrc/loss_step.cpp``): under ``create_graph=True`` the kernels' gradients would otherwise
+    join the graph as constants, whose derivative is silently 0."""
+
+    @staticmethod
+    def forward(ctx, grad, logits, tau):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("mitkernels: the loss's kernels have no second derivative (a gradient "
+                           "of its gradient, taken with create_graph=True); backend='reference' "
+                           "has one")
+
+
 def _backward_with(ctx, grad_loss, loss_backward):
     logits, tau, targets, row_stats, grad_info = ctx.saved_tensors
     needs_logits, needs_tau = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -272,6 +289,9 @@ def _backward_with(ctx, grad_loss, loss_backward):
     grad_logits, grad_tau = loss_backward(
         grad_loss.contiguous(), logits, targets, tau, row_stats, grad_info, t_eps, t_min, t_max,
         int(ignore_index), ctx.reduction, needs_tau)
+    if torch.is_grad_enabled():  # create_graph=True
+        grad_logits = _NoSecondDerivative.apply(grad_logits, logits, tau)
+        grad_tau = _NoSecondDerivative.apply(grad_tau, logits, tau)
     return (None, grad_logits if needs_logits else None, grad_tau if needs_tau else None,
             None, None, None, None, None)
 

@@ -36,6 +36,39 @@ def test_golden_trajectory_through_mit_loss(golden_trajectory, backend, case_ind
         check_golden_step(step, loss, stats, logits.grad, state.tau.grad)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("node", ["step", "python"])
+def test_a_second_derivative_raises_rather_than_vanish(monkeypatch, backend, node):
+    # The kernels have no second derivative. Under create_graph=True their gradients must not
+    # join the graph as constants (a gradient penalty through them would silently be 0): a
+    # second derivative that reaches them raises. One that does not (a penalty on another term)
+    # works. node: the C++ step's autograd node, or the Python one (distributed calls, Triton
+    # without the extension).
+    from mitkernels import functional
+    if node == "python":
+        monkeypatch.setattr(functional, "_loss_step_op", lambda: None)
+        monkeypatch.setattr(functional, "_triton_step_op", lambda: None)
+    torch.manual_seed(3)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (8,))
+    state = _fresh_state(4, 0.3)
+    loss, _ = mitkernels.mit_loss(x, y, state, backend=backend)
+    gx, gtau = torch.autograd.grad(loss, (x, state.tau), create_graph=True)
+    ref_state = _fresh_state(4, 0.3)
+    x_ref = x.detach().requires_grad_(True)
+    ref_loss, _ = mitkernels.mit_loss(x_ref, y, ref_state, backend="reference")
+    gx_ref, gtau_ref = torch.autograd.grad(ref_loss, (x_ref, ref_state.tau))
+    torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gtau, gtau_ref, atol=1e-10, rtol=1e-10)
+    for g in (gx, gtau):
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad((g ** 2).sum(), x)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    loss, _ = mitkernels.mit_loss(x, y, state, backend=backend)
+    _, gw = torch.autograd.grad(loss + (w ** 3).sum(), (x, w), create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gw.sum(), w)[0], 6 * w)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_are_detached_float64_on_device(backend):
     state = mitkernels.MiTState(3)
