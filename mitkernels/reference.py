@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MIT_T_EPS, MIT_T_MIN, MIT_T_MAX = 1e-6, 1e-3, 500.0
+MIT_LAMBDA_MAX = 0.5  # the dual update keeps lambda in [0, MIT_LAMBDA_MAX]
 
 
 def temperature(tau: Tensor, t_eps: float = MIT_T_EPS, t_min: float = MIT_T_MIN,
@@ -123,7 +124,7 @@ def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
         h_star = _entropy(counts_new / counts_new.sum())
         n_new = dual_updates + 1
         gap = ((h_star - h.detach().double()) / math.log(num_classes)).clamp_min(0.0)
-        lam_new = ((lambda_entropy * (n_new - 1) + gap) / n_new).clamp(0.0, 0.5)
+        lam_new = ((lambda_entropy * (n_new - 1) + gap) / n_new).clamp(0.0, MIT_LAMBDA_MAX)
         lam = torch.where(do_update, lam_new, lambda_entropy)
         _assign(class_counts, counts_new)
         _assign(total_seen, torch.where(do_update, total_seen + count, total_seen))

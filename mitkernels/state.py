@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping
 import torch
 from torch import Tensor
 
-from .reference import MIT_T_EPS, MIT_T_MAX, MIT_T_MIN, temperature
+from .reference import MIT_LAMBDA_MAX, MIT_T_EPS, MIT_T_MAX, MIT_T_MIN, temperature
 
 # The published criterion's names; the published code kept counts in float32, which stops counting
 # at 2^24 samples: here counts are float64 (exact to 2^53) and dual_updates int64.
@@ -129,6 +129,26 @@ def _caller_stacklevel() -> int:
     return 1
 
 
+def _check_running_statistics(sd: Mapping[str, Tensor]) -> None:
+    """The values a MiT step can produce, or a ValueError naming the one that is not: a NaN
+    lambda or a negative count would be carried into every later step (the backends do not even
+    agree on what to make of them), so a state dict holding one is refused when it is loaded."""
+    counts = sd["class_counts"].detach().double().cpu()
+    if not (torch.isfinite(counts).all() and (counts >= 0).all() and counts.sum() > 0):
+        raise ValueError("class_counts must be finite and non-negative, with a positive sum, "
+                         f"got {counts.tolist()[:8]}")
+    scalars = {k: float(sd[k].detach().double().cpu().reshape(())) for k in
+               ("total_seen", "lambda_entropy", "dual_updates")}
+    if not (math.isfinite(scalars["total_seen"]) and scalars["total_seen"] >= 0):
+        raise ValueError(f"total_seen must be finite and non-negative, got {scalars['total_seen']}")
+    if not 0.0 <= scalars["lambda_entropy"] <= MIT_LAMBDA_MAX:  # False for NaN
+        raise ValueError(f"lambda_entropy must lie in [0, {MIT_LAMBDA_MAX}] (the dual update's "
+                         f"range), got {scalars['lambda_entropy']}")
+    n = scalars["dual_updates"]
+    if not (math.isfinite(n) and n >= 0 and n == int(n)):
+        raise ValueError(f"dual_updates must be a non-negative whole number, got {n}")
+
+
 def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: int,
                                  prefix: str = "") -> Dict[str, Tensor]:
     """Our tensors from a state dict of ours or of the published ``MiTLoss_WithTrainCalibration``.
@@ -152,6 +172,7 @@ def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: 
     for k in ("tau", "total_seen", "lambda_entropy", "dual_updates"):
         if out[k].numel() != 1:
             raise ValueError(f"{k} must hold one value, got shape {tuple(out[k].shape)}")
+    _check_running_statistics(out)
     if not bool(torch.isfinite(out["tau"]).all()):
         # The published code stored tau = inf when its calibration found no skill.
         warnings.warn(f"loading tau = {float(out['tau'])}: T sits at its clamp "

@@ -59,6 +59,38 @@ def test_conversion_errors_name_the_problem():
         convert_published_state_dict({**good, "total_seen": torch.zeros(2)}, 3)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("class_counts", [1.0, -3.0, 2.0], "class_counts must be finite and non-negative"),
+    ("class_counts", [1.0, float("nan"), 2.0], "class_counts must be finite"),
+    ("class_counts", [0.0, 0.0, 0.0], "positive sum"),
+    ("total_seen", -1.0, "total_seen must be finite and non-negative"),
+    ("total_seen", float("inf"), "total_seen must be finite"),
+    ("lambda_entropy", float("nan"), r"lambda_entropy must lie in \[0, 0.5\]"),
+    ("lambda_entropy", -0.1, "lambda_entropy must lie in"),
+    ("lambda_entropy", 0.7, "lambda_entropy must lie in"),
+    ("dual_updates", -2, "dual_updates must be a non-negative whole number"),
+    ("dual_updates", 2.5, "dual_updates must be a non-negative whole number"),
+])
+def test_a_state_no_step_can_reach_is_refused_and_nothing_loaded(key, value, message):
+    # A NaN lambda or a negative count would be carried into every later step: refused when
+    # loaded, through MiTState and through MiTLoss alike, before anything is copied.
+    s = mitkernels.MiTState(3)
+    mitkernels.mit_loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1]), s)
+    bad = {**s.state_dict(), key: torch.tensor(value, dtype=torch.float64)}
+    target = mitkernels.MiTState(3)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(bad)
+    module = mitkernels.MiTLoss(3)
+    module_before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        module.load_state_dict(bad)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, module_before[k]), k
+
+
 def test_to_keeps_tau_a_leaf():
     s = mitkernels.MiTState(3).to("cpu")
     assert s.tau.is_leaf and s.tau.requires_grad
