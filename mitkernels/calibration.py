@@ -13,12 +13,14 @@ One pass over the logits per iteration, through the row kernel of the fastest ba
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _backends, reference
+from .state import _caller_stacklevel
 
 DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
 _REFERENCE_CHUNK_ROWS = 1 << 16
@@ -64,7 +66,9 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
 
     Returns:
         A float64 0-dim tensor, always finite: the interior optimum, or the bound the NLL
-        decreases towards (a model with no skill drives ``T`` up, never to infinity).
+        decreases towards (a model with no skill drives ``T`` up, never to infinity). When every
+        row's logits are equal (a zero-initialised head, say), the NLL does not depend on ``T``:
+        then 1 (within ``bounds``), which leaves the logits as they are, with a warning.
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError("logits and labels must be torch.Tensors")
@@ -92,6 +96,13 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                          f"({ignore_index}); found {int(labels[bad][0])}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite")
+    if bool((logits.amax(1) == logits.amin(1)).all()):
+        # softmax(x / T) is uniform whatever T: no temperature is better than another, and a
+        # bound would scale the model's later logits by up to 1000 (or 1/500) for nothing.
+        warnings.warn("every row's logits are equal, so the NLL does not depend on T: returning "
+                      "T = 1; calibrate on the logits of a model with some skill",
+                      stacklevel=_caller_stacklevel())
+        return torch.tensor(min(max(1.0, lo), hi), dtype=torch.float64)
     name = _backends.choose_for_rows(backend, logits.device, logits.shape[0])
 
     def slope(u: float) -> Tuple[float, float]:

@@ -131,3 +131,25 @@ def test_calibrate_warns_at_the_lower_bound_with_its_own_reason():
     with pytest.warns(UserWarning, match="lower bound.*separate") as record:
         mitkernels.MiTLoss(2).calibrate_(logits, torch.tensor([0, 1]))
     assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_equal_logits_keep_t_at_one_with_their_own_warning(backend):
+    # A zero-initialised head: softmax(x / T) is uniform whatever T, so the NLL is flat. The
+    # result is T = 1 (the logits left as they are), not a bound, whose warning would blame
+    # perfectly separated labels.
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(0))
+    for logits in (torch.zeros(64, 3), torch.full((64, 3), 2.5).add_(torch.arange(64.)[:, None])):
+        with pytest.warns(UserWarning, match="logits are equal") as record:
+            t = mitkernels.calibrate_temperature(logits, labels, backend=backend)
+        assert float(t) == 1.0
+        assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="logits are equal"):
+        t = mitkernels.calibrate_temperature(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]),
+                                             bounds=(2.0, 5.0))
+    assert float(t) == 2.0
+    crit = mitkernels.MiTLoss(3)
+    with pytest.warns(UserWarning, match="logits are equal") as record:
+        crit.calibrate_(torch.zeros(64, 3), labels)
+    assert len(record) == 1 and record[0].filename == __file__  # and not the lower bound's
+    assert float(crit.temperature) == pytest.approx(1.0, rel=1e-6)
