@@ -101,7 +101,8 @@ inline void check_state_vec(const Tensor& t, const c10::Device& device, int64_t 
   check_on(t, device, "finalize_", what);
   TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == C && t.is_contiguous(),
               "mitkernels_C::finalize_: ", what, " must be a contiguous float64 [C] = [", C,
-              "] tensor, got ", t.scalar_type(), " ", t.sizes());
+              "] tensor, got ", t.scalar_type(), " ", t.sizes(),
+              t.is_contiguous() ? "" : " (not contiguous)");
 }
 
 inline void check_state_scalar(const Tensor& t, const c10::Device& device, const char* what) {

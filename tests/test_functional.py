@@ -178,6 +178,31 @@ def test_bad_options_raise():
         mitkernels.mit_loss(x, y, state)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_the_kernels_cannot_update_raises_before_the_step(backend):
+    # A state made under inference_mode (no gradient, no in-place update outside it) and a
+    # strided histogram: each fails midway through a step unless refused first, with the state
+    # untouched. (Under inference_mode itself, such a state is fine: an evaluation pass.)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.inference_mode():
+        state = mitkernels.MiTState(3)
+        mitkernels.mit_loss(x, y, state, backend=backend)
+    before = {k: v.clone() for k, v in state.buffers().items()}
+    with pytest.raises(ValueError, match="inference_mode"):
+        mitkernels.mit_loss(x, y, state, backend=backend)
+    for k, v in state.buffers().items():
+        assert torch.equal(v, before[k]), k
+    state = mitkernels.MiTState(3)
+    state.class_counts = torch.ones(6, dtype=torch.float64)[::2]
+    with pytest.raises(ValueError, match=r"class_counts must be contiguous"):
+        mitkernels.mit_loss(x, y, state, backend=backend)
+    assert torch.equal(state.class_counts, torch.ones(3, dtype=torch.float64))
+    ema = torch.full((6,), 1 / 3, dtype=torch.float64)[::2]
+    with pytest.raises(ValueError, match=r"label_freq_ema must be contiguous"):
+        mitkernels.cct_eal_loss(x, y, torch.zeros(3, requires_grad=True), ema,
+                                torch.tensor(0.3, dtype=torch.float64), backend=backend)
+
+
 def test_forced_backend_that_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(mitkernels.BackendUnavailableError, match="triton"):
