@@ -67,9 +67,11 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         raise ValueError(f"targets must have shape {expected} for logits of shape "
                          f"{tuple(shape)}, got {tuple(target_shape)}")
     check_options(ignore_index, reduction)
-    if not torch.is_inference_mode_enabled() and _any_inference(state_tensors):
-        # Else the step fails midway: tau cannot be saved for backward, nor the statistics be
-        # updated in place, once their kernels have written some of them.
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and \
+            _any_inference(state_tensors):
+        # Else the eager step fails midway: tau cannot be saved for backward, nor the
+        # statistics be updated in place, once their kernels have written some of them. (Dynamo
+        # traces neither call, and a compiled step runs with such a state.)
         raise ValueError("the loss's state (tau and its running statistics) holds tensors made "
                          "under torch.inference_mode(), which outside it take no gradient and "
                          "no in-place update: make the state outside inference mode")
