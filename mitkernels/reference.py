@@ -49,8 +49,9 @@ def _row_terms(logits: Tensor, targets: Tensor, row_temperature: Tensor, ignore_
     """Per-row cross-entropy and entropy of ``softmax(x / T)``, and the valid-row mask."""
     x, y = flatten_rows(logits, targets)
     x = x.to(_compute_dtype(logits.dtype))
+    y = y.long()  # int32 targets compared with ignore_index in 64 bits: 2**32 + 1 is not 1
     valid = y != ignore_index
-    safe_y = torch.where(valid, y, torch.zeros_like(y)).long()
+    safe_y = torch.where(valid, y, torch.zeros_like(y))
     t_rows = row_temperature(safe_y).to(x.dtype)
     log_p = F.log_softmax(x / t_rows.unsqueeze(1), dim=1)
     ce_rows = -log_p.gather(1, safe_y.unsqueeze(1)).squeeze(1)

@@ -111,3 +111,20 @@ def test_row_statistics_match_definitions():
     var = (p * z * z).sum(1) - (p * z).sum(1) ** 2
     torch.testing.assert_close(rows["V"], var)
     torch.testing.assert_close(rows["CE"], torch.nn.functional.cross_entropy(z, y, reduction="none"))
+
+
+def test_int32_targets_compare_with_ignore_index_in_64_bits():
+    # 2**32 + 1 wraps to 1 in int32: class-1 rows must not be taken for ignored ones.
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2, 1, 0, 2])
+    results = []
+    for y in (targets, targets.int()):
+        b = initial_buffers(3)
+        loss, stats = reference.mit_step(logits, y, torch.zeros(1), b["class_counts"],
+                                         b["total_seen"], b["lambda_entropy"], b["dual_updates"],
+                                         ignore_index=2 ** 32 + 1)
+        results.append((loss, stats["valid"], b["class_counts"]))
+    assert float(results[1][1]) == 6.0
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
