@@ -64,21 +64,24 @@ MITK_HD acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
-template <typename acc_t>
-MITK_HD acc_t temperature(acc_t tau, acc_t t_eps, acc_t t_min, acc_t t_max) {
-  acc_t t = softplus(tau) + t_eps;
-  // torch.clamp: NaN stays NaN.
-  if (t < t_min) t = t_min;
-  if (t > t_max) t = t_max;
-  return t;
+MITK_HD double round_to(double x, bool f32) {
+  return f32 ? static_cast<double>(static_cast<float>(x)) : x;
 }
 
-// dT/dtau: sigmoid(tau) (1 above softplus' threshold) inside the clamp range, inclusive; else 0.
-template <typename acc_t>
-MITK_HD acc_t temperature_grad(acc_t tau, acc_t t_eps, acc_t t_min, acc_t t_max) {
-  const acc_t t = softplus(tau) + t_eps;
-  if (!(t >= t_min && t <= t_max)) return acc_t(0);
-  return tau > acc_t(20) ? acc_t(1) : sigmoid(tau);
+// T = clamp(softplus(tau) + t_eps, t_min, t_max) of one tau, in double, rounded as torch
+// computes it in tau's dtype (float32 when tau_f32): softplus(tau) + t_eps and the bounds are
+// rounded to it before the clamp. With *dT, dT/dtau: sigmoid(tau) (1 above softplus' threshold)
+// inside torch.clamp's inclusive range, tested on those rounded values, else 0. So a float32
+// tau whose T rounds onto a bound keeps its gradient, as in torch (softplus(tau) = 1.50000003
+// is 1.5 in float32: on a bound of 1.5, inside the range); a test on the unrounded double had
+// it outside, with a gradient of 0 that kept tau there for good. NaN stays NaN (dT 0).
+MITK_HD double temperature(double tau, bool tau_f32, double t_eps, double t_min,
+                                  double t_max, double* dT = nullptr) {
+  const double raw = round_to(softplus(tau) + t_eps, tau_f32);
+  const double lo = round_to(t_min, tau_f32), hi = round_to(t_max, tau_f32);
+  const bool inside = raw >= lo && raw <= hi;
+  if (dT) *dT = !inside ? 0.0 : tau > 20.0 ? 1.0 : sigmoid(tau);
+  return raw < lo ? lo : raw > hi ? hi : raw;
 }
 
 // ---------------------------------------------------------------------------------------------

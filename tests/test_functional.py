@@ -476,6 +476,33 @@ def test_deterministic_bitwise(backend):
 # ------------------------------------------------------------------------------------------
 # TET and CCT-EAL through every backend.
 # ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_a_float32_tau_on_a_clamp_bound_keeps_its_gradient(backend):
+    # torch.clamp passes the gradient on its bounds. A float32 tau whose softplus(tau) + eps is a
+    # bound once rounded to float32 (500 + 1e-6 is 500; softplus(tau) = 1.50000003 is 1.5) is on
+    # the bound, so it has a gradient; a test on the unrounded value had it outside, with a
+    # gradient of 0 that would keep tau there for good.
+    torch.manual_seed(4)
+    x, y = torch.randn(16, 5) * 3, torch.arange(16) % 5
+    for temperature in (500.0, 1e-3, 1.0):
+        grads = []
+        for name in ("reference", backend):
+            state = mitkernels.MiTState(5, temperature=temperature)
+            loss, _ = mitkernels.mit_loss(x, y, state, backend=name)
+            grads.append(torch.autograd.grad(loss, state.tau)[0])
+        assert grads[0] != 0, temperature
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=0)
+    tau = torch.tensor([math.log(math.expm1(0.75)), math.log(math.expm1(1.5)), -5.0, 5.0, 0.3])
+    grads = []
+    for name in ("reference", backend):
+        t = tau.clone().requires_grad_(True)
+        loss, _ = mitkernels.cct_eal_loss(x, y, t, torch.full((5,), 0.2, dtype=torch.float64),
+                                          torch.tensor(0.0, dtype=torch.float64), backend=name)
+        grads.append(torch.autograd.grad(loss, t)[0])
+    assert (grads[0][:2] != 0).all() and (grads[0][2:4] == 0).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_tet_against_reference(backend, reduction):

@@ -1178,10 +1178,7 @@ double temperature_of(const Tensor& tau, int64_t k, double t_eps, double t_min, 
   const bool f32 = tau.scalar_type() == at::kFloat;
   const double v = f32 ? static_cast<double>(tau.const_data_ptr<float>()[k])
                        : tau.const_data_ptr<double>()[k];
-  double t = temperature<double>(v, t_eps, t_min, t_max);
-  if (f32) t = static_cast<float>(t);
-  if (dT) *dT = temperature_grad<double>(v, t_eps, t_min, t_max);
-  return t;
+  return temperature(v, f32, t_eps, t_min, t_max, dT);
 }
 
 // Acc-typed 1/T_k, held in a small vector (no heap allocation for one temperature).

@@ -180,10 +180,7 @@ __device__ __forceinline__ double temperature_at(const void* tau, bool tau64, in
                                                  double* dT = nullptr) {
   const double v = tau64 ? static_cast<const double*>(tau)[k]
                          : static_cast<double>(static_cast<const float*>(tau)[k]);
-  double t = temperature<double>(v, t_eps, t_min, t_max);
-  if (!tau64) t = static_cast<double>(static_cast<float>(t));
-  if (dT) *dT = temperature_grad<double>(v, t_eps, t_min, t_max);
-  return t;
+  return temperature(v, !tau64, t_eps, t_min, t_max, dT);
 }
 
 // 1 / T of a valid row whose target is y (that class's temperature when K = C), in acc_t.
