@@ -373,7 +373,10 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     Args as :func:`mit_loss`; ``temperature`` > 0 and ``lambda_entropy`` are plain numbers.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, lambda, T, valid, invalid_targets``.
     """
-    check_tet_options(temperature, lambda_entropy)
+    if not torch.compiler.is_compiling():
+        # Dynamo cannot trace math.isfinite of a float it made symbolic (dynamic=True, or a
+        # temperature that changes between calls); TETLoss checks its own when it is built.
+        check_tet_options(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)

@@ -265,6 +265,23 @@ def test_auto_choice_by_rows_traces_in_one_graph(monkeypatch):
     assert torch.equal(g(torch.zeros(5), 2**30), torch.full((5,), 1.0))
 
 
+@pytest.mark.parametrize("backend", cpu_backends()[:2])
+def test_tet_compiles_in_one_graph_with_its_floats_dynamic(backend):
+    # TETLoss under dynamic=True, and tet_loss with a temperature that changes between calls:
+    # the option check (math.isfinite) is not traced, so fullgraph holds.
+    torch.manual_seed(5)
+    x, y = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    crit = mitkernels.TETLoss(0.7, 0.2, backend=backend)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, y: crit(x, y)[0], fullgraph=True, dynamic=True)
+    torch.testing.assert_close(f(x, y), crit(x, y)[0])
+    g = torch.compile(lambda x, y, t: mitkernels.tet_loss(x, y, t, 0.1, backend=backend)[0],
+                      fullgraph=True)
+    for t in (0.5, 0.9, 1.3):
+        torch.testing.assert_close(g(x, y, t),
+                                   mitkernels.tet_loss(x, y, t, 0.1, backend=backend)[0])
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_state_of_the_wrong_dtype_is_refused_by_every_backend(backend):
     """State tensors are updated in place, so they are never converted: each backend refuses
