@@ -11,7 +11,11 @@ when the ranks hold equal batches.
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import Tensor
+
+from .state import _caller_stacklevel
 
 
 def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
@@ -25,3 +29,12 @@ def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
     # copy, never blocks the host: the result is waited on where it is first used.
     # wait_tensor hands a plain tensor to the kernels (a Triton launcher reads its pointer).
     return funcol.wait_tensor(funcol.all_reduce(summary, "sum", process_group))
+
+
+def warn_local_tau_gradient() -> None:
+    """A ``reduction="none"`` loss with a process group: the temperature gradient is local."""
+    warnings.warn("with reduction='none' and a process_group, tau's gradient is this rank's "
+                  "alone (the per-element gradient the loss receives is local, so it cannot be "
+                  "made that of the global batch): average tau.grad over the ranks "
+                  "(dist.all_reduce(tau.grad, op=dist.ReduceOp.AVG)) before the optimizer step, "
+                  "or tau drifts apart across ranks", stacklevel=_caller_stacklevel())

@@ -261,8 +261,10 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
             "loss_forward_", logits3.detach(), flat_targets, tau_k, state, kind, hparams,
             *temp_params, ignore_index, red, update_state, loss_dtype)
     else:
-        from .distributed import all_reduce_summary
+        from .distributed import all_reduce_summary, warn_local_tau_gradient
 
+        if red == 0 and tau.requires_grad and not compiling:
+            warn_local_tau_gradient()
         row_stats, local_summary = call("row_stats", logits3.detach(), flat_targets, tau_k,
                                         *temp_params, ignore_index)
         summary = all_reduce_summary(local_summary, process_group)
@@ -332,7 +334,10 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
         ignore_index: rows with this target take no part anywhere (counts included).
         reduction: ``"mean"`` (over valid rows), ``"sum"`` or ``"none"`` (shaped like ``targets``).
         process_group: a ``torch.distributed`` group: the statistics become those of the global
-            batch (one all-reduce of a small buffer), identical on every rank.
+            batch (one all-reduce of a small buffer), identical on every rank, and so does
+            ``tau``'s gradient for ``"mean"`` and ``"sum"``. With ``"none"`` it is this rank's
+            (the per-element gradient the loss receives is local): average ``tau.grad`` over the
+            ranks yourself, as DDP does for the model's, or ``tau`` drifts apart (warned once).
 
     Returns:
         ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:

@@ -83,3 +83,24 @@ def test_process_group_without_init_is_a_clear_error():
     else:
         with pytest.raises(ValueError, match="process_group needs a kernel backend"):
             crit(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+@needs_kernels
+def test_a_none_loss_warns_that_tau_gradient_is_the_ranks_own():
+    # With reduction='none' the per-element gradient the loss receives is local, so tau's
+    # gradient is the rank's own: said once, at the caller's line; 'mean' is global and silent.
+    import warnings
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
+                                rank=0, world_size=1)
+        try:
+            x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+            with pytest.warns(UserWarning, match="tau's gradient is this rank's") as record:
+                mitkernels.MiTLoss(3, reduction="none", process_group=dist.group.WORLD)(x, y)
+            assert record[0].filename == __file__
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                mitkernels.MiTLoss(3, process_group=dist.group.WORLD)(x, y)
+        finally:
+            dist.destroy_process_group()
