@@ -254,8 +254,11 @@ MITK_HD acc_t grad_tau_value(acc_t gs, acc_t T, acc_t sum_ce_minus_h, acc_t c, a
 // ---------------------------------------------------------------------------------------------
 // One term of the entropy -sum q log q, with 0 log 0 = 0.
 MITK_HD double entropy_term(double q) {
-  return q > 0.0 ? -q * log(q) : 0.0;
+  return q == 0.0 ? 0.0 : -q * log(q);  // torch.xlogy's -q log q: NaN (and q < 0) give NaN
 }
+
+// torch.clamp_min(q, lo): a NaN stays NaN (std::max or a > test would drop it).
+MITK_HD double clamp_min(double q, double lo) { return q < lo ? lo : q; }
 
 // MiT dual averaging: d = max(0, (H* - H) / log C), lam' = clamp((lam (n' - 1) + d) / n', 0, 0.5).
 MITK_HD double mit_dual_gap(double h_star, double mean_h, int64_t num_classes) {

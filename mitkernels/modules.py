@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from . import functional
 from .calibration import calibrate_temperature
-from .state import (STATE_BUFFERS, check_num_classes, convert_published_state_dict,
-                    initial_buffers, tau_for_temperature)
+from .state import (STATE_BUFFERS, check_cct_statistics, check_num_classes,
+                    convert_published_state_dict, initial_buffers, tau_for_temperature)
 from .reference import MIT_T_MAX, MIT_T_MIN
 from .reference import temperature as _temperature
 
@@ -244,6 +244,15 @@ class CCTEALLoss(_ExactStateModule):
         """
         t_c = self.class_temperatures().to(logits.dtype)
         return logits / t_c[logits.argmax(dim=1)].unsqueeze(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A NaN or negative EMA, or a NaN alpha, would be carried into every later step: refused
+        # before anything is copied.
+        check_cct_statistics(state_dict.get(prefix + "label_freq_ema"),
+                             state_dict.get(prefix + "alpha_t"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, alpha_max={self.alpha_max}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -147,6 +147,20 @@ def _check_running_statistics(sd: Mapping[str, Tensor]) -> None:
     n = scalars["dual_updates"]
     if not (math.isfinite(n) and n >= 0 and n == int(n)):
         raise ValueError(f"dual_updates must be a non-negative whole number, got {n}")
+
+
+def check_cct_statistics(label_freq_ema: Optional[Tensor], alpha_t: Optional[Tensor]) -> None:
+    """CCT-EAL's running statistics (each that is given) as a step can leave them, or a
+    ValueError naming the entry that is not (checked when a state dict is loaded)."""
+    if label_freq_ema is not None:
+        ema = torch.as_tensor(label_freq_ema).detach().double().cpu()
+        if not (torch.isfinite(ema).all() and (ema >= 0).all()):
+            raise ValueError(f"label_freq_ema must be finite and non-negative, got "
+                             f"{ema.tolist()[:8]}")
+    if alpha_t is not None:
+        alpha = torch.as_tensor(alpha_t).detach().double().cpu()
+        if alpha.numel() != 1 or not (math.isfinite(float(alpha)) and float(alpha) >= 0):
+            raise ValueError(f"alpha_t must be one finite value >= 0, got {alpha.tolist()}")
 
 
 def convert_published_state_dict(state_dict: Mapping[str, Tensor], num_classes: int,

@@ -265,6 +265,23 @@ def test_auto_choice_by_rows_traces_in_one_graph(monkeypatch):
     assert torch.equal(g(torch.zeros(5), 2**30), torch.full((5,), 1.0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_in_the_running_statistics_reaches_the_loss_on_every_backend(backend):
+    # A NaN count (MiT) or EMA entry (CCT-EAL), set by hand (loading refuses it): H*, lambda and
+    # the loss are NaN, as in the reference, not a finite value computed without it (a NaN-
+    # dropping max or clamp in a kernel gave 2.21 for CCT-EAL's loss and H* = 0 for MiT's).
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    state = mitkernels.MiTState(3)
+    state.class_counts[0] = float("nan")
+    loss, stats = mitkernels.mit_loss(x, y, state, backend=backend)
+    for value in (loss, stats["H_star"], stats["lambda"], state.lambda_entropy):
+        assert torch.isnan(value).all()
+    ema = torch.tensor([float("nan"), 0.5, 0.5], dtype=torch.float64)
+    loss, stats = mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema,
+                                          torch.tensor(8.0, dtype=torch.float64), backend=backend)
+    assert torch.isnan(loss) and torch.isnan(stats["H_star"])
+
+
 @pytest.mark.parametrize("backend", cpu_backends()[:2])
 def test_tet_compiles_in_one_graph_with_its_floats_dynamic(backend):
     # TETLoss under dynamic=True, and tet_loss with a temperature that changes between calls:

@@ -192,6 +192,25 @@ def test_cct_eal_published_state_dict_loads():
                                                                  dtype=torch.float64))
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("label_freq_ema", [float("nan"), 0.5, 0.5], "label_freq_ema must be finite"),
+    ("label_freq_ema", [-1.0, 1.0, 1.0], "label_freq_ema must be finite and non-negative"),
+    ("alpha_t", float("nan"), "alpha_t must be one finite value"),
+    ("alpha_t", -3.0, "alpha_t must be one finite value >= 0"),
+])
+def test_cct_eal_refuses_a_state_no_step_can_reach(key, value, message):
+    crit = mitkernels.CCTEALLoss(3)
+    before = {k: v.clone() for k, v in crit.state_dict().items()}
+    bad = {**crit.state_dict(), key: torch.tensor(value, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=message):
+        crit.load_state_dict(bad)
+    with pytest.raises(ValueError, match=message):  # a published dict (no alpha_t) too
+        crit.load_state_dict({k: v for k, v in bad.items() if k != "alpha_t" or
+                              key == "alpha_t"}, strict=False)
+    for k, v in crit.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_cct_eal_scale_logits_does_not_use_labels():
     crit = mitkernels.CCTEALLoss(3)
     with torch.no_grad():

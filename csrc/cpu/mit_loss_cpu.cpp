@@ -1401,7 +1401,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
       for (int64_t k = 0; k < C; ++k) ema[k] = ema_update(ema[k], momentum, hist[k] / Bg);
     }
     h_star = 0.0;
-    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(std::max(ema[k], eps));
+    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(clamp_min(ema[k], eps));
     alpha = coef_stat = read_scalar(state[1]);
     c = cct_coef(alpha, mean_h, h_star);
   }

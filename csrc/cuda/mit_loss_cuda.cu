@@ -577,7 +577,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
     double part = 0.0;
     for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
       if (upd) ema[k] = ema_update(ema[k], f.hp0, hist[k] / Bg);
-      part += entropy_term(ema[k] > f.hp1 ? ema[k] : f.hp1);
+      part += entropy_term(clamp_min(ema[k], f.hp1));
     }
     h_star = block_sum(part, smem);
     alpha = coef_stat = read_code(f.s1, f.s1_code);

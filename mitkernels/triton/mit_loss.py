@@ -941,15 +941,19 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
                 t, c = _mit_counts(st0_ptr, hist_ptr, k0, C, upd, BLOCK_K)
                 total += t
                 clogc += c
-        # n = 0 (a state of zeros, nothing counted): H* = 0, as the two-pass form gave
-        ent = tl.where(total > 0.0,
-                       tl.log(tl.where(total > 0.0, total, 1.0)) - clogc * _recip(total), 0.0)
+        # n = 0 (a state of zeros, nothing counted): H* = 0, as the two-pass form gave; a NaN
+        # count gives NaN, as in the reference (the C++ kernels alike)
+        ent = tl.where(total == 0.0, 0.0,
+                       tl.log(tl.where(total == 0.0, 1.0, total)) - clogc * _recip(total))
         h_star = ent
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
         n_new = (n_old + 1).to(tl.float64)
-        gap = tl.maximum((h_star - mean_h) * _recip(tl.log(tl.cast(C, tl.float64))), 0.0)
-        lam_new = tl.minimum(tl.maximum((lam * (n_new - 1.0) + gap) * _recip(n_new), 0.0), 0.5)
+        # clamps that keep a NaN (tl.maximum and tl.minimum may drop it), as torch.clamp does
+        gap = (h_star - mean_h) * _recip(tl.log(tl.cast(C, tl.float64)))
+        gap = tl.where(gap < 0.0, 0.0, gap)
+        lam_new = (lam * (n_new - 1.0) + gap) * _recip(n_new)
+        lam_new = tl.where(lam_new < 0.0, 0.0, tl.where(lam_new > 0.5, 0.5, lam_new))
         coef = tl.where(upd, lam_new, lam)
         tl.store(st2_ptr, lam_new, mask=upd)
         tl.store(st3_ptr, n_old + 1, mask=upd)
@@ -970,7 +974,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             hist = tl.load(hist_ptr + k, mask=km, other=0.0)
             ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist * inv_bg), ema)
             tl.store(st0_ptr + k, ema, mask=tl.where(upd, km, False))
-            prob = tl.maximum(ema, _f64(hp1))
+            prob = tl.where(ema < _f64(hp1), _f64(hp1), ema)  # clamp_min: a NaN stays NaN
             ent -= tl.sum(tl.where(km, prob * tl.log(prob), 0.0), axis=0)
         h_star = ent
         alpha = tl.load(st1_ptr)
