@@ -276,6 +276,10 @@ def test_a_nan_in_the_running_statistics_reaches_the_loss_on_every_backend(backe
     loss, stats = mitkernels.mit_loss(x, y, state, backend=backend)
     for value in (loss, stats["H_star"], stats["lambda"], state.lambda_entropy):
         assert torch.isnan(value).all()
+    state = mitkernels.MiTState(3)
+    state.class_counts.zero_()  # nothing counted, no update: H* of 0 / 0
+    _, stats = mitkernels.mit_loss(x, y, state, backend=backend, update_state=False)
+    assert torch.isnan(stats["H_star"])
     ema = torch.tensor([float("nan"), 0.5, 0.5], dtype=torch.float64)
     loss, stats = mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema,
                                           torch.tensor(8.0, dtype=torch.float64), backend=backend)

@@ -941,10 +941,9 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
                 t, c = _mit_counts(st0_ptr, hist_ptr, k0, C, upd, BLOCK_K)
                 total += t
                 clogc += c
-        # n = 0 (a state of zeros, nothing counted): H* = 0, as the two-pass form gave; a NaN
-        # count gives NaN, as in the reference (the C++ kernels alike)
-        ent = tl.where(total == 0.0, 0.0,
-                       tl.log(tl.where(total == 0.0, 1.0, total)) - clogc * _recip(total))
+        # A NaN count, or a state of zeros with nothing counted (0 / 0), gives NaN, as in the
+        # reference and the C++ kernels (loading refuses such states)
+        ent = tl.log(total) - clogc * _recip(total)
         h_star = ent
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
