@@ -2,7 +2,9 @@
 
 The CPU kernels are always built. The CUDA kernels are added when torch has CUDA and nvcc is
 found, or when forced. Nothing is downloaded: the build compiles against the installed torch,
-so install with ``pip install --no-build-isolation [-e] .``.
+so install with ``pip install --no-build-isolation [-e] .``. (torch is not among the build
+requirements: pip's isolated build would fetch the newest torch and compile against it, and the
+extension would not load on the user's; without torch the build stops and says so.)
 
 Environment switches:
 
@@ -17,7 +19,8 @@ Environment switches:
                                       ``ATEN_CPU_CAPABILITY`` asks for less)
 ``MITKERNELS_DEBUG``                  ``1`` build with -O0 -g
 ``MAX_JOBS``                          parallel compile jobs (torch's ninja build reads it)
-``TORCH_CUDA_ARCH_LIST``              CUDA archs to compile, e.g. ``"8.0;9.0"`` (torch's rule)
+``TORCH_CUDA_ARCH_LIST``              CUDA archs to compile, e.g. ``"8.0;9.0"`` (torch's rule;
+                                      with no GPU visible and none given: ``8.0;9.0+PTX``)
 ====================================  ========================================================
 """
 from __future__ import annotations
@@ -101,8 +104,38 @@ def _cuda_glue_wrapper() -> str:
     ))
 
 
+# Commands that need no compiled extension (metadata, source distributions).
+_METADATA_COMMANDS = {"egg_info", "dist_info", "sdist", "--name", "--version", "check"}
+
+
+def _torch():
+    """The installed torch; without it, None for a metadata-only command, else a clear exit."""
+    try:
+        import torch
+    except ImportError:
+        if set(sys.argv[1:]) & _METADATA_COMMANDS and "bdist_wheel" not in sys.argv:
+            return None
+        sys.exit("mitkernels compiles its kernels against the torch already installed, and none "
+                 "is importable here. Install torch first, then build with "
+                 "`pip install --no-build-isolation .` (pip's isolated build has no torch, and "
+                 "would compile against a torch other than yours if it fetched one).")
+    return torch
+
+
+def _default_cuda_archs(torch) -> None:
+    """With no GPU to ask and no TORCH_CUDA_ARCH_LIST, torch's own choice fails (an IndexError
+    in its arch detection): build for the Ampere and Hopper archs the tests compile for, with
+    PTX for later GPUs."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print("mitkernels: no GPU visible and no TORCH_CUDA_ARCH_LIST: building the CUDA kernels "
+              "for 8.0;9.0+PTX", file=sys.stderr)
+
+
 def _extensions():
-    import torch
+    torch = _torch()
+    if torch is None:
+        return []
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = _env_switch("MITKERNELS_DEBUG") is True
@@ -136,6 +169,7 @@ def _extensions():
             "mitkernels._C", sources, include_dirs=include_dirs, define_macros=defines,
             extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )]
+    _default_cuda_archs(torch)
     archs = _cuda_archs()
     defines += [("MITKERNELS_WITH_CUDA", "1"), ("MITKERNELS_CUDA_ARCHS", f'"{";".join(archs)}"')]
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
@@ -157,6 +191,8 @@ ISA_FLAGS = {
 def _cmdclass():
     import copy
 
+    if _torch() is None:
+        return {}
     from torch.utils.cpp_extension import BuildExtension
 
     class _Build(BuildExtension):
