@@ -1,7 +1,7 @@
 """The C++ CPU kernel ops timed alone, in nanoseconds per logit.
 
 ``python -m benchmarks.cpu_ops [--shapes 1024x1000,...] [--dtypes fp32,bf16] [--threads 1]
-[--overhead]``
+[--overhead [--overhead-shapes 32x5,256x5]]``
 
 ``bench_mit_loss`` times whole training steps, where Python, autograd and the machine's noise
 add up to more than a kernel change moves. This times ``torch.ops.mitkernels_C.loss_forward_``
@@ -12,9 +12,11 @@ laid out as NCHW is), and reports the best of ``--rounds`` means of
 shared VM, alternate the builds (run this with one, then the other, several times) rather than
 compare runs minutes apart.
 
-``--overhead``: where a small training step's time goes (microseconds a call, median of 3000):
-each op, ``mitkernels.mit_loss`` + ``torch.autograd.grad`` as ``bench_mit_loss`` times it, and
-the autograd machinery alone on a two-op graph (``(w * 2).sum()``): its forward, with
+``--overhead``: where a small training step's time goes (microseconds a call, median of 3000),
+at each of ``--overhead-shapes`` (fp32): each op, ``mitkernels.mit_loss`` +
+``torch.autograd.grad`` as ``bench_mit_loss`` times it, ``F.cross_entropy`` +
+``torch.autograd.grad`` (plain CE, the floor such a step is compared with), and the autograd
+machinery alone on a two-op graph (``(w * 2).sum()``): its forward, with
 ``torch.autograd.grad``, and with the engine called directly (no Python wrapper).
 """
 from __future__ import annotations
@@ -109,12 +111,16 @@ def step_overhead(n: int, c: int) -> List[Tuple[str, float]]:
         loss, _ = mitkernels.mit_loss(x, y, state, backend="cpu")
         return torch.autograd.grad(loss, (x, state.tau))
 
+    def cross_entropy_step():
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(x, y), (x,))
+
     pieces = [
         ("op loss_forward_", lambda: ops.loss_forward_(x3, y, tau, bufs, 0, [], *TEMP, -100,
                                                        MEAN, False, torch.float32)),
         ("op loss_backward", lambda: ops.loss_backward(one, x3, y, tau, row_stats, grad_info,
                                                        *TEMP, -100, MEAN, True)),
         ("mit_loss + autograd.grad (the bench step)", step),
+        ("F.cross_entropy + autograd.grad", cross_entropy_step),
         ("(w * 2).sum()", lambda: (w * 2).sum()),
         ("(w * 2).sum() + autograd.grad", lambda: torch.autograd.grad((w * 2).sum(), (w,))),
         ("(w * 2).sum() + engine.run_backward",
@@ -132,14 +138,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--overhead", action="store_true",
-                   help="also a 32x5 step's pieces, microseconds a call")
+                   help="also a small step's pieces, microseconds a call")
+    p.add_argument("--overhead-shapes", default="32x5",
+                   help="NxC of the --overhead steps, comma-separated (default 32x5)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.overhead:
-        print(f"# a 32x5 fp32 step's pieces, us a call (median of 3000), {args.threads} "
-              f"thread(s)")
-        for name, us in step_overhead(32, 5):
-            print(f"{name:>42} {us:8.1f}", flush=True)
+        for shape in args.overhead_shapes.split(","):
+            n, c = (int(v) for v in shape.split("x"))
+            print(f"# a {shape} fp32 step's pieces, us a call (median of 3000), {args.threads} "
+                  f"thread(s), torch {torch.__version__}")
+            for name, us in step_overhead(n, c):
+                print(f"{name:>42} {us:8.1f}", flush=True)
     print(f"# ns per logit, best of {args.rounds} means of {args.calls} calls, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"{'shape':>14} {'dtype':>5} {'forward':>8} {'backward':>8}")
