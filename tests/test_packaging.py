@@ -29,6 +29,10 @@ def test_sdist_carries_every_csrc_file(tmp_path):
     missing = [p for p in tracked if p.startswith("csrc/") and p not in names]
     assert not missing, missing
     assert "docs/KERNEL_MATH.md" in names
+    # the license, and what the shipped tests need to run
+    assert {"LICENSE", "tests/conftest.py"} <= names
+    assert not [p for p in tracked if p.startswith("tests/data/") and p not in names]
+    assert "SetuptoolsDeprecationWarning" not in out.stderr, out.stderr[-2000:]
 
 
 def _setup_py_without_torch(args, cwd):
