@@ -888,10 +888,12 @@ def test_cuda_masked_classes(num_classes, rows, dtype, backend):
 
 @gpu_only
 @pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
-@pytest.mark.parametrize("num_classes", [3, 40, 5000])
+@pytest.mark.parametrize("num_classes", [3, 9, 40, 5000])
 def test_cuda_positive_inf_logit(num_classes, backend):
     """A +inf logit makes its row NaN (loss, H, that row's gradient) and skips the state update,
-    as on the cpu backend. The CUDA warp merge once dropped the lane that held it (finite stats)."""
+    as on the cpu backend. The CUDA warp merge once dropped the lane that held it (finite stats),
+    and then stored the row's max as NaN (inf + -inf beside an empty lane: 9 classes) where it
+    is +inf."""
     logits = torch.randn(4, num_classes, generator=torch.Generator().manual_seed(num_classes))
     logits[1, 2] = float("inf")
     targets = torch.tensor([0, 1, 2, 0])
@@ -905,6 +907,14 @@ def test_cuda_positive_inf_logit(num_classes, backend):
                      torch.isnan(x.grad).any(1).cpu().tolist()))
     assert math.isnan(outs[1][0]) and math.isnan(outs[1][1]) and outs[1][2] == 0.0
     assert outs[1][3] == outs[0][3] == [False, True, False, False]
+    maxima = []
+    for name, device in (("cpu", "cpu"), (backend, "cuda")):
+        rs, _ = torch.ops.mitkernels.row_stats(logits.to(device).unsqueeze(-1),
+                                               targets.to(device), torch.zeros(1, device=device),
+                                               1e-6, 1e-3, 500.0, -100, name)
+        maxima.append(rs[0].cpu())
+    assert maxima[0][1] == float("inf")
+    torch.testing.assert_close(maxima[1], maxima[0])
 
 
 @gpu_only

@@ -410,7 +410,8 @@ row_stats_kernel(RowArgs a) {
     // (inf - inf): without the s tests acc_merge's empty-lane check (!(s > 0)) dropped it, and
     // the row came out finite where the CPU and Triton give NaN.
     if (m != m || mo != mo || s != s || so != so) {
-      m = m + mo;
+      // m stays the row's max (+inf beside an empty lane's -inf, as the CPU's), NaN for a NaN
+      m = (m != m || mo != mo) ? m + mo : (m > mo ? m : mo);
       s = s + so;
     } else {
       acc_merge(m, s, A, Q, mo, so, Ao, Qo, inv_t);
