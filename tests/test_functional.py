@@ -284,6 +284,18 @@ def test_a_nan_in_the_running_statistics_reaches_the_loss_on_every_backend(backe
     loss, stats = mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema,
                                           torch.tensor(8.0, dtype=torch.float64), backend=backend)
     assert torch.isnan(loss) and torch.isnan(stats["H_star"])
+    # A NaN tau (what an optimizer step on a NaN loss leaves): T and the loss are NaN and the
+    # state is not updated, rather than T clamped to a bound and a finite loss
+    state = mitkernels.MiTState(3)
+    with torch.no_grad():
+        state.tau.fill_(float("nan"))
+    loss, stats = mitkernels.mit_loss(x, y, state, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(stats["T"]) and float(stats["updated"]) == 0.0
+    assert int(state.dual_updates) == 0
+    tau_c = torch.tensor([float("nan"), 0.0, 0.0])
+    loss, stats = mitkernels.cct_eal_loss(x, y, tau_c, torch.full((3,), 1 / 3, dtype=torch.float64),
+                                          torch.tensor(1.0, dtype=torch.float64), backend=backend)
+    assert torch.isnan(loss) and torch.isnan(stats["T_mean"])
 
 
 @pytest.mark.parametrize("backend", cpu_backends()[:2])

@@ -918,6 +918,21 @@ def test_cuda_positive_inf_logit(num_classes, backend):
 
 
 @gpu_only
+@pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
+def test_cuda_nan_tau_gives_a_nan_loss(backend):
+    """A NaN tau gives T = NaN and a NaN loss on the GPU as on the CPU: a GPU's min / max drop a
+    NaN (the interpreter's numpy keeps it), which clamped T to a bound."""
+    x, y = torch.randn(64, 5), torch.randint(0, 5, (64,))
+    for device, name in (("cpu", "cpu"), ("cuda", backend)):
+        state = mitkernels.MiTState(5, device=device)
+        with torch.no_grad():
+            state.tau.fill_(float("nan"))
+        loss, stats = mitkernels.mit_loss(x.to(device), y.to(device), state, backend=name)
+        assert torch.isnan(loss).item() and torch.isnan(stats["T"]).item(), device
+        assert float(stats["updated"]) == 0.0 and int(state.dual_updates) == 0
+
+
+@gpu_only
 def test_cuda_layouts_and_kinds():
     gen = torch.Generator().manual_seed(12)
     spatial = torch.randn(2, 19, 8, 8, generator=gen)

@@ -404,6 +404,10 @@ def _temperature(tau, t_eps, t_min, t_max):
     lo = _f64(t_min).to(tau.dtype)
     hi = _f64(t_max).to(tau.dtype)
     temp = tl.minimum(tl.maximum(t_raw, lo), hi)
+    # torch.clamp keeps a NaN; tl.minimum / tl.maximum (and the exp's tl.minimum above) drop it
+    # on a GPU, which would turn a NaN tau into T = t_min and a finite loss. (The interpreter's
+    # numpy keeps it either way.)
+    temp = tl.where(tau != tau, tau, temp)
     dtemp = tl.where(tau > 20.0, 1.0, e * _recip(u))
     dtemp = tl.where((t_raw >= lo) & (t_raw <= hi), dtemp, 0.0)
     return temp, dtemp
