@@ -699,10 +699,10 @@ def _tile_stats(x_ptr, tg_ptr, tau_ptr, rs_ptr, hist_ptr, tile, R, C, S, stride_
     inv_s = _recip(s)
     mean_w = a * inv_s
     ent = tl.where(valid, log_s - mean_w, 0.0)  # H = lse - E_p[z]
-    var = q * inv_s - mean_w * mean_w
     # rounding can leave a tiny negative; a NaN stays NaN, as the C++ kernels' max0 keeps it
-    # (tl.maximum drops it on a GPU)
-    var = tl.where(valid, tl.where(var < 0.0, 0.0, var), 0.0)
+    # (tl.maximum's default drops it on a GPU; max.NaN is one instruction, as max is)
+    var = tl.where(valid, tl.maximum(q * inv_s - mean_w * mean_w, 0.0,
+                                     propagate_nan=tl.PropagateNan.ALL), 0.0)
     # The target's logit, gathered (one element a row) rather than picked out of every block;
     # after the row loop, so that it is not live across it.
     x_y = tl.load(x_ptr + (base + y_safe.to(tl.int64) * stride_c), mask=valid, other=0.0)
