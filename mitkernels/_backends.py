@@ -19,7 +19,11 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 _KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # The Triton kernels index rows (N x d1 x ..) with 32-bit integers (element offsets are 64-bit:
 # a batch may hold more than 2^31 logits, not 2^31 rows); the C++ kernels index them in 64 bits.
-TRITON_MAX_ROWS = 2**31 - 1
+# The margin below 2^31 keeps the kernels' other 32-bit row arithmetic from overflowing too: a
+# tile count (R + BLOCK_R - 1) // BLOCK_R, a loop counter stepping past the last row by a block
+# or by the grid (at most a few thousand programs). Without it a batch of 2^31 - 100 rows made
+# the tile count negative: no row was read, and the spatial backward wrote before its buffer.
+TRITON_MAX_ROWS = 2**31 - 2**16
 
 
 class BackendUnavailableError(RuntimeError):

@@ -259,6 +259,18 @@ def test_offsets_past_32_bits(dtype):
     _check_offsets_past_32_bits("triton", dtype, "cpu")
 
 
+def test_the_row_limit_leaves_room_for_32_bit_row_arithmetic():
+    """Past the last row the kernels compute in 32 bits a tile count (R + BLOCK_R - 1) and loop
+    counters one block or one grid of programs beyond it: the row limit keeps those below 2^31
+    (at 2^31 - 100 rows the tile count went negative, no row was read, and the spatial backward
+    wrote before its buffer). Programs: at most 16 an SM on up to 1024 SMs."""
+    kernels = _kernels()
+    steps = [ce[k] for _, _, ce, _ in kernels.launch_variants() for k in ce
+             if k.startswith("BLOCK_") and isinstance(ce[k], int)]
+    most_programs = 16 * 1024
+    assert kernels.MAX_ROWS + max(steps) + most_programs < 2**31, (max(steps), kernels.MAX_ROWS)
+
+
 def test_rows_beyond_32_bits_are_refused():
     """2^31 rows (N x d1 x ..): the kernels index rows with 32 bits, so every launcher refuses
     them with a clear error before it allocates or launches anything (expanded tensors: no
@@ -271,7 +283,7 @@ def test_rows_beyond_32_bits_are_refused():
     state = _mit_buffers(2)
     before = [t.clone() for t in state]
     temp = (1e-6, 1e-3, 500.0)
-    msg = "the Triton kernels take at most 2147483647 rows"
+    msg = f"the Triton kernels take at most {kernels.MAX_ROWS} rows"
     with pytest.raises(ValueError, match=msg):
         kernels.loss_forward_(x3, targets, tau, state, ops.KIND_MIT, [], *temp, -100, 1, True,
                               torch.float32)
