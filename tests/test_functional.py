@@ -604,6 +604,23 @@ def test_cct_eal_against_reference_over_steps(backend, reduction):
             torch.testing.assert_close(s1[key], s0[key].double(), **tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cct_eal_with_no_entropy_floor_and_an_unseen_class(backend):
+    # entropy_eps = 0 and an EMA entry of 0: p log p is 0 there (torch.xlogy), not 0 * -inf
+    torch.manual_seed(8)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    outs = []
+    for name in ("reference", backend):
+        ema = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+        loss, stats = mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema,
+                                              torch.tensor(1.0, dtype=torch.float64),
+                                              entropy_eps=0.0, backend=name)
+        outs.append((loss.detach(), stats["H_star"]))
+    assert torch.isfinite(outs[1][0])
+    torch.testing.assert_close(outs[1][0], outs[0][0].to(outs[1][0].dtype))
+    torch.testing.assert_close(outs[1][1], outs[0][1].double(), atol=1e-12, rtol=1e-12)
+
+
 def test_cct_eal_rejects_none_reduction():
     with pytest.raises(ValueError, match="batch quantity"):
         mitkernels.cct_eal_loss(torch.randn(2, 3), torch.tensor([0, 1]),

@@ -988,7 +988,9 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
             ema = tl.where(upd, hp0 * ema + (1.0 - hp0) * (hist * inv_bg), ema)
             tl.store(st0_ptr + k, ema, mask=tl.where(upd, km, False))
             prob = tl.where(ema < _f64(hp1), _f64(hp1), ema)  # clamp_min: a NaN stays NaN
-            ent -= tl.sum(tl.where(km, prob * tl.log(prob), 0.0), axis=0)
+            # torch.xlogy's p log p: 0 at p = 0 (entropy_eps = 0 and a class never seen), where
+            # 0 * log 0 is NaN; a NaN p stays NaN
+            ent -= tl.sum(tl.where(km & (prob != 0.0), prob * tl.log(prob), 0.0), axis=0)
         h_star = ent
         alpha = tl.load(st1_ptr)
         coef = -2.0 * alpha * (mean_h - h_star)
