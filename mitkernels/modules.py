@@ -16,6 +16,18 @@ from .reference import MIT_T_MAX, MIT_T_MIN
 from .reference import temperature as _temperature
 
 
+def _options_repr(module) -> str:
+    """The options a loss module was built with, those that are not the defaults."""
+    parts = [f"ignore_index={module.ignore_index}"] if module.ignore_index != -100 else []
+    if module.reduction != "mean":
+        parts.append(f"reduction={module.reduction!r}")
+    if module.backend is not None:
+        parts.append(f"backend={module.backend!r}")
+    if getattr(module, "process_group", None) is not None:
+        parts.append("process_group=<given>")
+    return "".join(", " + p for p in parts)
+
+
 class _ExactStateModule(nn.Module):
     """Keeps the running statistics in float64, and the temperature parameter in float32 or
     float64, whatever ``.half()``, ``.bfloat16()`` or ``.to(dtype)`` ask: a model wrapper that
@@ -140,7 +152,7 @@ class MiTLoss(_ExactStateModule):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+        return f"num_classes={self.num_classes}{_options_repr(self)}"
 
 
 class TETLoss(nn.Module):
@@ -169,7 +181,8 @@ class TETLoss(nn.Module):
                                    reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, lambda_entropy={self.lambda_entropy}"
+        return (f"temperature={self.temperature}, lambda_entropy={self.lambda_entropy}"
+                f"{_options_repr(self)}")
 
 
 class CCTEALLoss(_ExactStateModule):
@@ -256,4 +269,5 @@ class CCTEALLoss(_ExactStateModule):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, alpha_max={self.alpha_max}, "
-                f"ema_momentum={self.ema_momentum}, T_min={self.T_min}, T_max={self.T_max}")
+                f"ema_momentum={self.ema_momentum}, T_min={self.T_min}, T_max={self.T_max}"
+                f"{_options_repr(self)}")

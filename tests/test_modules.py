@@ -250,3 +250,13 @@ def test_loading_a_non_finite_tau_warns():
         state.load_state_dict(sd)
     # Both name the caller's line, not torch's load_state_dict or mitkernels' own frames.
     assert record[0].filename == __file__ and record_state[0].filename == __file__
+
+
+def test_reprs_name_the_options_that_are_not_defaults():
+    assert repr(mitkernels.MiTLoss(3)) == "MiTLoss(num_classes=3)"
+    assert repr(mitkernels.MiTLoss(3, reduction="sum", backend="cpu", ignore_index=255)) == \
+        "MiTLoss(num_classes=3, ignore_index=255, reduction='sum', backend='cpu')"
+    assert repr(mitkernels.TETLoss(0.5, 0.1, reduction="none")) == \
+        "TETLoss(temperature=0.5, lambda_entropy=0.1, reduction='none')"
+    assert repr(mitkernels.CCTEALLoss(4, backend="reference")).endswith(
+        "T_max=1.5, backend='reference')")
