@@ -259,24 +259,6 @@ def test_offsets_past_32_bits(dtype):
     _check_offsets_past_32_bits("triton", dtype, "cpu")
 
 
-@cpu_only
-@pytest.mark.parametrize("shape", [(3, 5), (3, 2000), (2, 20000), (2, 5, 4, 4)])
-def test_a_nan_logit_makes_its_row_max_nan(shape):
-    """row_stats' max of a row holding a NaN logit is NaN, as torch.max and the cpu kernels give
-    it, in each form of the row kernels (one block, wide rows online, spatial lanes): tl.max and
-    tl.maximum drop a NaN by default. The other rows are untouched."""
-    g = torch.Generator().manual_seed(shape[1])
-    x = torch.randn(shape, generator=g)
-    x.view(shape[0], shape[1], -1)[1, 3 % shape[1], -1] = float("nan")
-    x3 = x.reshape(shape[0], shape[1], -1)
-    targets = torch.randint(0, shape[1], (x3.shape[0] * x3.shape[2],), generator=g)
-    out = [torch.ops.mitkernels.row_stats(x3, targets, torch.zeros(1), 1e-6, 1e-3, 500.0, -100,
-                                          name)[0] for name in ("cpu", "triton")]
-    nan_row = x3.shape[2] * 2 - 1  # sample 1's last pixel
-    assert torch.isnan(out[0][:, nan_row]).all()
-    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-
-
 def test_the_row_limit_leaves_room_for_32_bit_row_arithmetic():
     """Past the last row the kernels compute in 32 bits a tile count (R + BLOCK_R - 1) and loop
     counters one block or one grid of programs beyond it: the row limit keeps those below 2^31

@@ -520,13 +520,6 @@ def _exp2_terms(x, shift, inv_temp2):
 
 
 @triton.jit
-def _max_nan(a, b):
-    """max that keeps a NaN (max.NaN, one instruction as max is): a row's max is NaN when a logit
-    is, as torch.max and the C++ kernels give it (tl.max's default drops a NaN)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.constexpr,
                  BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """(m, s, A, Q) of rows that fit one column block: one load, row reductions. m is the row's
@@ -536,7 +529,7 @@ def _block_stats(x_ptr, base, in_range, inv_temp2, C, stride_c, BLOCK_R: tl.cons
     x = tl.load(x_ptr + (base[:, None] + cols.to(tl.int64)[None, :] * stride_c), mask=mask,
                 other=float("-inf"))
     xa = _widen(x, ACC)
-    m = tl.reduce(xa, 1, _max_nan)
+    m = tl.max(xa, axis=1)
     shift = tl.where(m == float("-inf"), 0.0, m)
     e, w = _exp2_terms(xa, shift[:, None], inv_temp2[:, None])
     return m, tl.sum(e, axis=1), tl.sum(e * w, axis=1), tl.sum(e * w * w, axis=1)
@@ -562,7 +555,7 @@ def _fold(x, AXIS: tl.constexpr, MAX: tl.constexpr):
     if AXIS == -1:
         return _fold(_fold(x, 2, MAX), 0, MAX)
     elif MAX:
-        return tl.reduce(x, AXIS, _max_nan)
+        return tl.max(x, axis=AXIS)
     else:
         return tl.sum(x, axis=AXIS)
 
@@ -581,7 +574,7 @@ def _online_step(m, s, a, q, x, inv_temp2, AXIS: tl.constexpr):
     """The running (m, s, A, Q) along AXIS of the logits x fed one more block (KERNEL_MATH s.2,
     base 2): the block's max first, the sums moved to the new max, then the block's terms added.
     inv_temp2 broadcasts against m (a row's or a thread's scalars)."""
-    m_new = _max_nan(m, _fold(x, AXIS, True))
+    m_new = tl.maximum(m, _fold(x, AXIS, True))
     # No finite logit yet: m stays -inf and the shift is 0 (s = A = Q = 0).
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, inv_temp2, s, a, q)
@@ -659,7 +652,7 @@ def _lane_row_stats(x_ptr, row, S, stride_n, stride_s, inv_temp2, C, stride_c,
                     other=float("-inf"))
         x = tl.reshape(_widen(x, ACC), [BLOCK_U, BLOCK_T, BLOCK_V])
         m, s, a, q = _online_step(m, s, a, q, x, it_t, -1)
-    m_row = tl.reduce(m, 0, _max_nan)
+    m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     s, a, q = _move_reference(tl.where(m == float("-inf"), shift, m), shift, it, s, a, q)
     one = tl.zeros([BLOCK_R], ACC)
