@@ -129,22 +129,32 @@ def _caller_stacklevel() -> int:
     return 1
 
 
+def _float64(t) -> Tensor:
+    return torch.as_tensor(t).detach().double().cpu()
+
+
+def _finite_non_negative(v: Tensor) -> bool:
+    return bool(torch.isfinite(v).all() and (v >= 0).all())
+
+
 def _check_running_statistics(sd: Mapping[str, Tensor]) -> None:
     """The values a MiT step can produce, or a ValueError naming the one that is not: a NaN
     lambda or a negative count would be carried into every later step (the backends do not even
     agree on what to make of them), so a state dict holding one is refused when it is loaded."""
-    counts = sd["class_counts"].detach().double().cpu()
-    if not (torch.isfinite(counts).all() and (counts >= 0).all() and counts.sum() > 0):
+    counts = _float64(sd["class_counts"])
+    if not (_finite_non_negative(counts) and counts.sum() > 0):
         raise ValueError("class_counts must be finite and non-negative, with a positive sum, "
                          f"got {counts.tolist()[:8]}")
-    scalars = {k: float(sd[k].detach().double().cpu().reshape(())) for k in
+    scalars = {k: _float64(sd[k]).reshape(()) for k in
                ("total_seen", "lambda_entropy", "dual_updates")}
-    if not (math.isfinite(scalars["total_seen"]) and scalars["total_seen"] >= 0):
-        raise ValueError(f"total_seen must be finite and non-negative, got {scalars['total_seen']}")
-    if not 0.0 <= scalars["lambda_entropy"] <= MIT_LAMBDA_MAX:  # False for NaN
+    if not _finite_non_negative(scalars["total_seen"]):
+        raise ValueError(f"total_seen must be finite and non-negative, got "
+                         f"{float(scalars['total_seen'])}")
+    lam = float(scalars["lambda_entropy"])
+    if not 0.0 <= lam <= MIT_LAMBDA_MAX:  # False for NaN
         raise ValueError(f"lambda_entropy must lie in [0, {MIT_LAMBDA_MAX}] (the dual update's "
-                         f"range), got {scalars['lambda_entropy']}")
-    n = scalars["dual_updates"]
+                         f"range), got {lam}")
+    n = float(scalars["dual_updates"])
     if not (math.isfinite(n) and n >= 0 and n == int(n)):
         raise ValueError(f"dual_updates must be a non-negative whole number, got {n}")
 
@@ -153,13 +163,13 @@ def check_cct_statistics(label_freq_ema: Optional[Tensor], alpha_t: Optional[Ten
     """CCT-EAL's running statistics (each that is given) as a step can leave them, or a
     ValueError naming the entry that is not (checked when a state dict is loaded)."""
     if label_freq_ema is not None:
-        ema = torch.as_tensor(label_freq_ema).detach().double().cpu()
-        if not (torch.isfinite(ema).all() and (ema >= 0).all()):
+        ema = _float64(label_freq_ema)
+        if not _finite_non_negative(ema):
             raise ValueError(f"label_freq_ema must be finite and non-negative, got "
                              f"{ema.tolist()[:8]}")
     if alpha_t is not None:
-        alpha = torch.as_tensor(alpha_t).detach().double().cpu()
-        if alpha.numel() != 1 or not (math.isfinite(float(alpha)) and float(alpha) >= 0):
+        alpha = _float64(alpha_t)
+        if alpha.numel() != 1 or not _finite_non_negative(alpha):
             raise ValueError(f"alpha_t must be one finite value >= 0, got {alpha.tolist()}")
 
 
