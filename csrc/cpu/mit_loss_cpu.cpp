@@ -1099,7 +1099,7 @@ int dtype_code(at::ScalarType t) {
     case at::kFloat: return kF32;
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
-    default: TORCH_CHECK(false, "mitkernels: logits must be float16, bfloat16, float32 or float64, got ", t);
+    default: checks::check_logits_dtype(t);  // throws: the one message for these dtypes
   }
   return kF32;
 }

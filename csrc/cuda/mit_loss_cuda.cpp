@@ -33,7 +33,7 @@ int dtype_code(at::ScalarType t) {
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
     default:
-      TORCH_CHECK(false, "mitkernels: logits must be float16, bfloat16, float32 or float64, got ", t);
+      checks::check_logits_dtype(t);  // throws: the one message for these dtypes
   }
   return kF32;
 }
