@@ -127,8 +127,8 @@ def choose(requested: Optional[str], device: torch.device) -> str:
     Evaluated once when torch.compile traces a call (the answer depends on what is installed,
     not on tensor values), so a compiled graph holds no backend logic.
     """
-    name = requested or os.environ.get("MITKERNELS_BACKEND") or None
-    if name:
+    name = requested if requested is not None else os.environ.get("MITKERNELS_BACKEND") or None
+    if name is not None:  # "" is no backend's name, not a request for the automatic choice
         reason = unavailable_reason(name, device)
         if reason:
             source = "" if requested else " (set by MITKERNELS_BACKEND)"
@@ -139,6 +139,14 @@ def choose(requested: Optional[str], device: torch.device) -> str:
         if unavailable_reason(candidate, device) is None:
             return candidate
     return "reference"
+
+
+def check_name(backend: Optional[str]) -> None:
+    """A backend named when a module is built: ``None`` (the automatic choice) or one of
+    ``BACKENDS``, so that a misspelt name fails there, not at the first step."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
+                         f"(or None for the automatic choice)")
 
 
 def choose_for_rows(requested: Optional[str], device: torch.device, rows) -> str:

@@ -57,6 +57,8 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     shape = logits.shape
     if len(shape) < 2:
         raise ValueError(f"logits must be [N, C] or [N, C, d1, ...], got shape {tuple(shape)}")
+    if shape[1] < 1:
+        raise ValueError(f"logits need at least one class (dim 1), got shape {tuple(shape)}")
     if shape[1] != num_classes:
         raise ValueError(f"logits have C = {shape[1]} classes (dim 1) but the loss was built "
                          f"for {num_classes}")
@@ -75,6 +77,13 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         raise ValueError("the loss's state (tau and its running statistics) holds tensors made "
                          "under torch.inference_mode(), which outside it take no gradient and "
                          "no in-place update: make the state outside inference mode")
+    if not torch.compiler.is_compiling() and state_tensors and logits.is_inference() and \
+            state_tensors[0].requires_grad and torch.is_grad_enabled():  # Dynamo: no is_inference
+        # The temperature's gradient reads the logits in backward, and torch refuses to save an
+        # inference tensor for it: say so before the state is touched, not after.
+        raise ValueError("logits made under torch.inference_mode() cannot be saved for the "
+                         "temperature's gradient: make them outside inference mode (or clone "
+                         "them there), or call the loss under torch.no_grad()")
     # All on the CPU: is_cpu reads a flag where .device builds an object per tensor.
     if not (logits.is_cpu and targets.is_cpu and all(t.is_cpu for t in state_tensors)):
         device = logits.device
@@ -95,6 +104,8 @@ def check_options(ignore_index, reduction: str) -> None:
     """The options every loss takes (the modules check them when they are built)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:  # the kernels compare it with int64 targets
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in ops.REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
@@ -229,6 +240,12 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     red = ops.REDUCTIONS[reduction]
     loss_dtype = _loss_dtype(logits)
     compiling = torch.compiler.is_compiling()
+    if not compiling and targets.is_inference() and torch.is_grad_enabled() and \
+            (logits.requires_grad or tau.requires_grad):
+        # Labels kept from an inference_mode pass: the backward reads them, and torch refuses to
+        # save an inference tensor for it (after the kernels had updated the state). A copy
+        # made here is a normal tensor; targets are small.
+        targets = targets.clone()
     step_op = None
     if process_group is None and not compiling:
         # cpu and cuda: _backend_for found them available, so the extension is loaded; Triton's
@@ -363,9 +380,15 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
                     process_group)
 
 
+def check_temperature_range(name: str, value: float) -> None:
+    """A fixed temperature (TET's, CCT-EAL's bounds) in ``[1e-3, 500]``: the range MiT clamps
+    its ``T`` to, over which the kernels are tested (their reciprocals are taken in float32)."""
+    if not MIT_T_MIN <= float(value) <= MIT_T_MAX:  # NaN fails too
+        raise ValueError(f"{name} must lie in [{MIT_T_MIN:g}, {MIT_T_MAX:g}], got {value}")
+
+
 def check_tet_options(temperature: float, lambda_entropy: float) -> None:
-    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    check_temperature_range("temperature", temperature)
     if not math.isfinite(float(lambda_entropy)):
         raise ValueError(f"lambda_entropy must be finite, got {lambda_entropy}")
 
@@ -397,7 +420,11 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
                     ignore_index, reduction, False, name)
 
 
-def check_cct_options(reduction: str, ema_momentum: float) -> None:
+def check_cct_options(reduction: str, ema_momentum: float, t_min: float, t_max: float) -> None:
+    check_temperature_range("T_min", t_min)
+    check_temperature_range("T_max", t_max)
+    if not float(t_min) <= float(t_max):
+        raise ValueError(f"need T_min <= T_max, got {t_min}, {t_max}")
     if reduction == "none":
         raise ValueError("CCT-EAL supports reduction 'mean' or 'sum': its entropy alignment term "
                          "is a batch quantity")
@@ -424,7 +451,7 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
     invalid_targets``.
     """
-    check_cct_options(reduction, ema_momentum)
+    check_cct_options(reduction, ema_momentum, t_min, t_max)
     if not isinstance(label_freq_ema, Tensor):
         raise TypeError(f"label_freq_ema must be a torch.Tensor, got "
                         f"{type(label_freq_ema).__name__}")
@@ -436,8 +463,6 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
                   [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")
-    if not 0.0 < float(t_min) <= float(t_max):
-        raise ValueError(f"need 0 < T_min <= T_max, got {t_min}, {t_max}")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.cct_eal_step(

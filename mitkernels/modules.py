@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import _backends, functional
 from .calibration import calibrate_temperature
 from .state import (STATE_BUFFERS, check_cct_statistics, check_num_classes,
                     convert_published_state_dict, initial_buffers, tau_for_temperature)
@@ -90,6 +90,7 @@ class MiTLoss(_ExactStateModule):
         functional.check_options(ignore_index, reduction)
         self.ignore_index = ignore_index
         self.process_group = process_group
+        _backends.check_name(backend)
         self.backend = backend
         self.reduction = reduction
         self.tau = nn.Parameter(torch.tensor(tau_for_temperature(float(temperature))))
@@ -167,6 +168,7 @@ class TETLoss(nn.Module):
         self.lambda_entropy = float(lambda_entropy)
         self.ignore_index = ignore_index
         self.reduction = reduction
+        _backends.check_name(backend)
         self.backend = backend
 
     @torch.no_grad()
@@ -205,16 +207,15 @@ class CCTEALLoss(_ExactStateModule):
                  backend: Optional[str] = None):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        if not 0.0 < T_min <= T_max:
-            raise ValueError(f"need 0 < T_min <= T_max, got {T_min}, {T_max}")
         if not 0.0 <= float(alpha_max) < math.inf:
             raise ValueError(f"alpha_max must be finite and >= 0, got {alpha_max}")
-        functional.check_cct_options(reduction, ema_momentum)
+        functional.check_cct_options(reduction, ema_momentum, T_min, T_max)
         functional.check_options(ignore_index, reduction)
         self.alpha_max = float(alpha_max)
         self.ema_momentum = float(ema_momentum)
         self.T_min, self.T_max, self.eps = float(T_min), float(T_max), float(eps)
         self.ignore_index, self.reduction = ignore_index, reduction
+        _backends.check_name(backend)
         self.process_group, self.backend = process_group, backend
         self.tau_c = nn.Parameter(torch.full((num_classes,), math.log(math.expm1(1.0))))
         self.register_buffer("label_freq_ema",

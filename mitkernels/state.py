@@ -105,6 +105,10 @@ class MiTState:
     def to(self, device) -> "MiTState":
         """Move every tensor to ``device`` (``tau`` stays a leaf that requires grad); returns
         ``self``. Dtypes never change: counts stay float64."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"MiTState.to takes a device, got the dtype {device}: the running "
+                            f"statistics keep their dtypes (they are updated in place); make a "
+                            f"MiTState(..., dtype=...) for another tau dtype")
         with torch.no_grad():
             self.tau = self.tau.detach().to(device).requires_grad_(True)
         for name, value in self.buffers().items():

@@ -173,6 +173,11 @@ def test_bad_options_raise():
         mitkernels.mit_loss(x, y, state, ignore_index=1.5)
     with pytest.raises(mitkernels.BackendUnavailableError, match="unknown backend"):
         mitkernels.mit_loss(x, y, state, backend="tpu")
+    with pytest.raises(mitkernels.BackendUnavailableError, match="unknown backend ''"):
+        mitkernels.mit_loss(x, y, state, backend="")  # not a quiet "automatic"
+    for index in (2**63, -2**63 - 1):  # the kernels compare it with int64 targets
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            mitkernels.mit_loss(x, y, state, ignore_index=index)
     state.tau = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="tau must hold 1"):
         mitkernels.mit_loss(x, y, state)
@@ -352,12 +357,34 @@ def test_loss_options_are_checked():
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="lambda_entropy must be finite"):
         mitkernels.tet_loss(x, y, lambda_entropy=float("nan"))
-    with pytest.raises(ValueError, match="temperature must be positive"):
-        mitkernels.tet_loss(x, y, temperature=float("inf"))
+    # A fixed temperature lies where MiT's own is clamped to: the kernels take its reciprocal
+    # in float32, and TET's T = 1e39 gave NaN (float32 logits on cpu, float64 on Triton).
+    for bad in (float("inf"), float("nan"), 0.0, -1.0, 1e-39, 1e39, 9e-4, 501.0):
+        with pytest.raises(ValueError, match=r"temperature must lie in \[0.001, 500\]"):
+            mitkernels.tet_loss(x, y, temperature=bad)
+    with pytest.raises(ValueError, match="at least one class"):
+        mitkernels.tet_loss(torch.randn(3, 0), torch.full((3,), -100))
     ema = torch.full((4,), 0.25, dtype=torch.float64)
     with pytest.raises(ValueError, match="ema_momentum"):
         mitkernels.cct_eal_loss(x, y, torch.zeros(4), ema, 1.0, ema_momentum=1.5)
+    for t_min, t_max, match in [(1e-39, 1.5, "T_min must lie"), (0.75, 1e39, "T_max must lie"),
+                                (1.5, 0.75, "T_min <= T_max")]:
+        with pytest.raises(ValueError, match=match):
+            mitkernels.cct_eal_loss(x, y, torch.zeros(4), ema, 1.0, t_min=t_min, t_max=t_max)
     assert torch.equal(ema, torch.full((4,), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1e-3, 500.0], ids=["T-floor", "T-cap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_tet_at_the_ends_of_its_temperature_range(backend, temperature, dtype):
+    # float64 logits: the reference in float64 (its fp32 step could round differently at 1e-3)
+    x = torch.randn(5, 4, dtype=dtype) * 0.01  # small: x / 1e-3 stays a moderate logit
+    y = torch.tensor([0, 1, 2, 3, 1])
+    loss, _ = mitkernels.tet_loss(x, y, temperature=temperature, backend=backend)
+    ref, _ = mitkernels.tet_loss(x.double(), y, temperature=temperature, backend="reference")
+    assert math.isfinite(float(loss))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,6 +403,81 @@ def test_empty_and_all_ignored_batches(backend, targets):
     assert float(stats["updated"]) == 0.0
     for key, value in _snapshot(state).items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_name", ["mit", "tet"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(0, 4), (2, 4, 0)], ids=["N=0", "d1=0"])
+def test_empty_batches_backward_for_every_reduction(backend, loss_name, reduction, shape):
+    # Triton's backward read the upstream gradient's first element unmasked: with 'none' an
+    # empty batch's holds none, and the interpreter crashed (a GPU would read out of bounds).
+    logits = torch.randn(shape, requires_grad=True)
+    targets = torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
+    if loss_name == "mit":
+        state = mitkernels.MiTState(4)
+        loss, _ = mitkernels.mit_loss(logits, targets, state, backend=backend,
+                                      reduction=reduction)
+        inputs = (logits, state.tau)
+    else:
+        loss, _ = mitkernels.tet_loss(logits, targets, backend=backend, reduction=reduction)
+        inputs = (logits,)
+    assert loss.shape == (targets.shape if reduction == "none" else ())
+    grads = torch.autograd.grad(loss.sum(), inputs)
+    assert grads[0].shape == logits.shape
+    assert all(float(g) == 0.0 for g in grads[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_name", ["mit", "cct"])
+def test_targets_made_in_inference_mode_take_a_step(backend, loss_name):
+    # Labels kept from an inference_mode pass: the kernels updated the state, then torch refused
+    # to save the targets for backward. The reference takes them; so must every backend.
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 2, 1, 2, 0])
+    targets = frozen.clone()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def step(t, b):
+        logits = x.clone().requires_grad_(True)
+        if loss_name == "mit":
+            state = _fresh_state(3, 0.3)
+            loss, _ = mitkernels.mit_loss(logits, t, state, backend=b)
+            tau, buffers = state.tau, list(state.buffers().values())
+        else:
+            tau = torch.full((3,), 0.3, dtype=torch.float64, requires_grad=True)
+            buffers = [torch.full((3,), 1 / 3, dtype=torch.float64)]
+            loss, _ = mitkernels.cct_eal_loss(logits, t, tau, buffers[0], 2.0, backend=b)
+        return [loss, *torch.autograd.grad(loss, (logits, tau)), *buffers]
+
+    for got, want in zip(step(frozen, backend), step(targets, "reference")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_made_in_inference_mode_are_refused_before_the_step(backend):
+    with torch.inference_mode():
+        logits = torch.randn(4, 3)
+    targets = torch.tensor([0, 2, 1, 2])
+    state = mitkernels.MiTState(3)
+    before = _snapshot(state)
+    with pytest.raises(ValueError, match="inference_mode"):
+        mitkernels.mit_loss(logits, targets, state, backend=backend)
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
+    with torch.no_grad():  # no gradient to record: the step runs
+        mitkernels.mit_loss(logits, targets, state, backend=backend)
+    assert int(state.dual_updates) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("start", [2**53, 2**53 + 1, 2**62])
+def test_dual_updates_counts_exactly_past_2_to_the_53(backend, start):
+    # The C++ kernels counted through a double: 2^53 stayed 2^53, 2^53 + 1 stepped back.
+    state = mitkernels.MiTState(3)
+    state.dual_updates.fill_(start)
+    mitkernels.mit_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), state, backend=backend)
+    assert int(state.dual_updates) == start + 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -235,6 +235,18 @@ def test_modules_check_their_options_when_built():
         mitkernels.CCTEALLoss(3, alpha_max=-1.0)
     with pytest.raises(ValueError, match="'mean' or 'sum'"):
         mitkernels.CCTEALLoss(3, reduction="none")
+    with pytest.raises(ValueError, match="temperature must lie"):
+        mitkernels.TETLoss(temperature=1e39)
+    with pytest.raises(ValueError, match="T_min must lie"):
+        mitkernels.CCTEALLoss(3, T_min=0.0)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        mitkernels.MiTLoss(3, ignore_index=2**63)
+    for build in (lambda b: mitkernels.MiTLoss(3, backend=b), lambda b: mitkernels.TETLoss(backend=b),
+                  lambda b: mitkernels.CCTEALLoss(3, backend=b)):
+        for name in ("bogus", ""):  # misspelt: refused here, not at the first step
+            with pytest.raises(ValueError, match="unknown backend"):
+                build(name)
+        assert build("reference").backend == "reference"
 
 
 def test_loading_a_non_finite_tau_warns():

@@ -94,3 +94,13 @@ def test_a_state_no_step_can_reach_is_refused_and_nothing_loaded(key, value, mes
 def test_to_keeps_tau_a_leaf():
     s = mitkernels.MiTState(3).to("cpu")
     assert s.tau.is_leaf and s.tau.requires_grad
+
+
+def test_to_refuses_a_dtype_and_keeps_the_state():
+    # It used to cast every tensor, dual_updates included, and the next step then refused them.
+    s = mitkernels.MiTState(3)
+    before = s.state_dict()
+    with pytest.raises(TypeError, match="takes a device"):
+        s.to(torch.float32)
+    for k, v in s.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k

@@ -1165,6 +1165,24 @@ void write_scalar(const Tensor& t, double v) {
   }
 }
 
+// dual_updates counts steps: integer arithmetic for an integer tensor, so that the count stays
+// exact past 2^53, where a round trip through a double would stop it (or step it back).
+int64_t read_count(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kLong: return *t.const_data_ptr<int64_t>();
+    case at::kInt: return *t.const_data_ptr<int32_t>();
+    default: return static_cast<int64_t>(read_scalar(t));
+  }
+}
+
+void write_count(const Tensor& t, int64_t v) {
+  switch (t.scalar_type()) {
+    case at::kLong: *t.mutable_data_ptr<int64_t>() = v; break;
+    case at::kInt: *t.mutable_data_ptr<int32_t>() = static_cast<int32_t>(v); break;
+    default: write_scalar(t, static_cast<double>(v));
+  }
+}
+
 // Row inputs of row_stats / loss_forward_ / loss_backward: shapes, dtypes, devices.
 using checks::RowShape;
 RowShape check_row_inputs(const Tensor& logits, const Tensor& targets, const Tensor& tau,
@@ -1385,11 +1403,11 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     for (int64_t k = 0; k < C; ++k) h_star += entropy_term(counts[k] / total);
     c = read_scalar(state[2]);
     if (upd) {
-      const int64_t n_new = static_cast<int64_t>(read_scalar(state[3])) + 1;
+      const int64_t n_new = read_count(state[3]) + 1;
       c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
       write_scalar(state[1], read_scalar(state[1]) + B);
       write_scalar(state[2], c);
-      write_scalar(state[3], static_cast<double>(n_new));
+      write_count(state[3], n_new);
     }
     coef_stat = c;
   } else if (kind == kTET) {

@@ -169,6 +169,24 @@ __device__ __forceinline__ void write_code(void* p, int code, double v) {
   }
 }
 
+// dual_updates counts steps: integer arithmetic for an integer tensor, so that the count stays
+// exact past 2^53, where a round trip through a double would stop it (or step it back).
+__device__ __forceinline__ int64_t read_count(const void* p, int code) {
+  switch (code) {
+    case kSLong: return *static_cast<const int64_t*>(p);
+    case kSInt: return *static_cast<const int32_t*>(p);
+    default: return static_cast<int64_t>(read_code(p, code));
+  }
+}
+
+__device__ __forceinline__ void write_count(void* p, int code, int64_t v) {
+  switch (code) {
+    case kSLong: *static_cast<int64_t*>(p) = v; break;
+    case kSInt: *static_cast<int32_t*>(p) = static_cast<int32_t>(v); break;
+    default: write_code(p, code, static_cast<double>(v)); break;
+  }
+}
+
 __device__ __forceinline__ int64_t target_at(const RowArgs& a, int64_t r) {
   return a.targets64 ? static_cast<const int64_t*>(a.targets)[r]
                      : static_cast<int64_t>(static_cast<const int32_t*>(a.targets)[r]);
@@ -561,14 +579,14 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
     h_star = block_sum(part, smem);
     c = read_code(f.s2, f.s2_code);
     if (upd) {
-      const int64_t n_new = static_cast<int64_t>(read_code(f.s3, f.s3_code)) + 1;
+      const int64_t n_new = read_count(f.s3, f.s3_code) + 1;
       c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
     }
     __syncthreads();  // every thread has read the old state before thread 0 writes
     if (upd && threadIdx.x == 0) {
       write_code(f.s1, f.s1_code, read_code(f.s1, f.s1_code) + B);
       write_code(f.s2, f.s2_code, c);
-      write_code(f.s3, f.s3_code, read_code(f.s3, f.s3_code) + 1.0);
+      write_count(f.s3, f.s3_code, read_count(f.s3, f.s3_code) + 1);
     }
     coef_stat = c;
   } else if (f.kind == 1) {

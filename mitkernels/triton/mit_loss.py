@@ -1241,7 +1241,9 @@ def _backward_kernel(g_ptr, g_stride, x_ptr, dx_ptr, tg_ptr, tau_ptr, rs_ptr, gi
     tl.store(dx_ptr + (dbase + y64 * dstride_c), _to_dtype(dx_y, dx_ptr.dtype.element_ty),
              mask=valid)
     if pid == 0:
-        g0 = tl.load(g_ptr).to(tl.float64)
+        # Masked: with reduction='none' the upstream gradient may hold no element at all (an
+        # empty batch), and this scalar is only read for the mean and sum forms.
+        g0 = tl.load(g_ptr, mask=write_grad_tau != 0, other=0.0).to(tl.float64)
         for k0 in range(0, K, 128):
             k = k0 + tl.arange(0, 128)
             km = k < K
