@@ -38,20 +38,27 @@ class _ExactStateModule(nn.Module):
     _temperature_parameter: str = ""
 
     def _apply(self, fn, recurse=True):
+        # Copies taken before super()._apply, which rounds what a cast reaches: after a cast, the
+        # old values (not their rounding: 16 bits hold no count past 2048, float16 none past
+        # 65504) go back, on the new device. All are a few numbers a class.
         param = self._parameters.get(self._temperature_parameter)
-        before = param.detach().clone() if param is not None else None
+        keep = {name: self._buffers[name].clone() for name in self._exact_buffers
+                if self._buffers.get(name) is not None}
+        if param is not None:
+            keep[""] = param.detach().clone()
+            if param.grad is not None:
+                keep[".grad"] = param.grad.detach().clone()
         super()._apply(fn, recurse)
         param = self._parameters.get(self._temperature_parameter)
         if param is not None and param.dtype not in (torch.float32, torch.float64):
-            # Cast to 16 bits: keep the old values (not their 16-bit rounding) on the new device.
             with torch.no_grad():
-                param.data = before.to(param.device)
+                param.data = keep[""].to(param.device)
                 if param.grad is not None:
-                    param.grad = param.grad.to(before.dtype)
+                    param.grad = keep[".grad"].to(param.device)
         for name in self._exact_buffers:
             buf = self._buffers[name]
             if buf is not None and buf.dtype != torch.float64:
-                self._buffers[name] = buf.to(torch.float64)
+                self._buffers[name] = keep[name].to(buf.device)
         return self
 
 

@@ -123,6 +123,31 @@ def test_module_holds_no_model_and_keeps_exact_buffers():
     assert cct.tau_c.dtype == torch.float32 and cct.label_freq_ema.dtype == torch.float64
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float"])
+def test_a_cast_keeps_the_statistics_values_not_only_their_dtype(cast):
+    # The buffers went through the cast and back to float64: float16 made total_seen inf (and
+    # the module's own state dict unloadable), bfloat16 rounded the counts.
+    crit = mitkernels.MiTLoss(3)
+    with torch.no_grad():
+        crit.class_counts.copy_(torch.tensor([40001.0, 30001.0, 1001.0]))
+        crit.total_seen.fill_(71000.0)
+        crit.lambda_entropy.fill_(0.123456789)
+    crit.tau.grad = torch.tensor(0.123456789)
+    before = {k: v.clone() for k, v in crit.state_dict().items()}
+    wrapper = torch.nn.ModuleDict({"model": torch.nn.Linear(2, 3), "crit": crit})
+    getattr(wrapper, cast)()
+    for k, v in crit.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert float(crit.tau.grad) == float(torch.tensor(0.123456789))
+    mitkernels.MiTLoss(3).load_state_dict(crit.state_dict())
+    cct = mitkernels.CCTEALLoss(3, alpha_max=8.3)
+    ema = torch.tensor([0.123456789, 0.3, 0.576543211], dtype=torch.float64)
+    with torch.no_grad():
+        cct.label_freq_ema.copy_(ema)
+    getattr(cct, cast)()
+    assert torch.equal(cct.label_freq_ema, ema) and float(cct.alpha_t) == 8.3
+
+
 def test_initial_temperature_is_exact():
     for t in (0.5, 1.0, 7.0, 42.0):
         # tau is a float32 parameter by default: T is exact to float32 rounding of tau.

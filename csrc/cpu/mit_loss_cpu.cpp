@@ -1113,13 +1113,16 @@ Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_cpu(sizes, dtype);
 }
 
-// An empty tensor with the layout empty_like would give (the same strides when `like` is
-// non-overlapping and dense, else contiguous).
+// An empty tensor with the layout empty_like gives: the same strides when `like` is
+// non-overlapping and dense (straight from the allocator), else through empty_like itself.
 Tensor empty_cpu_like(const Tensor& like) {
   if (like.is_non_overlapping_and_dense()) {
     return at::detail::empty_strided_cpu(like.sizes(), like.strides(), like.scalar_type());
   }
-  return empty_cpu(like.sizes(), like.scalar_type());
+  // A view with gaps (a sliced, transposed sequence of logits, say): dense strides in the view's
+  // own order, as at::empty_like gives and the ops' fake kernels promise. A compiled graph
+  // checks the gradient's strides against theirs; the kernels take any gradient strides.
+  return at::empty_like(like);
 }
 
 // Element i of a floating tensor's data, as double / from double (float64, float32, bfloat16,
