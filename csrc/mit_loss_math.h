@@ -242,10 +242,13 @@ MITK_HD acc_t tau_row_term(acc_t ce_minus_h, acc_t c, acc_t v) {
   return ce_minus_h + c * v;
 }
 
-// dL/dtau = -gs / T * (sum (CE - H) + c sum V) * dT/dtau.
+// dL/dtau = -gs / T * (sum (CE - H) + c sum V) * dT/dtau. A clamped T passes no gradient even
+// where the rest is inf (a row whose CE overflowed): torch's clamp backward masks, where a
+// product with dT = 0 would give NaN and poison tau.
 template <typename acc_t>
 MITK_HD acc_t grad_tau_value(acc_t gs, acc_t T, acc_t sum_ce_minus_h, acc_t c, acc_t sum_v,
                              acc_t dT) {
+  if (dT == acc_t(0)) return acc_t(0);
   return -gs / T * tau_row_term(sum_ce_minus_h, c, sum_v) * dT;
 }
 

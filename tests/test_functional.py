@@ -481,6 +481,33 @@ def test_dual_updates_counts_exactly_past_2_to_the_53(backend, start):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_clamped_temperature_passes_no_gradient_even_from_an_overflowed_row(backend, reduction):
+    # T at its 1e-3 floor, and a row whose CE overflows float32 (1e36 / 1e-3): the kernels took
+    # inf * dT/dtau = inf * 0 = NaN into tau's gradient, where torch's clamp passes 0.
+    logits = torch.tensor([[1e36, -1e36, 0.0], [0.1, 0.2, 0.3]], requires_grad=True)
+    state = _fresh_state(3, -30.0, dtype=torch.float32)
+    loss, _ = mitkernels.mit_loss(logits, torch.tensor([1, 0]), state, backend=backend,
+                                  reduction=reduction)
+    loss.sum().backward()
+    assert float(state.tau.grad) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_entropy_over_many_classes_is_summed_to_the_last_digits(backend):
+    # H* of a 100,000-class histogram: the cpu finalize added its terms one after another
+    # (8.5e-13 relative error); the reference sums pairwise (3e-16).
+    num_classes = 100_000
+    state = _fresh_state(num_classes, 0.5)
+    _, stats = mitkernels.mit_loss(torch.zeros(3, num_classes, dtype=torch.float64),
+                                   torch.tensor([5, num_classes - 1, 17]), state, backend=backend)
+    counts = state.class_counts.tolist()
+    total = math.fsum(counts)
+    exact = -math.fsum(c / total * math.log(c / total) for c in counts)
+    assert float(stats["H_star"]) == pytest.approx(exact, rel=2e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_logits_skip_state_update(backend):
     state = mitkernels.MiTState(3)
     mitkernels.mit_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), state, backend=backend)

@@ -1168,6 +1168,19 @@ void write_scalar(const Tensor& t, double v) {
   }
 }
 
+// Neumaier's compensated sum, for the finalize's walks over the classes: one term after another,
+// plain addition loses up to C ulps (8.5e-13 of H* at C = 1e5, against the reference's pairwise
+// 3e-16); this keeps about one. A NaN or inf sum is returned as it is (its correction is NaN).
+struct CompensatedSum {
+  double sum = 0.0, correction = 0.0;
+  void add(double v) {
+    const double t = sum + v;
+    correction += std::fabs(sum) >= std::fabs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  double value() const { return std::isfinite(sum) ? sum + correction : sum; }
+};
+
 // dual_updates counts steps: integer arithmetic for an integer tensor, so that the count stays
 // exact past 2^53, where a round trip through a double would stop it (or step it back).
 int64_t read_count(const Tensor& t) {
@@ -1400,10 +1413,11 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     if (upd) {
       for (int64_t k = 0; k < C; ++k) counts[k] += hist[k];
     }
-    double total = 0.0;
-    for (int64_t k = 0; k < C; ++k) total += counts[k];
-    h_star = 0.0;
-    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(counts[k] / total);
+    CompensatedSum total_sum, h_sum;
+    for (int64_t k = 0; k < C; ++k) total_sum.add(counts[k]);
+    const double total = total_sum.value();
+    for (int64_t k = 0; k < C; ++k) h_sum.add(entropy_term(counts[k] / total));
+    h_star = h_sum.value();
     c = read_scalar(state[2]);
     if (upd) {
       const int64_t n_new = read_count(state[3]) + 1;
@@ -1421,8 +1435,9 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     if (upd) {
       for (int64_t k = 0; k < C; ++k) ema[k] = ema_update(ema[k], momentum, hist[k] / Bg);
     }
-    h_star = 0.0;
-    for (int64_t k = 0; k < C; ++k) h_star += entropy_term(clamp_min(ema[k], eps));
+    CompensatedSum h_sum;
+    for (int64_t k = 0; k < C; ++k) h_sum.add(entropy_term(clamp_min(ema[k], eps)));
+    h_star = h_sum.value();
     alpha = coef_stat = read_scalar(state[1]);
     c = cct_coef(alpha, mean_h, h_star);
   }

@@ -1009,7 +1009,8 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         var_k = tl.load(hist_ptr + C + C + k, mask=per_class, other=0.0)
         num = tl.where(multi, ceh_k + coef * var_k, sum_ceh + coef * sum_v)
         dtau = -grad_scale * _recip(temp_k) * num * dtemp_k.to(tl.float64)
-        dtau = tl.where(reduction == 0, 0.0, dtau)
+        # a clamped T passes no gradient, even times an inf sum (0 * inf would be NaN)
+        dtau = tl.where((reduction == 0) | (dtemp_k == 0), 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
     # T_0 in the stats; CCT-EAL reports the hist-weighted mean T (the op contract, as the CPU)
     temp_stat = tl.where(multi & (kind == 2), temp_sum * inv_bg, temp0.to(tl.float64))
@@ -1275,6 +1276,7 @@ def _grad_tau_none_kernel(g_ptr, tg_ptr, tau_ptr, rs_ptr, gi_ptr, gt_ptr, R, C, 
     tau = tl.load(tau_ptr + k, mask=km, other=0.0)
     temp, dtemp = _temperature(tau, t_eps, t_min, t_max)
     gt = -acc * _recip(temp.to(tl.float64)) * dtemp.to(tl.float64)
+    gt = tl.where(dtemp == 0, 0.0, gt)  # clamped: no gradient, even times an inf sum
     tl.store(gt_ptr + k, gt.to(gt_ptr.dtype.element_ty), mask=km)
 
 
