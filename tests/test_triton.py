@@ -947,6 +947,40 @@ def test_cuda_nan_tau_gives_a_nan_loss(backend):
 
 
 @gpu_only
+@pytest.mark.parametrize("backend,backward", [("triton", None), ("triton", "triton"),
+                                              ("cuda", None)])
+def test_cuda_edge_steps_match_the_cpu(monkeypatch, backend, backward):
+    """The GPU side of what tests/test_functional.py checks on the CPU backends: an empty batch
+    with reduction='none' through backward (Triton's backward read its upstream gradient
+    unmasked), dual_updates counted in integers past 2^53 (the finalize counted through a
+    double), and a clamped T passing no gradient from a row whose CE overflows (inf * 0)."""
+    if backend not in cuda_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    if backward is not None:
+        monkeypatch.setenv("MITKERNELS_TRITON_BACKWARD", backward)
+    for shape in ((0, 4), (2, 4, 0)):
+        logits = torch.randn(shape, device="cuda", requires_grad=True)
+        targets = torch.zeros((shape[0], *shape[2:]), dtype=torch.long, device="cuda")
+        state = mitkernels.MiTState(4, device="cuda")
+        loss, _ = mitkernels.mit_loss(logits, targets, state, backend=backend, reduction="none")
+        grads = torch.autograd.grad(loss.sum(), (logits, state.tau))
+        assert grads[0].shape == logits.shape and float(grads[1]) == 0.0
+    state = mitkernels.MiTState(3, device="cuda")
+    state.dual_updates.fill_(2**53 + 1)
+    mitkernels.mit_loss(torch.randn(4, 3, device="cuda"), torch.tensor([0, 1, 2, 0], device="cuda"),
+                        state, backend=backend)
+    assert int(state.dual_updates) == 2**53 + 2
+    for reduction in ("mean", "none"):
+        logits = torch.tensor([[1e36, -1e36, 0.0], [0.1, 0.2, 0.3]], device="cuda",
+                              requires_grad=True)
+        state = _mit_state(3, -30.0, torch.float32, device="cuda")
+        loss, _ = mitkernels.mit_loss(logits, torch.tensor([1, 0], device="cuda"), state,
+                                      backend=backend, reduction=reduction)
+        loss.sum().backward()
+        assert float(state.tau.grad) == 0.0, reduction
+
+
+@gpu_only
 def test_cuda_layouts_and_kinds():
     gen = torch.Generator().manual_seed(12)
     spatial = torch.randn(2, 19, 8, 8, generator=gen)
