@@ -26,9 +26,25 @@ DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
 _REFERENCE_CHUNK_ROWS = 1 << 16
 
 
-def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str) -> Tuple[float, float]:
-    """``f'(log t)`` and ``f''(log t)`` of the mean NLL, in float64."""
-    if backend == "reference":
+def _all_reduce(values, device, process_group):
+    """The sums over the group's ranks of a few float64 numbers (the values themselves without
+    a group). Calibration runs outside the training step: reading them back costs nothing."""
+    if process_group is None:
+        return list(values)
+    import torch.distributed as dist
+
+    buf = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(buf, group=process_group)
+    return buf.tolist()
+
+
+def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str,
+                         process_group=None, total_rows: Optional[float] = None
+                         ) -> Tuple[float, float]:
+    """``f'(log t)`` and ``f''(log t)`` of the mean NLL over the group's rows, in float64."""
+    if logits.shape[0] == 0:
+        gap_sum = curv_sum = 0.0
+    elif backend == "reference":
         sums = torch.zeros(2, dtype=torch.float64)
         for start in range(0, logits.shape[0], _REFERENCE_CHUNK_ROWS):
             rows = reference.row_statistics(logits[start:start + _REFERENCE_CHUNK_ROWS],
@@ -46,14 +62,15 @@ def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str)
         # of CE and H would lose its digits when the logits say little (both near log C).
         _, gap_sum, _, sum_v = summary[:4].tolist()
         curv_sum = gap_sum + sum_v
-    n = logits.shape[0]
+    gap_sum, curv_sum = _all_reduce((gap_sum, curv_sum), logits.device, process_group)
+    n = logits.shape[0] if total_rows is None else total_rows
     return -gap_sum / n, curv_sum / n
 
 
 def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                           bounds: Tuple[float, float] = DEFAULT_BOUNDS,
                           backend: Optional[str] = None, ignore_index: int = -100,
-                          tol: float = 1e-12, max_iter: int = 100) -> Tensor:
+                          tol: float = 1e-12, max_iter: int = 100, process_group=None) -> Tensor:
     """The temperature minimising ``NLL(softmax(logits / T), labels)`` over ``T`` in ``bounds``.
 
     Args:
@@ -63,6 +80,13 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
             left out.
         bounds: ``(T_min, T_max)``; the default is the MiT clamp range ``(1e-3, 500)``.
         backend: as in :func:`mitkernels.mit_loss`.
+        process_group: a ``torch.distributed`` group whose ranks each hold a part of the
+            held-out logits: every rank calls this, and every rank gets the optimum of the
+            rows of all (a few float64 numbers all-reduced per iteration). A rank may hold no
+            row.
+
+    Masked classes (``-inf`` logits, never at a row's label) take no part, as in the losses; a
+    NaN or ``+inf`` logit, or a ``-inf`` one at the label (an infinite NLL), is refused.
 
     Returns:
         A float64 0-dim tensor, always finite: the interior optimum, or the bound the NLL
@@ -88,25 +112,29 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
     if not bool(keep.all()):
         logits, labels = logits[keep], labels[keep]
     labels = labels.contiguous()
-    if logits.shape[0] == 0:
+    name = _backends.choose_for_rows(backend, logits.device, logits.shape[0])
+    problem = _check_rows(logits, labels, num_classes, ignore_index, name)
+    # With a group, every rank learns what any rank found, so that all raise, warn or go on
+    # together: a rank that raised alone would leave the others waiting in a collective.
+    bad, rows, varied = _all_reduce(
+        (problem is not None, logits.shape[0],
+         logits.shape[0] > 0 and not bool((logits.amax(1) == logits.amin(1)).all())),
+        logits.device, process_group)
+    if bad:
+        raise ValueError(problem or "another rank's logits or labels were refused (its error "
+                                    "names the problem)")
+    if rows == 0:
         raise ValueError("calibration needs at least one row whose label is not ignore_index")
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index "
-                         f"({ignore_index}); found {int(labels[bad][0])}")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits must be finite")
-    if bool((logits.amax(1) == logits.amin(1)).all()):
+    if not varied:
         # softmax(x / T) is uniform whatever T: no temperature is better than another, and a
         # bound would scale the model's later logits by up to 1000 (or 1/500) for nothing.
         warnings.warn("every row's logits are equal, so the NLL does not depend on T: returning "
                       "T = 1; calibrate on the logits of a model with some skill",
                       stacklevel=_caller_stacklevel())
         return torch.tensor(min(max(1.0, lo), hi), dtype=torch.float64)
-    name = _backends.choose_for_rows(backend, logits.device, logits.shape[0])
 
     def slope(u: float) -> Tuple[float, float]:
-        return _slope_and_curvature(logits, labels, math.exp(u), name)
+        return _slope_and_curvature(logits, labels, math.exp(u), name, process_group, rows)
 
     a, b = math.log(lo), math.log(hi)
     fa, ha = slope(a)
@@ -135,12 +163,43 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
     return torch.tensor(math.exp(u), dtype=torch.float64)
 
 
+def _check_rows(logits: Tensor, labels: Tensor, num_classes: int, ignore_index: int,
+                backend: str) -> Optional[str]:
+    """What is wrong with this rank's rows (ignored rows already left out), or None."""
+    if logits.shape[0] == 0:
+        return None
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        return (f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index}); "
+                f"found {int(labels[bad][0])}")
+    if bool(torch.isnan(logits).any()) or bool((logits == math.inf).any()):
+        return "logits must be finite (or -inf at a masked class): found NaN or +inf"
+    if bool((logits.gather(1, labels[:, None]) == -math.inf).any()):
+        return "a label's logit is -inf: its NLL is infinite at every temperature"
+    if backend == "reference" and bool((logits == -math.inf).any()):
+        return ("masked (-inf) logits need a kernel backend: the reference, as the published "
+                "code, turns their 0 * log 0 into NaN")
+    return None
+
+
+def _to_device(x, device):
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
 @torch.no_grad()
 def collect_logits(model: nn.Module, loader, device=None) -> Tuple[Tensor, Tensor]:
     """Run ``model`` over ``loader`` (``(inputs, labels)`` batches) in eval mode, no grad.
 
-    Returns ``(logits, labels)`` concatenated on the model's device; the model's training mode
-    is restored afterwards, even on error.
+    ``inputs`` is a tensor (``model(inputs)``), a tuple or list (``model(*inputs)``) or a dict
+    (``model(**inputs)``), moved to ``device`` (default: the model's); ``model`` must return
+    the logits tensor. Returns ``(logits, labels)`` concatenated on that device; the model's
+    training mode is restored afterwards, even on error.
     """
     if device is None:
         param = next(model.parameters(), None)
@@ -153,9 +212,18 @@ def collect_logits(model: nn.Module, loader, device=None) -> Tuple[Tensor, Tenso
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"collect_logits takes a loader of (inputs, labels) pairs; got "
                                 f"a batch of type {type(batch).__name__}")
-            inputs, labels = batch
-            all_logits.append(model(inputs.to(device)))
-            all_labels.append(labels.to(device))
+            inputs, labels = _to_device(batch, device)
+            if isinstance(inputs, (tuple, list)):
+                out = model(*inputs)
+            elif isinstance(inputs, dict):
+                out = model(**inputs)
+            else:
+                out = model(inputs)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"collect_logits needs a model that returns the logits tensor; "
+                                f"got a {type(out).__name__} (wrap the model to pick them out)")
+            all_logits.append(out)
+            all_labels.append(torch.as_tensor(labels, device=device))
     finally:
         model.train(was_training)
     if not all_logits:

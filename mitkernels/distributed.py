@@ -18,13 +18,29 @@ from torch import Tensor
 from .state import _caller_stacklevel
 
 
-def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
-    """The sum over ranks of ``summary`` (a new tensor; the local one is kept for the loss)."""
+def _require_initialized() -> None:
     import torch.distributed as dist
-    from torch.distributed import _functional_collectives as funcol
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group was given but torch.distributed is not initialized")
+
+
+def check_member(process_group) -> None:
+    """Before a step's collective (eager): torch.distributed is up and this rank is in the group,
+    which torch's collectives would otherwise report as an unsupported group type."""
+    import torch.distributed as dist
+
+    _require_initialized()
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(f"this process (rank {dist.get_rank()}) is not a member of the "
+                         f"process_group the loss was given: pass a group it belongs to, or none")
+
+
+def all_reduce_summary(summary: Tensor, process_group) -> Tensor:
+    """The sum over ranks of ``summary`` (a new tensor; the local one is kept for the loss)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    _require_initialized()
     # The functional collective traces into torch.compile graphs and, like dist.all_reduce on a
     # copy, never blocks the host: the result is waited on where it is first used.
     # wait_tensor hands a plain tensor to the kernels (a Triton launcher reads its pointer).

@@ -139,22 +139,29 @@ def _mit_state_ok(counts, total_seen, lambda_entropy, dual_updates) -> bool:
         return False
 
 
-def _checks_targets_eagerly(targets: Tensor) -> bool:
+def _checks_targets_eagerly(targets: Tensor, process_group=None) -> bool:
     # On the CPU a check costs no synchronisation. On a GPU (and inside a compiled graph, where a
     # Python branch on a value would break the graph) the kernels mask such rows, count them
-    # (stats['invalid_targets']), return a NaN loss and leave the state untouched.
-    return targets.device.type == "cpu" and targets.numel() > 0 and \
-        not torch.compiler.is_compiling()
+    # (stats['invalid_targets']), return a NaN loss and leave the state untouched. Under a
+    # process group the count is the group's: an empty batch checks it too.
+    return targets.device.type == "cpu" and (targets.numel() > 0 or process_group is not None) \
+        and not torch.compiler.is_compiling()
 
 
 def _raise_on_invalid_targets(targets: Tensor, num_classes: int, ignore_index: int,
                               force: bool) -> None:
-    """ValueError naming the first target outside [0, C) that is not ignore_index."""
+    """ValueError naming the first target outside [0, C) that is not ignore_index. ``force``:
+    the kernels counted one, here or (under a process group) on another rank."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
-    if force or bool(bad.any()):
+    if bool(bad.any()):
         value = int(targets[bad].reshape(-1)[0])
         raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index "
                          f"({ignore_index}); found {value}")
+    if force:
+        # Every rank raises, so that none goes on to a collective the others never join.
+        raise ValueError(f"a target on another rank of the process_group lies outside "
+                         f"[0, {num_classes}) and is not ignore_index ({ignore_index}); that "
+                         f"rank's error names it, and no rank updated its state")
 
 
 def _check_temperature(tau: Tensor, expected: int, name: str) -> None:
@@ -240,8 +247,16 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     red = ops.REDUCTIONS[reduction]
     loss_dtype = _loss_dtype(logits)
     compiling = torch.compiler.is_compiling()
-    if not compiling and targets.is_inference() and torch.is_grad_enabled() and \
-            (logits.requires_grad or tau.requires_grad):
+    records_grad = torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad)
+    if process_group is not None and not update_state and not records_grad:
+        # Nothing global to compute (no state update, no tau gradient): the rank runs alone,
+        # its stats its own, and may evaluate alone without leaving the others in a collective.
+        process_group = None
+    elif process_group is not None and not compiling:
+        from .distributed import check_member
+
+        check_member(process_group)
+    if not compiling and targets.is_inference() and records_grad:
         # Labels kept from an inference_mode pass: the backward reads them, and torch refuses to
         # save an inference tensor for it (after the kernels had updated the state). A copy
         # made here is a normal tensor; targets are small.
@@ -287,11 +302,11 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
         summary = all_reduce_summary(local_summary, process_group)
         loss, stats, grad_info = call("finalize_", summary, local_summary, row_stats, tau_k, state,
                                       kind, hparams, *temp_params, red, update_state, loss_dtype)
-    if _checks_targets_eagerly(targets) and stats[-1].item() != 0:
+    if _checks_targets_eagerly(targets, process_group) and stats[-1].item() != 0:
         # The kernels counted invalid targets (and left the state as it was): say which, now,
         # rather than return a NaN loss. Reading a CPU scalar costs no synchronisation.
         _raise_on_invalid_targets(flat_targets, logits.shape[1], ignore_index, force=True)
-    if torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad):
+    if records_grad:
         loss = attach(loss, logits3, tau.reshape(-1), flat_targets, row_stats, grad_info,
                       [*temp_params, float(ignore_index)], backend)
     if red == 0:
@@ -355,12 +370,15 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
             ``tau``'s gradient for ``"mean"`` and ``"sum"``. With ``"none"`` it is this rank's
             (the per-element gradient the loss receives is local): average ``tau.grad`` over the
             ranks yourself, as DDP does for the model's, or ``tau`` drifts apart (warned once).
+            ``stats["loss"]``, like the loss, is the rank's own. A call that updates no state
+            and records no gradient runs on the rank alone (its stats the rank's).
 
     Returns:
         ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:
         ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``. ``updated`` is 0
         when the state was not updated: ``update_state=False``, no valid row, non-finite
-        statistics (NaN or inf logits) or invalid targets.
+        statistics (a NaN or +inf logit, a row of -inf, a -inf target logit; a masked class's
+        -inf is fine) or invalid targets.
     """
     num_classes = int(state.class_counts.numel())
     buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]

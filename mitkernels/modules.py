@@ -125,10 +125,13 @@ class MiTLoss(_ExactStateModule):
         few parts in 10^7). Calibrate on the logits of a model with some skill (after a short
         warm-up with plain CE, as the published recipe does): an untrained model's optimum sits
         at the upper bound, where ``softplus`` is the identity and ``tau`` would have to travel
-        hundreds of units to come back. A result on either bound is warned about.
+        hundreds of units to come back. A result on either bound is warned about. With a
+        ``process_group``, every rank calls it with its part of the logits, and every rank sets
+        the same ``tau``: the optimum over the rows of all.
         """
         t_opt = calibrate_temperature(logits, labels, backend=self.backend,
-                                      ignore_index=self.ignore_index)
+                                      ignore_index=self.ignore_index,
+                                      process_group=self.process_group)
         if float(t_opt) == MIT_T_MAX:
             warnings.warn(f"the calibrated temperature sits on its upper bound ({MIT_T_MAX:g}): "
                           "the logits show no usable skill; calibrate after a short warm-up",

@@ -92,6 +92,55 @@ def test_collect_logits_restores_mode():
     assert not model.training
 
 
+def test_collect_logits_takes_tuple_and_dict_inputs_and_list_labels():
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    model = TwoInputs()
+    x, z = torch.randn(5, 3), torch.randn(5, 4)
+    want = model(x, z).detach()
+    for inputs in ((x, z), [x, z], {"x": x, "z": z}):
+        logits, labels = mitkernels.collect_logits(model, [(inputs, [0, 1, 1, 0, 1])])
+        assert torch.equal(logits, want) and labels.tolist() == [0, 1, 1, 0, 1]
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(TypeError, match="returns the logits tensor"):
+        mitkernels.collect_logits(Pair(), [(x, torch.zeros(5, dtype=torch.long))])
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+def test_masked_classes_take_no_part(backend):
+    # A -inf logit (a class ruled out for that sample) was refused ("logits must be finite").
+    # -1e6 in its place is the oracle: exp(-1e6 / 500) is 0 in float64.
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(60, 6, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 6, (60,), generator=gen)
+    logits[torch.arange(60), labels] += 1.0
+    mask = torch.rand(60, 6, generator=gen) < 0.3
+    mask[torch.arange(60), labels] = False
+    got = mitkernels.calibrate_temperature(logits.masked_fill(mask, -math.inf), labels,
+                                           backend=backend)
+    want = mitkernels.calibrate_temperature(logits.masked_fill(mask, -1e6), labels,
+                                            backend=backend)
+    assert 0.01 < float(want) < 100.0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0.0)
+    at_label = logits.clone()
+    at_label[0, labels[0]] = -math.inf
+    with pytest.raises(ValueError, match="label's logit is -inf"):
+        mitkernels.calibrate_temperature(at_label, labels, backend=backend)
+    with pytest.raises(ValueError, match="need a kernel backend"):
+        mitkernels.calibrate_temperature(logits.masked_fill(mask, -math.inf), labels,
+                                         backend="reference")
+
+
 def test_calibrate_warns_on_bound_and_uses_the_module_backend(monkeypatch):
     logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
     crit = mitkernels.MiTLoss(2, backend="reference")

@@ -104,3 +104,118 @@ def test_a_none_loss_warns_that_tau_gradient_is_the_ranks_own():
                 mitkernels.MiTLoss(3, process_group=dist.group.WORLD)(x, y)
         finally:
             dist.destroy_process_group()
+
+
+def _calibration_worker(rank, path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        logits, labels = _calibration_data()
+        half = logits.shape[0] // 2
+        rows = slice(0, half) if rank == 0 else slice(half, None)
+        results = {}
+        crit = mitkernels.MiTLoss(NUM_CLASSES, backend="cpu", process_group=dist.group.WORLD)
+        results["split"] = crit.calibrate_(logits[rows], labels[rows])
+        results["tau"] = crit.tau.detach().clone()
+        # rank 1 holds no row: the optimum is rank 0's rows'
+        mine = slice(None) if rank == 0 else slice(0, 0)
+        results["one_rank"] = mitkernels.calibrate_temperature(
+            logits[mine], labels[mine], backend="cpu", process_group=dist.group.WORLD)
+        # rank 1 holds a label out of range: both ranks raise (rank 0 alone would wait forever)
+        bad = labels[rows].clone()
+        if rank == 1:
+            bad[0] = NUM_CLASSES
+        try:
+            mitkernels.calibrate_temperature(logits[rows], bad, backend="cpu",
+                                             process_group=dist.group.WORLD)
+            results["raised"] = ""
+        except ValueError as e:
+            results["raised"] = str(e)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _calibration_data():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, NUM_CLASSES, (40,), generator=g)
+    logits = torch.randn(40, NUM_CLASSES, generator=g, dtype=torch.float64)
+    logits[torch.arange(40), labels] += 1.5  # some skill: an interior optimum
+    return logits, labels
+
+
+@needs_kernels
+def test_calibration_over_ranks_is_that_of_all_their_rows():
+    # calibrate_ ignored its process_group: each rank took its own rows' optimum, and the ranks'
+    # tau stayed apart for good (the gradients that follow are the same on every rank).
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_calibration_worker, args=(os.path.join(out_dir, "store"), out_dir),
+                 nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    logits, labels = _calibration_data()
+    whole = mitkernels.calibrate_temperature(logits, labels, backend="cpu")
+    assert 0.01 < float(whole) < 100.0
+    for r in ranks:
+        torch.testing.assert_close(r["split"], whole, rtol=1e-9, atol=0.0)
+        assert torch.equal(r["tau"], ranks[0]["tau"])
+        torch.testing.assert_close(r["one_rank"], whole, rtol=1e-9, atol=0.0)
+        assert "labels must lie" in r["raised"] or "another rank" in r["raised"], r["raised"]
+    assert "labels must lie" in ranks[1]["raised"] and "another rank" in ranks[0]["raised"]
+
+
+def _edge_worker(rank, path, out_dir):
+    from datetime import timedelta
+
+    # A short timeout: a deadlock fails the collective (and the test) instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    results = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            results[name] = ""
+        except ValueError as e:
+            results[name] = str(e)
+
+    try:
+        x = torch.randn(4, NUM_CLASSES)
+        good = torch.tensor([0, 1, 2, 3])
+        bad = torch.tensor([0, NUM_CLASSES + 2, 2, 3])
+        crit = mitkernels.MiTLoss(NUM_CLASSES, backend="cpu", process_group=dist.group.WORLD)
+        before = {k: v.clone() for k, v in crit.state_dict().items()}
+        # an invalid target on rank 1 only: every rank raises, none updates its state
+        attempt("invalid", lambda: crit(x, bad if rank == 1 else good))
+        # ... and so does a rank with an empty batch (it returned a NaN loss and went on)
+        attempt("invalid_empty", lambda: crit(x[:0] if rank == 0 else x,
+                                              good[:0] if rank == 0 else bad))
+        results["untouched"] = all(torch.equal(v, before[k])
+                                   for k, v in crit.state_dict().items())
+        # evaluation on rank 0 alone: no state update, no gradient, so no collective to wait on
+        if rank == 0:
+            crit.eval()
+            with torch.no_grad():
+                loss, stats = crit(x, good)
+            results["eval_valid"] = float(stats["valid"])
+            crit.train()
+        # a rank outside the loss's group gets told so
+        sub = dist.new_group([0])
+        attempt("non_member", lambda: mitkernels.MiTLoss(
+            NUM_CLASSES, backend="cpu", process_group=sub)(x, good) if rank == 1 else None)
+        dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_kernels
+def test_one_ranks_bad_targets_eval_and_group_membership():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_edge_worker, args=(os.path.join(out_dir, "store"), out_dir),
+                 nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    # rank 0's check indexed an empty selection (IndexError); an empty rank 0 returned NaN
+    assert "found 7" in ranks[1]["invalid"] and "another rank" in ranks[0]["invalid"]
+    assert "found 7" in ranks[1]["invalid_empty"] and "another rank" in ranks[0]["invalid_empty"]
+    assert ranks[0]["untouched"] and ranks[1]["untouched"]
+    assert ranks[0]["eval_valid"] == 4.0  # the rank's own rows: it ran alone
+    assert "not a member" in ranks[1]["non_member"] and ranks[0]["non_member"] == ""
