@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -36,8 +37,9 @@ struct Buffer {
   at::ScalarType dtype;
   bool zero;
   std::string dtype_name;  // as launch_plans.py named it
-  int64_t offset;          // bytes into the replay's one allocation
+  int64_t offset;          // bytes into the replay's scratch block (not for an output)
   int64_t bytes;           // from its first element to the end of its last
+  bool output = false;     // an output of the op: its own allocation, as the launchers make it
 };
 
 struct Launch {
@@ -47,8 +49,9 @@ struct Launch {
   std::vector<Param> params;
 };
 
-// A replay allocates its buffers as views of one block (one allocator call, not one each):
-// the zeroed ones first, so one memset zeroes them all; each at a multiple of kAlign bytes.
+// A replay allocates its scratch buffers as views of one block (one allocator call, not one
+// each): the zeroed ones first, so one memset zeroes them all; each at a multiple of kAlign
+// bytes. The op's outputs get one allocation each (store_plan says why).
 constexpr int64_t kAlign = 256;
 
 struct Plan {
@@ -185,6 +188,24 @@ Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
   return Tensor(std::move(impl));
 }
 
+// Whether a launch's CUresult is the driver refusing this launch itself (its configuration, its
+// function, the context it needs), which the Python launchers may still serve: invalid value
+// (1), device (101), image (200), context (201), no binary for the GPU (209), invalid handle
+// (400), not found (500), too many resources requested (701). Any other code (700 illegal
+// address, 719 launch failed: errors an earlier kernel left in the context) is not a refusal.
+struct ContextError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+bool is_refusal(int rc) {
+  switch (rc) {
+    case 1: case 101: case 200: case 201: case 209: case 400: case 500: case 701:
+      return true;
+    default:
+      return false;
+  }
+}
+
 // The plan's buffers and launches on `inputs`; nullopt, with `why` said, when the replay stops
 // before any of its kernels ran, so that the call can take the Python launchers as if no plan
 // were stored:
@@ -199,23 +220,40 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs, 
   const Launcher launch = launcher(device.type());
   TORCH_CHECK(launch != nullptr, "launch plan: no launcher for ", device);
   const c10::OptionalDeviceGuard guard(device);
-  const Tensor block =
-      at::empty({plan.block_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  if (reinterpret_cast<uintptr_t>(block.data_ptr()) % 16 != 0) {
-    why = "a replay buffer was not 16-byte aligned";
-    return std::nullopt;
-  }
-  // The CPU slot (tests) runs no kernel. Logging buffers, it fills the block with 0xFF first,
-  // so that the log says which buffers the plan's zeroing reached; then it zeroes the whole
-  // block, so that the outputs are defined.
-  const bool test_slot = device.is_cpu();
-  if (test_slot && log_buffers) block.fill_(0xFF);
-  if (plan.zero_bytes > 0) view_of(block, at::kByte, {plan.zero_bytes}, {1}, 0).zero_();
+  const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(device);
+  const Tensor block = at::empty({plan.block_bytes}, bytes);
   std::vector<Tensor> buffers;
   buffers.reserve(plan.buffers.size());
   for (const Buffer& b : plan.buffers) {
-    buffers.push_back(view_of(block, b.dtype, b.sizes, b.strides, b.offset));
+    buffers.push_back(b.output ? at::empty_strided(b.sizes, b.strides, bytes.dtype(b.dtype))
+                               : view_of(block, b.dtype, b.sizes, b.strides, b.offset));
   }
+  // The kernels were compiled for 16-byte aligned buffers (the block's offsets keep its own)
+  auto aligned = [](const Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.storage().data()) % 16 == 0;
+  };
+  bool all_aligned = aligned(block);
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (plan.buffers[i].output) all_aligned = all_aligned && aligned(buffers[i]);
+  }
+  if (!all_aligned) {
+    why = "a replay buffer was not 16-byte aligned";
+    return std::nullopt;
+  }
+  // The CPU slot (tests) runs no kernel. Logging buffers, it fills every byte with 0xFF first,
+  // so that the log says which buffers the plan's zeroing reached; then it zeroes them all, so
+  // that the outputs are defined.
+  const bool test_slot = device.is_cpu();
+  auto all_bytes = [&](const Tensor& t) {
+    return view_of(t, at::kByte, {static_cast<int64_t>(t.storage().nbytes())}, {1}, 0);
+  };
+  if (test_slot && log_buffers) {
+    block.fill_(0xFF);
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      if (plan.buffers[i].output) all_bytes(buffers[i]).fill_(0xFF);
+    }
+  }
+  if (plan.zero_bytes > 0) view_of(block, at::kByte, {plan.zero_bytes}, {1}, 0).zero_();
   if (test_slot) {
     if (log_buffers) {
       const std::lock_guard<std::mutex> lock(log_mutex);
@@ -228,6 +266,9 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs, 
       }
     }
     block.zero_();
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      if (plan.buffers[i].output) all_bytes(buffers[i]).zero_();
+    }
   }
   std::array<uint64_t, kMaxParams> slots;
   std::array<void*, kMaxParams> params;
@@ -240,6 +281,14 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs, 
       params[i] = &slots[i];
     }
     const int rc = launch(l.function, l.grid.data(), l.threads, l.shared, params.data(), n, device);
+    if (rc != 0 && launched == 0 && !is_refusal(rc)) {
+      // An error the context already held (an earlier kernel's illegal address, say) surfaces at
+      // the next launch: not this plan's fault, so the call fails and the plan stays.
+      throw ContextError("mitkernels launch plan: the CUDA context reported CUresult " +
+                         std::to_string(rc) + " at the replay's first launch, before any of its "
+                         "kernels ran: an earlier kernel's error (an illegal address, a failed "
+                         "launch) surfaces at the next launch");
+    }
     if (rc != 0 && launched == 0) {
       why = "the driver refused the replay's first launch (CUresult " + std::to_string(rc) +
             "); the call took the Python launchers";
@@ -292,8 +341,14 @@ void store_plan(int64_t num_inputs, const std::vector<BufferSpec>& buffers,
                       "launch plan: buffer sizes and strides differ in length");
     plan->buffers.push_back({sizes, strides, dtype_from_name(dtype), zero, dtype, 0, 0});
   }
-  // The block's layout: zeroed buffers first (one memset), each at a multiple of kAlign.
   const auto nbuf = static_cast<int64_t>(plan->buffers.size());
+  for (int64_t i : outputs) {
+    TORCH_CHECK_VALUE(i >= 0 && i < nbuf, "launch plan: output buffer ", i, " of ", nbuf);
+    plan->buffers[i].output = true;
+  }
+  // The scratch block's layout: the buffers that are not outputs, zeroed ones first (one
+  // memset), each at a multiple of kAlign. Outputs are allocated one by one: a view of a shared
+  // block would keep all of it alive (tau.grad, one number, held the logits' gradient).
   int64_t end = 0;
   for (bool zeroed : {true, false}) {
     for (Buffer& b : plan->buffers) {
@@ -304,8 +359,9 @@ void store_plan(int64_t num_inputs, const std::vector<BufferSpec>& buffers,
         if (b.sizes[d] == 0) span = 0;
         if (span > 0) span += (b.sizes[d] - 1) * b.strides[d];
       }
-      b.offset = (end + kAlign - 1) / kAlign * kAlign;
       b.bytes = span * static_cast<int64_t>(c10::elementSize(b.dtype));
+      if (b.output) continue;
+      b.offset = (end + kAlign - 1) / kAlign * kAlign;
       end = b.offset + b.bytes;
     }
     if (zeroed) plan->zero_bytes = end;
@@ -333,9 +389,6 @@ void store_plan(int64_t num_inputs, const std::vector<BufferSpec>& buffers,
       l.params.push_back({kind, index, value, fvalue});
     }
     plan->launches.push_back(std::move(l));
-  }
-  for (int64_t i : outputs) {
-    TORCH_CHECK_VALUE(i >= 0 && i < nbuf, "launch plan: output buffer ", i, " of ", nbuf);
   }
   plan->outputs = outputs;
   if (put(std::move(plan))) store().recorded++;
@@ -459,6 +512,10 @@ Key make_key(Op op, at::TensorList inputs, const std::vector<int64_t>& scalars) 
     for (int64_t d = 0; d < t.dim(); ++d) k.push_back(t.size(d));
     for (int64_t d = 0; d < t.dim(); ++d) k.push_back(t.stride(d));
     k.push_back(ptr % 16 == 0);  // Triton compiles aligned and unaligned pointers apart
+    // A replay passes pointers straight to the driver, with no device check of its own: an
+    // input elsewhere (a CPU tensor, another GPU) is another signature, left to the launchers,
+    // which refuse it by name, rather than a plan that would fault the context.
+    k.push_back(t.device() == inputs[0].device());
     // Which earlier input shares this pointer (a plan maps inputs by position).
     int64_t alias = -1;
     for (size_t j = 0; j < i && alias < 0; ++j) {
@@ -486,6 +543,8 @@ std::optional<std::vector<Tensor>> replay(const Key& key, at::TensorList inputs)
   std::string why;
   try {
     out = run(*plan, inputs, why);
+  } catch (const ContextError&) {
+    throw;  // the context's error, not the plan's: the plan stays
   } catch (const std::exception& err) {
     // A launch the driver refused after others ran (or an allocation that failed): this call
     // fails, later calls with the signature take the Python launchers.
@@ -528,6 +587,9 @@ void bind(pybind11::module_& m) {
   m.def("_triton_plan_test_log", &test_log, "Tests: the logged launches, oldest first (then cleared).");
   m.def("_triton_plan_test_buffers", &test_buffers,
         "Tests: each logged replay's buffers (sizes, strides, dtype, zero), oldest first (then cleared).");
+  m.def("_triton_plan_test_key",
+        [](const std::vector<Tensor>& inputs) { return make_key(Op::kForward, inputs, {}); },
+        "Tests: the forward's plan key of `inputs` (no scalars).");
 }
 
 }  // namespace plans

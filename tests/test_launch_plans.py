@@ -21,7 +21,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import mitkernels  # noqa: E402
-from mitkernels import _backends  # noqa: E402
+from mitkernels import _backends, ops  # noqa: E402
 from mitkernels.triton import launch_plans  # noqa: E402
 from conftest import gpu_test, jit_mit_loss_module  # noqa: E402
 
@@ -359,6 +359,20 @@ def test_replayed_launches_match_the_python_launches(monkeypatch, plans, aot, ca
 
 
 @cpu_only
+@pytest.mark.parametrize("case", ["fused", "rows_none", "cct"])
+def test_a_replays_outputs_hold_only_their_own_memory(plans, case):
+    # A replay's outputs were views of one block: tau's gradient, one number, kept the logits'
+    # gradient alive (as tau.grad, until zero_grad), and a kept loss the row statistics.
+    step(case, make_inputs(case, seed=1))
+    loss, stats, grads = step(case, make_inputs(case, seed=2))
+    assert plans._triton_plan_info()["hits"] == 2
+    for t in (loss, *grads):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), t.shape
+    for value in stats.values():  # 0-dim views of the one stats tensor, as the launchers give
+        assert value.untyped_storage().nbytes() == len(ops.STATS_FIELDS) * 8
+
+
+@cpu_only
 def test_a_new_signature_records_a_new_plan(plans):
     inputs = make_inputs("fused", seed=1)
     step("fused", inputs)
@@ -490,6 +504,32 @@ def test_a_first_launch_the_driver_refuses_takes_the_python_launchers(monkeypatc
     assert info["hits"] == 0 and info["recorded"] == 2 and info["refused"] == 2, info
     assert "refused the replay's first launch (CUresult 201)" in info["last_refusal"], info
     assert plans._triton_plan_test_log() == []  # nothing was launched through a plan
+
+
+@cpu_only
+def test_an_error_the_context_held_fails_the_call_and_keeps_the_plan(monkeypatch, plans):
+    # 700 (an illegal address) at a replay's first launch is an earlier kernel's error that the
+    # context kept, not a refusal of this launch: it was counted as one and retired the plan,
+    # so a sanitizer's finding read as a plan's fault. The call fails naming it; the plan stays.
+    step("fused", make_inputs("fused", seed=1))
+    plans._triton_plan_test_refuse(0, code=700)
+    with pytest.raises(RuntimeError, match=r"CUresult 700 at the replay's first launch"):
+        step("fused", make_inputs("fused", seed=2))
+    info = plans._triton_plan_info()
+    assert info["refused"] == 0 and info["hits"] == 0, info
+    step("fused", make_inputs("fused", seed=3))
+    assert plans._triton_plan_info()["hits"] == 2
+
+
+@cpu_only
+def test_an_input_on_another_device_is_another_signature(plans):
+    # A replay passes pointers to the driver unchecked: a plan recorded with every input on the
+    # logits' device must not serve a call whose targets live elsewhere.
+    same = [torch.zeros(3), torch.zeros(3, dtype=torch.long)]
+    elsewhere = [torch.zeros(3), torch.zeros(3, dtype=torch.long, device="meta")]
+    assert plans._triton_plan_test_key(same) == plans._triton_plan_test_key(
+        [torch.ones(3), torch.ones(3, dtype=torch.long)])
+    assert plans._triton_plan_test_key(same) != plans._triton_plan_test_key(elsewhere)
 
 
 @cpu_only

@@ -21,9 +21,10 @@ its kernels had run); a refusal after the first launch fails the call, as a kern
 may have updated the state.
 A replay skips Triton's launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers).
 
-A replay allocates the buffers as views of one block (one allocator call; the zeroed buffers
-first, one memset), so its outputs share a storage: the row statistics, say, live as long as
-the loss does.
+A replay allocates each output of the op on its own, as the launchers do, and the scratch
+buffers as views of one block (one allocator call; the zeroed buffers first, one memset): an
+output sharing a block would keep all of it alive (``tau.grad``, one number, held the logits'
+gradient; a kept loss held the row statistics).
 
 Plans suit a training loop's few fixed shapes: each new signature costs one Python call plus
 its recording, and the store keeps at most 4096 (later ones stay on Python).
