@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <limits>
 
@@ -74,13 +75,14 @@ MITK_HD double round_to(double x, bool f32) {
 // inside torch.clamp's inclusive range, tested on those rounded values, else 0. So a float32
 // tau whose T rounds onto a bound keeps its gradient, as in torch (softplus(tau) = 1.50000003
 // is 1.5 in float32: on a bound of 1.5, inside the range); a test on the unrounded double had
-// it outside, with a gradient of 0 that kept tau there for good. NaN stays NaN (dT 0).
+// it outside, with a gradient of 0 that kept tau there for good. A NaN tau gives T and dT NaN,
+// as the reference's autograd does (the clamp passes 0, softplus' backward makes it 0 * NaN).
 MITK_HD double temperature(double tau, bool tau_f32, double t_eps, double t_min,
                                   double t_max, double* dT = nullptr) {
   const double raw = round_to(softplus(tau) + t_eps, tau_f32);
   const double lo = round_to(t_min, tau_f32), hi = round_to(t_max, tau_f32);
   const bool inside = raw >= lo && raw <= hi;
-  if (dT) *dT = !inside ? 0.0 : tau > 20.0 ? 1.0 : sigmoid(tau);
+  if (dT) *dT = tau != tau ? tau : !inside ? 0.0 : tau > 20.0 ? 1.0 : sigmoid(tau);
   return raw < lo ? lo : raw > hi ? hi : raw;
 }
 
@@ -267,6 +269,24 @@ MITK_HD double clamp_min(double q, double lo) { return q < lo ? lo : q; }
 MITK_HD double mit_dual_gap(double h_star, double mean_h, int64_t num_classes) {
   const double d = (h_star - mean_h) / log(static_cast<double>(num_classes));
   return d < 0.0 ? 0.0 : d;  // NaN stays NaN, as torch.clamp(min=0)
+}
+
+// dual_updates + 1, held at its largest value rather than overflow (a state dict can hold any
+// count; the reference and Triton hold it there too).
+MITK_HD int64_t next_count(int64_t n) {
+  return n < static_cast<int64_t>(0x7fffffffffffffffLL) ? n + 1 : n;
+}
+
+// A double stored into an integer state scalar: saturated at I's range, NaN as 0, never the
+// conversion C++ leaves undefined (an int32 total_seen past 2^31, say).
+template <typename I>
+MITK_HD I saturating_cast(double v) {
+  constexpr I kMax = static_cast<I>(~static_cast<typename std::make_unsigned<I>::type>(0) >> 1);
+  constexpr I kMin = static_cast<I>(-kMax - 1);
+  if (!(v == v)) return 0;
+  if (v >= static_cast<double>(kMax)) return kMax;  // 2^63 or 2^31 - 1 exactly as doubles
+  if (v <= static_cast<double>(kMin)) return kMin;
+  return static_cast<I>(v);
 }
 
 MITK_HD double mit_dual_average(double lam, int64_t n_new, double d) {

@@ -137,8 +137,11 @@ inline int64_t check_finalize_inputs(int64_t summary_size, const Tensor& row_sta
                   (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
               "mitkernels_C::finalize_: row_stats must be float32/float64 [", kRowStats,
               ", R], got ", row_stats.scalar_type(), " ", row_stats.sizes());
-  TORCH_CHECK(at::isFloatingType(loss_dtype),
-              "mitkernels_C::finalize_: loss_dtype must be floating, got ", loss_dtype);
+  // checked here, before the state is touched: the loss is stored only after the update
+  TORCH_CHECK(loss_dtype == at::kHalf || loss_dtype == at::kBFloat16 || loss_dtype == at::kFloat ||
+                  loss_dtype == at::kDouble,
+              "mitkernels_C::finalize_: loss_dtype must be float16, bfloat16, float32 or "
+              "float64, got ", loss_dtype);
   const int64_t K = tau.numel();
   const int64_t C = K == 1 ? summary_size - SUMMARY_HEADER_SIZE : K;
   TORCH_CHECK(C >= 1 && summary_size == SUMMARY_HEADER_SIZE + (K == 1 ? C : 3 * C),

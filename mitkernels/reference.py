@@ -123,7 +123,9 @@ def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
         do_update = ok & update_state
         counts_new = torch.where(do_update, class_counts + hist, class_counts)
         h_star = _entropy(counts_new / counts_new.sum())
-        n_new = dual_updates + 1
+        # held at int64's largest count rather than wrap (a state dict can hold any count)
+        n_new = torch.where(dual_updates < torch.iinfo(torch.int64).max, dual_updates + 1,
+                            dual_updates)
         gap = ((h_star - h.detach().double()) / math.log(num_classes)).clamp_min(0.0)
         lam_new = ((lambda_entropy * (n_new - 1) + gap) / n_new).clamp(0.0, MIT_LAMBDA_MAX)
         lam = torch.where(do_update, lam_new, lambda_entropy)

@@ -720,6 +720,30 @@ def test_input_checks_have_clear_messages():
         OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
 
 
+def test_a_loss_dtype_the_op_cannot_store_is_refused_before_the_state_moves():
+    # float8 passed the check (any floating dtype), the state was updated, and only then did
+    # storing the loss fail (an UBSan/ASan run of the extension found it).
+    x, y, tau = torch.randn(4, 3, 1), torch.tensor([0, 1, 2, 0]), torch.zeros(1)
+    state = mit_state(3)
+    before = [s.clone() for s in state]
+    with pytest.raises(RuntimeError, match="loss_dtype must be float16, bfloat16, float32"):
+        OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True,
+                          torch.float8_e4m3fn)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+
+
+def test_integer_state_scalars_saturate_rather_than_overflow():
+    # The op takes int32/int64 state scalars: an int32 total_seen past 2^31 and a dual_updates
+    # at int64's max were converted with undefined behaviour (UBSan). They now hold their
+    # largest values, as the reference's int64 count does.
+    x, y, tau = torch.randn(4, 3, 1), torch.tensor([0, 1, 2, 0]), torch.zeros(1)
+    state = mit_state(3)
+    state[1] = torch.tensor(2**31 - 2, dtype=torch.int32)
+    state[3] = torch.tensor(2**63 - 1, dtype=torch.int64)
+    OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
+    assert int(state[1]) == 2**31 - 1 and int(state[3]) == 2**63 - 1
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_narrower_kernels_match_the_reference(capability):
     """ATEN_CPU_CAPABILITY caps the row kernels: `default` selects the portable ones, `avx2` the

@@ -508,6 +508,36 @@ def test_label_entropy_over_many_classes_is_summed_to_the_last_digits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_nan_tau_gives_a_nan_loss_and_gradient(backend, reduction):
+    # The reference's autograd gives tau a NaN gradient (the clamp passes 0, softplus' backward
+    # multiplies it by NaN); the cpu kernels gave 0, Triton NaN.
+    state = _fresh_state(4, float("nan"), dtype=torch.float32)
+    loss, stats = mitkernels.mit_loss(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]), state,
+                                      backend=backend, reduction=reduction)
+    assert torch.isnan(loss).all() and torch.isnan(stats["T"])
+    loss.sum().backward()
+    assert torch.isnan(state.tau.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_updates_holds_at_the_largest_count(backend):
+    state = mitkernels.MiTState(3)
+    state.dual_updates.fill_(2**63 - 1)  # the C++ kernels overflowed (undefined behaviour)
+    mitkernels.mit_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), state, backend=backend)
+    assert int(state.dual_updates) == 2**63 - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cct_eal_with_one_class_and_no_valid_row_reports_no_temperature(backend):
+    # T_mean is the valid rows' mean temperature: 0 with none (Triton reported T_0 with C = 1)
+    ema = torch.ones(1, dtype=torch.float64)
+    _, stats = mitkernels.cct_eal_loss(torch.randn(3, 1), torch.full((3,), -100), torch.zeros(1),
+                                       ema, 1.0, backend=backend)
+    assert float(stats["T_mean"]) == 0.0 and float(stats["valid"]) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_logits_skip_state_update(backend):
     state = mitkernels.MiTState(3)
     mitkernels.mit_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), state, backend=backend)

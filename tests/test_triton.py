@@ -300,6 +300,18 @@ def test_rows_beyond_32_bits_are_refused():
                               True)
 
 
+def test_classes_beyond_32_bits_are_refused():
+    """The column loops count in 32 bits (c0 + BLOCK_C wraps negative near 2^31 and still
+    passes cols < C): more classes than the row limit are refused before anything runs."""
+    kernels = _kernels()
+    classes = kernels.MAX_ROWS + 1
+    x3 = torch.zeros(1, 1, 1).expand(1, classes, 1)
+    msg = f"the Triton kernels take at most {kernels.MAX_ROWS} classes"
+    with pytest.raises(ValueError, match=msg):
+        kernels.row_stats(x3, torch.zeros(1, dtype=torch.int64), torch.zeros(1), 1e-6, 1e-3,
+                          500.0, -100)
+
+
 @cpu_only
 def test_spatial_empty_batch():
     """No sample (N = 0) of NCHW logits: the row tiles, whose mask (rows < R = 0) covers every
@@ -934,8 +946,9 @@ def test_cuda_positive_inf_logit(num_classes, backend):
 @gpu_only
 @pytest.mark.parametrize("backend", cuda_backends() or ["triton"])
 def test_cuda_nan_tau_gives_a_nan_loss(backend):
-    """A NaN tau gives T = NaN and a NaN loss on the GPU as on the CPU: a GPU's min / max drop a
-    NaN (the interpreter's numpy keeps it), which clamped T to a bound."""
+    """A NaN tau gives T = NaN, a NaN loss and a NaN tau gradient (the reference's autograd) on
+    the GPU as on the CPU: min / max drop a NaN (a GPU's, and the interpreter's np.fmin /
+    np.fmax), which clamped T to a bound."""
     x, y = torch.randn(64, 5), torch.randint(0, 5, (64,))
     for device, name in (("cpu", "cpu"), ("cuda", backend)):
         state = mitkernels.MiTState(5, device=device)
@@ -944,6 +957,8 @@ def test_cuda_nan_tau_gives_a_nan_loss(backend):
         loss, stats = mitkernels.mit_loss(x.to(device), y.to(device), state, backend=name)
         assert torch.isnan(loss).item() and torch.isnan(stats["T"]).item(), device
         assert float(stats["updated"]) == 0.0 and int(state.dual_updates) == 0
+        loss.backward()
+        assert torch.isnan(state.tau.grad).item(), device
 
 
 @gpu_only

@@ -1162,8 +1162,8 @@ void write_scalar(const Tensor& t, double v) {
   switch (t.scalar_type()) {
     case at::kDouble: *t.mutable_data_ptr<double>() = v; break;
     case at::kFloat: *t.mutable_data_ptr<float>() = static_cast<float>(v); break;
-    case at::kLong: *t.mutable_data_ptr<int64_t>() = static_cast<int64_t>(v); break;
-    case at::kInt: *t.mutable_data_ptr<int32_t>() = static_cast<int32_t>(v); break;
+    case at::kLong: *t.mutable_data_ptr<int64_t>() = saturating_cast<int64_t>(v); break;
+    case at::kInt: *t.mutable_data_ptr<int32_t>() = saturating_cast<int32_t>(v); break;
     default: t.fill_(v);
   }
 }
@@ -1187,14 +1187,14 @@ int64_t read_count(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kLong: return *t.const_data_ptr<int64_t>();
     case at::kInt: return *t.const_data_ptr<int32_t>();
-    default: return static_cast<int64_t>(read_scalar(t));
+    default: return saturating_cast<int64_t>(read_scalar(t));
   }
 }
 
 void write_count(const Tensor& t, int64_t v) {
   switch (t.scalar_type()) {
     case at::kLong: *t.mutable_data_ptr<int64_t>() = v; break;
-    case at::kInt: *t.mutable_data_ptr<int32_t>() = static_cast<int32_t>(v); break;
+    case at::kInt: *t.mutable_data_ptr<int32_t>() = saturating_cast<int32_t>(static_cast<double>(v)); break;
     default: write_scalar(t, static_cast<double>(v));
   }
 }
@@ -1420,7 +1420,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     h_star = h_sum.value();
     c = read_scalar(state[2]);
     if (upd) {
-      const int64_t n_new = read_count(state[3]) + 1;
+      const int64_t n_new = next_count(read_count(state[3]));
       c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
       write_scalar(state[1], read_scalar(state[1]) + B);
       write_scalar(state[2], c);

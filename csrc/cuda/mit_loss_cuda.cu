@@ -162,8 +162,8 @@ __device__ __forceinline__ void write_code(void* p, int code, double v) {
   switch (code) {
     case kSDouble: *static_cast<double*>(p) = v; break;
     case kSFloat: *static_cast<float*>(p) = static_cast<float>(v); break;
-    case kSLong: *static_cast<int64_t*>(p) = static_cast<int64_t>(v); break;
-    case kSInt: *static_cast<int32_t*>(p) = static_cast<int32_t>(v); break;
+    case kSLong: *static_cast<int64_t*>(p) = saturating_cast<int64_t>(v); break;
+    case kSInt: *static_cast<int32_t*>(p) = saturating_cast<int32_t>(v); break;
     case kSHalf: *static_cast<__half*>(p) = __float2half(static_cast<float>(v)); break;
     default: *static_cast<__nv_bfloat16*>(p) = __float2bfloat16(static_cast<float>(v)); break;
   }
@@ -175,14 +175,14 @@ __device__ __forceinline__ int64_t read_count(const void* p, int code) {
   switch (code) {
     case kSLong: return *static_cast<const int64_t*>(p);
     case kSInt: return *static_cast<const int32_t*>(p);
-    default: return static_cast<int64_t>(read_code(p, code));
+    default: return saturating_cast<int64_t>(read_code(p, code));
   }
 }
 
 __device__ __forceinline__ void write_count(void* p, int code, int64_t v) {
   switch (code) {
     case kSLong: *static_cast<int64_t*>(p) = v; break;
-    case kSInt: *static_cast<int32_t*>(p) = static_cast<int32_t>(v); break;
+    case kSInt: *static_cast<int32_t*>(p) = saturating_cast<int32_t>(static_cast<double>(v)); break;
     default: write_code(p, code, static_cast<double>(v)); break;
   }
 }
@@ -579,14 +579,14 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
     h_star = block_sum(part, smem);
     c = read_code(f.s2, f.s2_code);
     if (upd) {
-      const int64_t n_new = read_count(f.s3, f.s3_code) + 1;
+      const int64_t n_new = next_count(read_count(f.s3, f.s3_code));
       c = mit_dual_average(c, n_new, mit_dual_gap(h_star, mean_h, C));
     }
     __syncthreads();  // every thread has read the old state before thread 0 writes
     if (upd && threadIdx.x == 0) {
       write_code(f.s1, f.s1_code, read_code(f.s1, f.s1_code) + B);
       write_code(f.s2, f.s2_code, c);
-      write_count(f.s3, f.s3_code, read_count(f.s3, f.s3_code) + 1);
+      write_count(f.s3, f.s3_code, next_count(read_count(f.s3, f.s3_code)));
     }
     coef_stat = c;
   } else if (f.kind == 1) {

@@ -404,12 +404,15 @@ def _temperature(tau, t_eps, t_min, t_max):
     lo = _f64(t_min).to(tau.dtype)
     hi = _f64(t_max).to(tau.dtype)
     temp = tl.minimum(tl.maximum(t_raw, lo), hi)
-    # torch.clamp keeps a NaN; tl.minimum / tl.maximum (and the exp's tl.minimum above) drop it
-    # on a GPU, which would turn a NaN tau into T = t_min and a finite loss. (The interpreter's
-    # numpy keeps it either way.)
+    # torch.clamp keeps a NaN; tl.minimum / tl.maximum (and the exp's tl.minimum above) drop it,
+    # on a GPU and in the interpreter alike (np.fmin / np.fmax), which would turn a NaN tau into
+    # a finite T and loss.
     temp = tl.where(tau != tau, tau, temp)
     dtemp = tl.where(tau > 20.0, 1.0, e * _recip(u))
+    # 0 outside the range; a NaN tau's stays NaN (its t_raw, which the exp's minimum made
+    # finite, lies inside), as the reference's autograd gives: softplus' backward, 0 * NaN
     dtemp = tl.where((t_raw >= lo) & (t_raw <= hi), dtemp, 0.0)
+    dtemp = tl.where(tau != tau, tau, dtemp)
     return temp, dtemp
 
 
@@ -954,7 +957,8 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         h_star = ent
         lam = tl.load(st2_ptr)
         n_old = tl.load(st3_ptr)
-        n_new = (n_old + 1).to(tl.float64)
+        n_next = tl.where(n_old < 9223372036854775807, n_old + 1, n_old)  # held at int64's max
+        n_new = n_next.to(tl.float64)
         # clamps that keep a NaN (tl.maximum and tl.minimum may drop it), as torch.clamp does
         gap = (h_star - mean_h) * _recip(tl.log(tl.cast(C, tl.float64)))
         gap = tl.where(gap < 0.0, 0.0, gap)
@@ -962,7 +966,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         lam_new = tl.where(lam_new < 0.0, 0.0, tl.where(lam_new > 0.5, 0.5, lam_new))
         coef = tl.where(upd, lam_new, lam)
         tl.store(st2_ptr, lam_new, mask=upd)
-        tl.store(st3_ptr, n_old + 1, mask=upd)
+        tl.store(st3_ptr, n_next, mask=upd)
         tl.store(st1_ptr, tl.load(st1_ptr) + big_b, mask=upd)
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
@@ -1013,7 +1017,9 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         dtau = tl.where((reduction == 0) | (dtemp_k == 0), 0.0, dtau)
         tl.store(gi_ptr + 2 + k, dtau, mask=km)
     # T_0 in the stats; CCT-EAL reports the hist-weighted mean T (the op contract, as the CPU)
-    temp_stat = tl.where(multi & (kind == 2), temp_sum * inv_bg, temp0.to(tl.float64))
+    # (one temperature: B T / B, so 0 for a batch with no valid row, as the CPU and CUDA give)
+    cct_sum = tl.where(multi, temp_sum, temp0.to(tl.float64) * big_b)
+    temp_stat = tl.where(kind == 2, cct_sum * inv_bg, temp0.to(tl.float64))
 
     loc_bg = tl.maximum(loc_b, 1.0)
     inv_loc_bg = _recip(loc_bg)
@@ -1346,6 +1352,10 @@ MAX_ROWS = TRITON_MAX_ROWS  # rows are 32-bit indices here (mitkernels/_backends
 
 def _check_rows(logits: Tensor) -> None:
     n, c, s = logits.shape
+    if c > MAX_ROWS:  # the column loops count in 32 bits: c0 + BLOCK_C must not wrap
+        raise ValueError(
+            f"the Triton kernels take at most {MAX_ROWS} classes, got {c}: use backend='cuda' or "
+            "'cpu' (their kernels index classes in 64 bits)")
     if n * s > MAX_ROWS:
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
