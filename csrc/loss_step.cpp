@@ -301,7 +301,10 @@ struct LossStep : public torch::autograd::Function<Node> {
     ctx->mark_non_differentiable({out.stats});
     // The original inputs are saved (their version counters catch in-place changes before
     // backward); backward rebuilds the canonical views from them.
-    ctx->save_for_backward({logits, tau, a.targets, out.row_stats, out.grad_info});
+    // Labels kept from an inference_mode pass: torch refuses to save an inference tensor (after
+    // the kernels had updated the state); a copy is a normal tensor, and targets are small.
+    ctx->save_for_backward({logits, tau, a.targets.is_inference() ? a.targets.clone() : a.targets,
+                            out.row_stats, out.grad_info});
     ctx->saved_data["t"] = c10::IValue(std::vector<double>{a.t_eps, a.t_min, a.t_max});
     ctx->saved_data["i"] = c10::IValue(std::vector<int64_t>{a.ignore_index, a.reduction});
     ctx->saved_data["b"] = c10::IValue(cuda_backward);

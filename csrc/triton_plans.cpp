@@ -188,18 +188,19 @@ Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
   return Tensor(std::move(impl));
 }
 
-// Whether a launch's CUresult is the driver refusing this launch itself (its configuration, its
-// function, the context it needs), which the Python launchers may still serve: invalid value
-// (1), device (101), image (200), context (201), no binary for the GPU (209), invalid handle
-// (400), not found (500), too many resources requested (701). Any other code (700 illegal
-// address, 719 launch failed: errors an earlier kernel left in the context) is not a refusal.
+// Whether a launch's CUresult is an error the context already held: an earlier kernel's fault,
+// which the driver reports at the next launch and keeps (a "sticky" error: 700 illegal address,
+// 702 launch timeout, 714 hardware stack error, 715 illegal instruction, 716 misaligned
+// address, 717 invalid address space, 718 invalid PC, 719 launch failed). Any other code is the
+// driver refusing this launch itself (its configuration, its function, the context it needs),
+// which the Python launchers may still serve.
 struct ContextError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-bool is_refusal(int rc) {
+bool is_context_error(int rc) {
   switch (rc) {
-    case 1: case 101: case 200: case 201: case 209: case 400: case 500: case 701:
+    case 700: case 702: case 714: case 715: case 716: case 717: case 718: case 719:
       return true;
     default:
       return false;
@@ -281,7 +282,7 @@ std::optional<std::vector<Tensor>> run(const Plan& plan, at::TensorList inputs, 
       params[i] = &slots[i];
     }
     const int rc = launch(l.function, l.grid.data(), l.threads, l.shared, params.data(), n, device);
-    if (rc != 0 && launched == 0 && !is_refusal(rc)) {
+    if (rc != 0 && launched == 0 && is_context_error(rc)) {
       // An error the context already held (an earlier kernel's illegal address, say) surfaces at
       // the next launch: not this plan's fault, so the call fails and the plan stays.
       throw ContextError("mitkernels launch plan: the CUDA context reported CUresult " +

@@ -90,7 +90,7 @@ def _unavailable_reason(name: str, device_type: str, interpret: bool) -> Optiona
     # Cached: a tiny batch's whole step costs tens of microseconds, this must not add to it.
     device = torch.device(device_type)
     if name not in BACKENDS:
-        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        return _unknown(name)
     if name == "reference":
         return None
     if name == "triton":
@@ -131,7 +131,7 @@ def choose(requested: Optional[str], device: torch.device) -> str:
     if name is not None:  # "" is no backend's name, not a request for the automatic choice
         reason = unavailable_reason(name, device)
         if reason:
-            source = "" if requested else " (set by MITKERNELS_BACKEND)"
+            source = "" if requested is not None else " (set by MITKERNELS_BACKEND)"
             raise BackendUnavailableError(f"backend {name!r}{source} is not available: {reason}")
         return name
     order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
@@ -141,12 +141,15 @@ def choose(requested: Optional[str], device: torch.device) -> str:
     return "reference"
 
 
+def _unknown(name) -> str:
+    return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} (or None, automatic)"
+
+
 def check_name(backend: Optional[str]) -> None:
     """A backend named when a module is built: ``None`` (the automatic choice) or one of
-    ``BACKENDS``, so that a misspelt name fails there, not at the first step."""
+    ``BACKENDS``, so that a misspelt name fails there, as a call would, not at the first step."""
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
-                         f"(or None for the automatic choice)")
+        raise BackendUnavailableError(_unknown(backend))
 
 
 def choose_for_rows(requested: Optional[str], device: torch.device, rows) -> str:

@@ -118,7 +118,7 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
     # together: a rank that raised alone would leave the others waiting in a collective.
     bad, rows, varied = _all_reduce(
         (problem is not None, logits.shape[0],
-         logits.shape[0] > 0 and not bool((logits.amax(1) == logits.amin(1)).all())),
+         logits.shape[0] > 0 and not bool((logits.amax(1) == _finite_min(logits)).all())),
         logits.device, process_group)
     if bad:
         raise ValueError(problem or "another rank's logits or labels were refused (its error "
@@ -180,6 +180,12 @@ def _check_rows(logits: Tensor, labels: Tensor, num_classes: int, ignore_index: 
         return ("masked (-inf) logits need a kernel backend: the reference, as the published "
                 "code, turns their 0 * log 0 into NaN")
     return None
+
+
+def _finite_min(logits: Tensor) -> Tensor:
+    """Each row's least logit other than a masked class's -inf: a row equal but for its masked
+    classes has a softmax that no temperature changes."""
+    return logits.masked_fill(logits == -math.inf, math.inf).amin(1)
 
 
 def _to_device(x, device):

@@ -57,8 +57,6 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     shape = logits.shape
     if len(shape) < 2:
         raise ValueError(f"logits must be [N, C] or [N, C, d1, ...], got shape {tuple(shape)}")
-    if shape[1] < 1:
-        raise ValueError(f"logits need at least one class (dim 1), got shape {tuple(shape)}")
     if shape[1] != num_classes:
         raise ValueError(f"logits have C = {shape[1]} classes (dim 1) but the loss was built "
                          f"for {num_classes}")
@@ -69,21 +67,22 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         raise ValueError(f"targets must have shape {expected} for logits of shape "
                          f"{tuple(shape)}, got {tuple(target_shape)}")
     check_options(ignore_index, reduction)
-    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and \
-            _any_inference(state_tensors):
-        # Else the eager step fails midway: tau cannot be saved for backward, nor the
-        # statistics be updated in place, once their kernels have written some of them. (Dynamo
-        # traces neither call, and a compiled step runs with such a state.)
-        raise ValueError("the loss's state (tau and its running statistics) holds tensors made "
-                         "under torch.inference_mode(), which outside it take no gradient and "
-                         "no in-place update: make the state outside inference mode")
-    if not torch.compiler.is_compiling() and state_tensors and logits.is_inference() and \
-            state_tensors[0].requires_grad and torch.is_grad_enabled():  # Dynamo: no is_inference
-        # The temperature's gradient reads the logits in backward, and torch refuses to save an
-        # inference tensor for it: say so before the state is touched, not after.
-        raise ValueError("logits made under torch.inference_mode() cannot be saved for the "
-                         "temperature's gradient: make them outside inference mode (or clone "
-                         "them there), or call the loss under torch.no_grad()")
+    if not torch.compiler.is_compiling():  # Dynamo traces no is_inference
+        if not torch.is_inference_mode_enabled() and _any_inference(state_tensors):
+            # Else the eager step fails midway: tau cannot be saved for backward, nor the
+            # statistics be updated in place, once their kernels have written some of them.
+            # (A compiled step runs with such a state.)
+            raise ValueError("the loss's state (tau and its running statistics) holds tensors "
+                             "made under torch.inference_mode(), which outside it take no "
+                             "gradient and no in-place update: make the state outside "
+                             "inference mode")
+        if logits.is_inference() and state_tensors and state_tensors[0].requires_grad and \
+                torch.is_grad_enabled():
+            # The temperature's gradient reads the logits in backward, and torch refuses to
+            # save an inference tensor for it: say so before the state is touched, not after.
+            raise ValueError("logits made under torch.inference_mode() cannot be saved for the "
+                             "temperature's gradient: make them outside inference mode (or "
+                             "clone them there), or call the loss under torch.no_grad()")
     # All on the CPU: is_cpu reads a flag where .device builds an object per tensor.
     if not (logits.is_cpu and targets.is_cpu and all(t.is_cpu for t in state_tensors)):
         device = logits.device
@@ -247,20 +246,17 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     red = ops.REDUCTIONS[reduction]
     loss_dtype = _loss_dtype(logits)
     compiling = torch.compiler.is_compiling()
-    records_grad = torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad)
-    if process_group is not None and not update_state and not records_grad:
-        # Nothing global to compute (no state update, no tau gradient): the rank runs alone,
-        # its stats its own, and may evaluate alone without leaving the others in a collective.
-        process_group = None
-    elif process_group is not None and not compiling:
-        from .distributed import check_member
+    if process_group is not None:
+        if not update_state and not (torch.is_grad_enabled() and
+                                     (logits.requires_grad or tau.requires_grad)):
+            # Nothing global to compute (no state update, no tau gradient): the rank runs
+            # alone, its stats its own, and may evaluate alone without leaving the others in a
+            # collective.
+            process_group = None
+        elif not compiling:
+            from .distributed import check_member
 
-        check_member(process_group)
-    if not compiling and targets.is_inference() and records_grad:
-        # Labels kept from an inference_mode pass: the backward reads them, and torch refuses to
-        # save an inference tensor for it (after the kernels had updated the state). A copy
-        # made here is a normal tensor; targets are small.
-        targets = targets.clone()
+            check_member(process_group)
     step_op = None
     if process_group is None and not compiling:
         # cpu and cuda: _backend_for found them available, so the extension is loaded; Triton's
@@ -272,6 +268,12 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
         loss, entries = step_op(logits, targets, tau, state, kind, hparams, *temp_params,
                                 ignore_index, red, update_state, loss_dtype)
         return loss, _stats_dict(entries, kind)
+    records_grad = torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad)
+    if not compiling and records_grad and targets.is_inference():
+        # Labels kept from an inference_mode pass: the backward reads them, and torch refuses to
+        # save an inference tensor for it (after the kernels had updated the state). A copy
+        # made here is a normal tensor; targets are small. (The C++ step copies its own.)
+        targets = targets.clone()
     logits3, flat_targets = _canonical(logits, targets)
     tau_k = tau.detach().reshape(-1)
     if compiling:
@@ -416,7 +418,8 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
              ignore_index: int = -100, reduction: str = "mean") -> Tuple[Tensor, Dict[str, Tensor]]:
     """TET: ``CE(x / T, y) - lambda * H(softmax(x / T))`` with fixed ``T`` and ``lambda``.
 
-    Args as :func:`mit_loss`; ``temperature`` > 0 and ``lambda_entropy`` are plain numbers.
+    Args as :func:`mit_loss`; ``temperature`` (in ``[1e-3, 500]``, MiT's clamp range) and
+    ``lambda_entropy`` are plain numbers.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, lambda, T, valid, invalid_targets``.
     """
     if not torch.compiler.is_compiling():
@@ -424,6 +427,10 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
         # temperature that changes between calls); TETLoss checks its own when it is built.
         check_tet_options(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
+    if num_classes < 1 and isinstance(logits, Tensor) and logits.dim() >= 2:
+        # (MiT's and CCT-EAL's states hold C >= 1 classes, which the logits must match)
+        raise ValueError(f"logits need at least one class (dim 1), got shape "
+                         f"{tuple(logits.shape)}")
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
     if name == "reference":

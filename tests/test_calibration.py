@@ -136,6 +136,12 @@ def test_masked_classes_take_no_part(backend):
     at_label[0, labels[0]] = -math.inf
     with pytest.raises(ValueError, match="label's logit is -inf"):
         mitkernels.calibrate_temperature(at_label, labels, backend=backend)
+    # rows equal but for their masked classes: no temperature is better (it fell to T_min)
+    equal = torch.zeros(8, 3, dtype=torch.float64)
+    equal[:, 2] = -math.inf
+    with pytest.warns(UserWarning, match="does not depend on T"):
+        assert float(mitkernels.calibrate_temperature(equal, torch.tensor([0, 1] * 4),
+                                                      backend=backend)) == 1.0
     with pytest.raises(ValueError, match="need a kernel backend"):
         mitkernels.calibrate_temperature(logits.masked_fill(mask, -math.inf), labels,
                                          backend="reference")

@@ -313,6 +313,35 @@ def test_classes_beyond_32_bits_are_refused():
 
 
 @cpu_only
+@pytest.mark.parametrize("rows", [10, 5000], ids=["fused", "rows"])
+def test_integer_state_scalars_and_loss_dtype_as_the_cpu_op(rows):
+    """The op takes int32/int64 state scalars: an int32 dual_updates counts (the int64 cap
+    failed to compile against it), an int32 total_seen past 2^31 and a dual_updates at int64's
+    max hold their largest values (saturating_cast, as the C++ kernels), and a loss dtype the op
+    cannot store is refused before the state moves."""
+    kernels = _kernels()
+    x = torch.randn(rows, 3, 1)
+    y = torch.randint(0, 3, (rows,))
+    temp = (1e-6, 1e-3, 500.0)
+    for total, count, want_total, want_count in (
+            (torch.tensor(5.0, dtype=torch.float64), torch.tensor(5, dtype=torch.int32),
+             5.0 + rows, 6),
+            (torch.tensor(2**31 - 2, dtype=torch.int32), torch.tensor(2**63 - 1),
+             2**31 - 1, 2**63 - 1)):
+        state = _mit_buffers(3)
+        state[1], state[3] = total, count
+        kernels.loss_forward_(x, y, torch.zeros(1), state, ops.KIND_MIT, [], *temp, -100, 1, True,
+                              torch.float32)
+        assert float(state[1]) == want_total and int(state[3]) == want_count
+    state = _mit_buffers(3)
+    before = [s.clone() for s in state]
+    with pytest.raises(RuntimeError, match="loss_dtype must be float16, bfloat16, float32"):
+        kernels.loss_forward_(x, y, torch.zeros(1), state, ops.KIND_MIT, [], *temp, -100, 1, True,
+                              torch.float8_e4m3fn)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+
+
+@cpu_only
 def test_spatial_empty_batch():
     """No sample (N = 0) of NCHW logits: the row tiles, whose mask (rows < R = 0) covers every
     row; a SPATIAL tile would have masked only the pixels beyond S and read the empty tensors."""

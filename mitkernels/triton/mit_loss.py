@@ -340,6 +340,43 @@ def _f64(x):
 
 
 @triton.jit
+def _saturated(v, dtype: tl.constexpr):
+    """float64 ``v`` in a state scalar's dtype: an integer dtype saturated at its range and NaN
+    as 0 (csrc/mit_loss_math.h's saturating_cast), where a conversion would wrap (the
+    interpreter) or depend on the hardware."""
+    if dtype == tl.int32:
+        v = tl.where(v != v, 0.0, tl.where(v > 2147483647.0, 2147483647.0,
+                                           tl.where(v < -2147483648.0, -2147483648.0, v)))
+        return v.to(tl.int32)
+    elif dtype == tl.int64:
+        big = v >= 9223372036854775808.0  # 2^63
+        small = v < -9223372036854775808.0
+        out = tl.where(big | small | (v != v), 0.0, v).to(tl.int64)
+        out = tl.where(big, 9223372036854775807, out)
+        return tl.where(small, -9223372036854775807 - 1, out)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _load_count(ptr):
+    """A count (dual_updates) as int64: exact from an integer tensor, saturated from a float."""
+    v = tl.load(ptr)
+    if ptr.dtype.element_ty.is_int():
+        return v.to(tl.int64)
+    return _saturated(v.to(tl.float64), tl.int64)
+
+
+@triton.jit
+def _store_count(ptr, n, mask):
+    """int64 ``n`` into a count of any dtype the op takes, saturated for int32."""
+    dtype: tl.constexpr = ptr.dtype.element_ty
+    if dtype == tl.int32:
+        n = tl.where(n > 2147483647, 2147483647, n)
+    tl.store(ptr, n.to(dtype), mask=mask)
+
+
+@triton.jit
 def _to_dtype(x, dtype: tl.constexpr):
     """x in an output dtype, rounded to nearest even; 16-bit outputs go through float32."""
     if dtype == tl.bfloat16:
@@ -956,7 +993,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         ent = tl.log(total) - clogc * _recip(total)
         h_star = ent
         lam = tl.load(st2_ptr)
-        n_old = tl.load(st3_ptr)
+        n_old = _load_count(st3_ptr)
         n_next = tl.where(n_old < 9223372036854775807, n_old + 1, n_old)  # held at int64's max
         n_new = n_next.to(tl.float64)
         # clamps that keep a NaN (tl.maximum and tl.minimum may drop it), as torch.clamp does
@@ -966,8 +1003,9 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
         lam_new = tl.where(lam_new < 0.0, 0.0, tl.where(lam_new > 0.5, 0.5, lam_new))
         coef = tl.where(upd, lam_new, lam)
         tl.store(st2_ptr, lam_new, mask=upd)
-        tl.store(st3_ptr, n_next, mask=upd)
-        tl.store(st1_ptr, tl.load(st1_ptr) + big_b, mask=upd)
+        _store_count(st3_ptr, n_next, upd)
+        tl.store(st1_ptr, _saturated(tl.load(st1_ptr).to(tl.float64) + big_b,
+                                     st1_ptr.dtype.element_ty), mask=upd)
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
     elif kind == 1:  # TET: fixed lambda
@@ -1383,6 +1421,16 @@ def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
     return hp[0], hp[1]
 
 
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_loss_dtype(loss_dtype: torch.dtype) -> None:
+    # before any kernel runs: the loss is stored after the state update (csrc/op_checks.h alike)
+    if loss_dtype not in _LOSS_DTYPES:
+        raise RuntimeError(f"mitkernels (triton): loss_dtype must be float16, bfloat16, float32 "
+                           f"or float64, got {loss_dtype}")
+
+
 def _finalize_outputs(rows: int, device, acc: torch.dtype, num_temperatures: int, reduction: int,
                       loss_dtype: torch.dtype):
     loss = _plans.empty((rows,) if reduction == 0 else (), dtype=loss_dtype, device=device)
@@ -1404,6 +1452,7 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
               state: List[Tensor], kind: int, hparams: List[float], t_eps: float, t_min: float,
               t_max: float, reduction: int, update_state: bool,
               loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_loss_dtype(loss_dtype)
     num_temperatures = tau.shape[0]
     num_classes = (summary.shape[0] - HEADER) // (1 if num_temperatures == 1 else 3)
     rows = row_stats.shape[1]
@@ -1488,6 +1537,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
                   ignore_index: int, reduction: int, update_state: bool,
                   loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_rows(logits)
+    _check_loss_dtype(loss_dtype)
     n, c, s = logits.shape
     rows = n * s
     cfg = row_config(c, logits.dtype)
