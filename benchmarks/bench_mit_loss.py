@@ -55,8 +55,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
+# Every provider allocates with transparent huge pages, as mitkernels' cpu gradient does (it
+# asks for them with madvise): on 4 KB pages, the baselines' page faults on their fresh
+# temporaries cost more than their arithmetic at large shapes (eager 342 against 112 ms at
+# 1024 x 32000 on the 2-core VM), and would be measured as mitkernels' speed-up.
+# THP_MEM_ALLOC_ENABLE=0 in the environment measures torch's default allocator instead. Torch
+# reads it at its first allocation, so only before torch is imported (the CSV says which).
+THP_ALLOC = os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") if "torch" not in sys.modules \
+    else os.environ.get("THP_MEM_ALLOC_ENABLE", "0") + "?"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import mitkernels
 from mitkernels import _backends, reference
@@ -70,6 +79,8 @@ MODES = ("fwd", "fwdbwd")
 # Traffic of the logits, in units of the logits' size: fwd reads once; fwdbwd reads twice, writes once.
 TRAFFIC = {"fwd": 1.0, "fwdbwd": 3.0}
 # The copy moves 2 units (1 read + 1 write): the roofline time of a mode is TRAFFIC / 2 copy times.
+# A row whose p80 is this many times its p20 is flagged: a burst of load during it.
+NOISY_SPREAD = 1.5
 ERROR_TOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -117,7 +128,7 @@ SWEEPS = {
 
 CSV_FIELDS = [
     "run_id", "timestamp", "device_kind", "device_name", "torch", "triton", "python", "git_commit",
-    "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
+    "build", "thp_alloc", "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
     "p80_ms", "repeats", "bytes", "gbps", "roofline_ms", "roofline_frac", "speedup_vs_eager",
     "speedup_vs_compiled", "peak_extra_mb", "max_rel_err", "compile_s", "note",
 ]
@@ -160,11 +171,38 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--"],
-                               capture_output=True, timeout=10).returncode != 0
+        # untracked files too (a new source is a change); ignored build outputs are not: the
+        # build_info column names the extension that ran
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
         return sha + ("-dirty" if dirty and sha else "")
     except Exception:  # noqa: BLE001 - a tarball without git
         return ""
+
+
+def build_summary() -> str:
+    """The extension that ran: its CPU kernel set and CUDA architectures (the git commit does
+    not say which build of an ignored .so was loaded)."""
+    try:
+        import mitkernels
+
+        info = mitkernels.build_info()
+    except Exception as err:  # noqa: BLE001
+        return f"unavailable ({type(err).__name__})"
+    parts = [f"cpu:{info.get('cpu_kernels', '-') if info.get('cpu') else '-'}"]
+    if info.get("cuda"):
+        parts.append("cuda:" + "+".join(str(a) for a in info.get("cuda_archs", [])))
+    return " ".join(parts)
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always / madvise / never), as set."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        m = re.search(r"\[(\w+)\]", text)
+        return m.group(1) if m else "?"
+    except OSError:
+        return "?"
 
 
 def load_average() -> Optional[float]:
@@ -258,14 +296,10 @@ def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
 
 
 def time_cuda(fn: Callable, rep_ms: int) -> Timing:
-    """triton.testing.do_bench (L2 flushed between calls); CUDA events when Triton is absent."""
-    try:
-        from triton.testing import do_bench
-    except Exception:  # noqa: BLE001
-        do_bench = None
-    if do_bench is not None:
-        med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(float(med), float(p20), float(p80), None)
+    """CUDA events around each call, L2 flushed between calls, and the host synchronized after
+    the flush: triton.testing.do_bench (used before) records its start event while the flush
+    still runs, so a call's host time up to the flush's length (60-90 us on an H100 or H200) went
+    uncounted, in the host-bound rows most of all."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for _ in range(3):
         fn()
@@ -279,6 +313,7 @@ def time_cuda(fn: Callable, rep_ms: int) -> Timing:
               for _ in range(reps)]
     for begin, end in events:
         flush.zero_()
+        torch.cuda.synchronize()
         begin.record()
         fn()
         end.record()
@@ -587,11 +622,12 @@ def _snapshot(outputs, state: MiTState, device: torch.device, big: bool):
     """The eager step's results, kept on the CPU when they are large."""
     keep = (lambda t: t.detach().to("cpu")) if big and device.type == "cuda" else (
         lambda t: t.detach().clone())
-    return [keep(t) for t in outputs] + [state.lambda_entropy.detach().clone()]
+    return [keep(t) for t in outputs] + [b.detach().clone() for b in state.buffers().values()]
 
 
 def _compare(outputs, state: MiTState, ref) -> float:
-    got = list(outputs) + [state.lambda_entropy]
+    # every state buffer (counts, total seen, lambda, updates), not lambda alone
+    got = list(outputs) + list(state.buffers().values())
     return max(_max_rel_err(g, r) for g, r in zip(got, ref))
 
 
@@ -642,7 +678,8 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
     new_ref = None
     needs_state = provider.is_mit
     try:
-        # 1. First call on a fresh state: correctness against eager (and the compile, if any).
+        # 1. Two calls on a fresh state: correctness of the second against eager's (lambda's
+        # running average past its first step, every state buffer), and the compile, if any.
         state = MiTState(case.shape.c, device=device) if needs_state else None
         step = provider.make(case, state)
         t0 = time.perf_counter()
@@ -651,6 +688,9 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
         first_s = time.perf_counter() - t0
         if provider.name == "compiled":
             row["compile_s"] = first_s
+        if provider.is_mit:
+            del outputs
+            outputs = step()
         if provider.name == "eager":
             big = case.x.numel() * case.x.element_size() > 2**30
             new_ref = _snapshot(outputs, state, device, big)
@@ -679,6 +719,10 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
             timing = time_cpu(step, cfg.target_s, cfg.min_reps, cfg.max_reps, warm_call_s)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                    repeats=timing.repeats)
+        if timing.p80_ms > NOISY_SPREAD * timing.p20_ms:
+            # a burst of load on this provider alone moves every ratio built from it
+            row["note"] = (row["note"] + f" noisy: p80/p20 = "
+                           f"{timing.p80_ms / timing.p20_ms:.2f}, rerun").strip()
         if isinstance(provider, PlansProvider):
             row["note"] = (row["note"] + " " + provider.served()).strip()
     except Skip as err:
@@ -1007,6 +1051,7 @@ def main(argv=None) -> int:
         "run_id": f"{kind}-{stamp}", "device_kind": kind, "device_name": device_name(device),
         "torch": torch.__version__, "triton": triton_version(),
         "python": platform.python_version(), "git_commit": git_commit(),
+        "build": build_summary(), "thp_alloc": THP_ALLOC + "/" + thp_mode(),
         "threads": torch.get_num_threads() if kind == "cpu" else "",
     }
     print(f"mitkernels benchmark ({cfg.sweep}) on {meta['device_name']}")
@@ -1053,18 +1098,22 @@ def main(argv=None) -> int:
     best_copy: Dict[Tuple[Shape, str], Optional[float]] = {}
     try:
         for shape, dtype_name, mode in groups:
-            if cfg.budget_s is not None and time.perf_counter() - t_start > cfg.budget_s:
-                skipped_groups += 1
+            def skip(note: str) -> None:
+                # rows for every provider, so that the CSV tells a skipped case from one never
+                # planned
                 rows = [{"family": shape.family, "n": shape.n, "c": shape.c,
                          "spatial": shape.spatial_text, "dtype": dtype_name,
-                         "mode": mode, "provider": p.name, "status": "skipped",
-                         "note": f"time budget of {cfg.budget_s:g}s spent",
+                         "mode": mode, "provider": p.name, "status": "skipped", "note": note,
                          "timestamp": _dt.datetime.now().isoformat(timespec="seconds")}
                         for p in cfg.providers]
                 if sink:
                     sink.write(rows)
                 if bar:
                     bar.update(len(cfg.providers))
+
+            if cfg.budget_s is not None and time.perf_counter() - t_start > cfg.budget_s:
+                skipped_groups += 1
+                skip(f"time budget of {cfg.budget_s:g}s spent")
                 continue
             dtype = DTYPES[dtype_name]
             if current != (shape, dtype_name):
@@ -1074,10 +1123,10 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     free_bytes, _ = torch.cuda.mem_get_info(device)
                     if need * 3 > free_bytes:
-                        say(f"\n{shape.label} {dtype_name}: skipped, the logits need "
-                            f"{need / 2**30:.1f} GiB and {free_bytes / 2**30:.1f} GiB are free")
-                        if bar:
-                            bar.update(len(cfg.providers))
+                        note = (f"the logits need {need / 2**30:.1f} GiB and "
+                                f"{free_bytes / 2**30:.1f} GiB are free")
+                        say(f"\n{shape.label} {dtype_name}: skipped, {note}")
+                        skip(note)
                         continue
                 x, y = make_inputs(shape, dtype, device, args.seed)
                 current = (shape, dtype_name)
