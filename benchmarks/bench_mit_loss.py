@@ -171,10 +171,12 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        # untracked files too (a new source is a change); ignored build outputs are not: the
-        # build_info column names the extension that ran
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        # untracked files too (a new source is a change), but not the results folder this
+        # writes to, nor ignored build outputs (the build column names the extension)
+        dirty = bool(subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+             ":(exclude)benchmarks/results"],
+            capture_output=True, text=True, timeout=10).stdout.strip())
         return sha + ("-dirty" if dirty and sha else "")
     except Exception:  # noqa: BLE001 - a tarball without git
         return ""
