@@ -49,6 +49,15 @@ def _train(criterion, batches, rank=None, functional=False):
     return {k: v.detach().clone() for k, v in criterion.state_dict().items()}
 
 
+def _spawn(worker, *args):
+    """``worker(rank, store_path, out_dir, *args)`` on WORLD gloo processes; what each rank saved
+    to ``out_dir/rank<r>.pt``, by rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(os.path.join(out_dir, "store"), out_dir, *args), nprocs=WORLD,
+                 join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
 def _worker(rank, path, out_dir, functional):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     try:
@@ -63,10 +72,7 @@ def _worker(rank, path, out_dir, functional):
 @needs_kernels
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
 def test_two_ranks_equal_one_process_on_global_batch(functional):
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(os.path.join(out_dir, "store"), out_dir, functional),
-                 nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = _spawn(_worker, functional)
     single = _train(mitkernels.MiTLoss(NUM_CLASSES, backend="cpu").double(), _batches())
     for key in single:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks differ in {key}"
@@ -147,10 +153,7 @@ def _calibration_data():
 def test_calibration_over_ranks_is_that_of_all_their_rows():
     # calibrate_ ignored its process_group: each rank took its own rows' optimum, and the ranks'
     # tau stayed apart for good (the gradients that follow are the same on every rank).
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_calibration_worker, args=(os.path.join(out_dir, "store"), out_dir),
-                 nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = _spawn(_calibration_worker)
     logits, labels = _calibration_data()
     whole = mitkernels.calibrate_temperature(logits, labels, backend="cpu")
     assert 0.01 < float(whole) < 100.0
@@ -209,10 +212,7 @@ def _edge_worker(rank, path, out_dir):
 
 @needs_kernels
 def test_one_ranks_bad_targets_eval_and_group_membership():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_edge_worker, args=(os.path.join(out_dir, "store"), out_dir),
-                 nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = _spawn(_edge_worker)
     # rank 0's check indexed an empty selection (IndexError); an empty rank 0 returned NaN
     assert "found 7" in ranks[1]["invalid"] and "another rank" in ranks[0]["invalid"]
     assert "found 7" in ranks[1]["invalid_empty"] and "another rank" in ranks[0]["invalid_empty"]
