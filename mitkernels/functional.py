@@ -148,19 +148,22 @@ def _checks_targets_eagerly(targets: Tensor, process_group=None) -> bool:
 
 
 def _raise_on_invalid_targets(targets: Tensor, num_classes: int, ignore_index: int,
-                              force: bool) -> None:
+                              force: bool, grouped: bool = False) -> None:
     """ValueError naming the first target outside [0, C) that is not ignore_index. ``force``:
-    the kernels counted one, here or (under a process group) on another rank."""
+    the kernels counted one, here or (``grouped``: under a process group) on another rank."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if bool(bad.any()):
         value = int(targets[bad].reshape(-1)[0])
         raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index "
                          f"({ignore_index}); found {value}")
-    if force:
+    if force and grouped:
         # Every rank raises, so that none goes on to a collective the others never join.
         raise ValueError(f"a target on another rank of the process_group lies outside "
                          f"[0, {num_classes}) and is not ignore_index ({ignore_index}); that "
                          f"rank's error names it, and no rank updated its state")
+    if force:
+        raise ValueError(f"the kernels counted targets outside [0, {num_classes}) that are not "
+                         f"ignore_index ({ignore_index}); the state was left as it was")
 
 
 def _check_temperature(tau: Tensor, expected: int, name: str) -> None:
@@ -307,7 +310,8 @@ def _run_ops(kind: int, logits: Tensor, targets: Tensor, tau: Tensor, state: Lis
     if _checks_targets_eagerly(targets, process_group) and stats[-1].item() != 0:
         # The kernels counted invalid targets (and left the state as it was): say which, now,
         # rather than return a NaN loss. Reading a CPU scalar costs no synchronisation.
-        _raise_on_invalid_targets(flat_targets, logits.shape[1], ignore_index, force=True)
+        _raise_on_invalid_targets(flat_targets, logits.shape[1], ignore_index, force=True,
+                                  grouped=process_group is not None)
     if records_grad:
         loss = attach(loss, logits3, tau.reshape(-1), flat_targets, row_stats, grad_info,
                       [*temp_params, float(ignore_index)], backend)
