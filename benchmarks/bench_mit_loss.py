@@ -29,7 +29,8 @@ Each row: median and 20%/80% quantiles, achieved GB/s (bytes = 1 read of the log
 compiled, the peak of extra live bytes during one step (CUDA: ``max_memory_allocated`` delta;
 CPU: allocation events of ``torch.profiler`` with ``profile_memory=True``, beyond the inputs and
 state that exist before the step, outputs and gradients included), and the relative error
-against the eager step on a fresh state (loss, gradients, lambda).
+against the eager step, both at the second step on a fresh state (loss, gradients, every state
+buffer).
 
 Outputs under ``benchmarks/results/`` (or ``--out-dir``): ``<kind>_<device>_<time>.csv`` (one row
 per measurement, with device, versions, git commit and timestamps), a PNG beside it, and
@@ -175,8 +176,8 @@ def git_commit() -> str:
         # writes to, nor ignored build outputs (the build column names the extension)
         dirty = bool(subprocess.run(
             ["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
-             ":(exclude)benchmarks/results"],
-            capture_output=True, text=True, timeout=10).stdout.strip())
+             ":(exclude)benchmarks/results"], capture_output=True, text=True, timeout=10,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout.strip())
         return sha + ("-dirty" if dirty and sha else "")
     except Exception:  # noqa: BLE001 - a tarball without git
         return ""
@@ -258,7 +259,7 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    repeats: Optional[int]  # None: do_bench chose it
+    repeats: Optional[int]
 
 
 def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
@@ -983,7 +984,7 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true",
                    help="also time Triton on CPU when TRITON_INTERPRET=1 (slow; off by default)")
     p.add_argument("--target-s", type=float, help="CPU: seconds of timed calls per row")
-    p.add_argument("--rep-ms", type=int, help="CUDA: do_bench rep (ms) per row")
+    p.add_argument("--rep-ms", type=int, help="CUDA: milliseconds of timed calls per row")
     p.add_argument("--budget-s", type=float,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)

@@ -189,9 +189,10 @@ Tensor view_of(const Tensor& block, at::ScalarType dtype, at::IntArrayRef sizes,
 }
 
 // Whether a launch's CUresult is an error the context already held: an earlier kernel's fault,
-// which the driver reports at the next launch and keeps (a "sticky" error: 700 illegal address,
-// 702 launch timeout, 714 hardware stack error, 715 illegal instruction, 716 misaligned
-// address, 717 invalid address space, 718 invalid PC, 719 launch failed). Any other code is the
+// which the driver reports at the next launch and keeps (a "sticky" error: 214 uncorrectable
+// ECC, 700 illegal address, 702 launch timeout, 709 context destroyed, 710 device-side assert,
+// 714 hardware stack error, 715 illegal instruction, 716 misaligned address, 717 invalid
+// address space, 718 invalid PC, 719 launch failed). Any other code is the
 // driver refusing this launch itself (its configuration, its function, the context it needs),
 // which the Python launchers may still serve.
 struct ContextError : std::runtime_error {
@@ -200,7 +201,8 @@ struct ContextError : std::runtime_error {
 
 bool is_context_error(int rc) {
   switch (rc) {
-    case 700: case 702: case 714: case 715: case 716: case 717: case 718: case 719:
+    case 214: case 700: case 702: case 709: case 710: case 714: case 715: case 716: case 717:
+    case 718: case 719:
       return true;
     default:
       return false;

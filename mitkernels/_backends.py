@@ -26,8 +26,9 @@ _KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 TRITON_MAX_ROWS = 2**31 - 2**16
 
 
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name and cannot run here."""
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A backend was asked for by name and cannot run here (or no backend has that name). A
+    ValueError too: the name is an argument, and a module's other options raise ValueError."""
 
 
 class _CompiledBackend:

@@ -118,7 +118,7 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
     # together: a rank that raised alone would leave the others waiting in a collective.
     bad, rows, varied = _all_reduce(
         (problem is not None, logits.shape[0],
-         logits.shape[0] > 0 and not bool((logits.amax(1) == _finite_min(logits)).all())),
+         logits.shape[0] > 0 and not _rows_all_equal(logits)),
         logits.device, process_group)
     if bad:
         raise ValueError(problem or "another rank's logits or labels were refused (its error "
@@ -182,10 +182,17 @@ def _check_rows(logits: Tensor, labels: Tensor, num_classes: int, ignore_index: 
     return None
 
 
-def _finite_min(logits: Tensor) -> Tensor:
-    """Each row's least logit other than a masked class's -inf: a row equal but for its masked
-    classes has a softmax that no temperature changes."""
-    return logits.masked_fill(logits == -math.inf, math.inf).amin(1)
+def _rows_all_equal(logits: Tensor) -> bool:
+    """Whether every row's logits are equal, but for masked classes' -inf: such a row's softmax
+    no temperature changes. Rows with a -inf are looked at again a chunk at a time, so that no
+    copy of the logits is made (calibration sets can be gigabytes)."""
+    hi, lo = logits.amax(1), logits.amin(1)
+    masked = (lo == -math.inf).nonzero().reshape(-1)
+    for start in range(0, masked.numel(), _REFERENCE_CHUNK_ROWS):
+        rows = masked[start:start + _REFERENCE_CHUNK_ROWS]
+        part = logits[rows]
+        lo[rows] = part.masked_fill(part == -math.inf, math.inf).amin(1)
+    return bool((hi == lo).all())
 
 
 def _to_device(x, device):

@@ -57,6 +57,8 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     shape = logits.shape
     if len(shape) < 2:
         raise ValueError(f"logits must be [N, C] or [N, C, d1, ...], got shape {tuple(shape)}")
+    if shape[1] < 1:
+        raise ValueError(f"logits need at least one class (dim 1), got shape {tuple(shape)}")
     if shape[1] != num_classes:
         raise ValueError(f"logits have C = {shape[1]} classes (dim 1) but the loss was built "
                          f"for {num_classes}")
@@ -431,10 +433,6 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
         # temperature that changes between calls); TETLoss checks its own when it is built.
         check_tet_options(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
-    if num_classes < 1 and isinstance(logits, Tensor) and logits.dim() >= 2:
-        # (MiT's and CCT-EAL's states hold C >= 1 classes, which the logits must match)
-        raise ValueError(f"logits need at least one class (dim 1), got shape "
-                         f"{tuple(logits.shape)}")
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
     if name == "reference":

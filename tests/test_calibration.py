@@ -142,6 +142,11 @@ def test_masked_classes_take_no_part(backend):
     with pytest.warns(UserWarning, match="does not depend on T"):
         assert float(mitkernels.calibrate_temperature(equal, torch.tensor([0, 1] * 4),
                                                       backend=backend)) == 1.0
+    # ... and rows varied but masked, among equal ones, are calibrated (not taken for equal)
+    mixed = equal.clone()
+    mixed[0, 1] = 3.0
+    assert float(mitkernels.calibrate_temperature(mixed, torch.tensor([0, 1] * 4),
+                                                  backend=backend)) != 1.0
     with pytest.raises(ValueError, match="need a kernel backend"):
         mitkernels.calibrate_temperature(logits.masked_fill(mask, -math.inf), labels,
                                          backend="reference")

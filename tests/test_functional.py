@@ -364,6 +364,10 @@ def test_loss_options_are_checked():
             mitkernels.tet_loss(x, y, temperature=bad)
     with pytest.raises(ValueError, match="at least one class"):
         mitkernels.tet_loss(torch.randn(3, 0), torch.full((3,), -100))
+    for backend in BACKENDS:  # Triton's CCT-EAL read a temperature that was not there
+        with pytest.raises(ValueError, match="at least one class"):
+            mitkernels.cct_eal_loss(torch.randn(3, 0), torch.full((3,), -100), torch.zeros(0),
+                                    torch.zeros(0, dtype=torch.float64), 1.0, backend=backend)
     ema = torch.full((4,), 0.25, dtype=torch.float64)
     with pytest.raises(ValueError, match="ema_momentum"):
         mitkernels.cct_eal_loss(x, y, torch.zeros(4), ema, 1.0, ema_momentum=1.5)

@@ -271,6 +271,8 @@ def test_modules_check_their_options_when_built():
         for name in ("bogus", ""):  # misspelt: refused here, not at the first step
             with pytest.raises(mitkernels.BackendUnavailableError, match="unknown backend"):
                 build(name)
+            with pytest.raises(ValueError):  # as every other option of a constructor
+                build(name)
         assert build("reference").backend == "reference"
 
 

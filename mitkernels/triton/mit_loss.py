@@ -1390,6 +1390,8 @@ MAX_ROWS = TRITON_MAX_ROWS  # rows are 32-bit indices here (mitkernels/_backends
 
 def _check_rows(logits: Tensor) -> None:
     n, c, s = logits.shape
+    if c < 1:  # a target would index a temperature or class that is not there
+        raise ValueError(f"the Triton kernels need at least one class, got C = {c}")
     if c > MAX_ROWS:  # the column loops count in 32 bits: c0 + BLOCK_C must not wrap
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} classes, got {c}: use backend='cuda' or "
