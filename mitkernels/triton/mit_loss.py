@@ -1423,12 +1423,10 @@ def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
     return hp[0], hp[1]
 
 
-_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_loss_dtype(loss_dtype: torch.dtype) -> None:
-    # before any kernel runs: the loss is stored after the state update (csrc/op_checks.h alike)
-    if loss_dtype not in _LOSS_DTYPES:
+    # before any kernel runs: the loss is stored after the state update (csrc/op_checks.h alike);
+    # a loss takes the dtypes the logits do
+    if loss_dtype not in LOGITS_DTYPES:
         raise RuntimeError(f"mitkernels (triton): loss_dtype must be float16, bfloat16, float32 "
                            f"or float64, got {loss_dtype}")
 
