@@ -58,8 +58,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # Every provider allocates with transparent huge pages, as mitkernels' cpu gradient does (it
 # asks for them with madvise): on 4 KB pages, the baselines' page faults on their fresh
-# temporaries cost more than their arithmetic at large shapes (eager 342 against 112 ms at
-# 1024 x 32000 on the 2-core VM), and would be measured as mitkernels' speed-up.
+# temporaries cost more than their arithmetic at large shapes (compiled 299 against 133 ms at
+# 4096 x 32000 on the 2-core VM, README's CSVs), and would be measured as mitkernels' speed-up.
 # THP_MEM_ALLOC_ENABLE=0 in the environment measures torch's default allocator instead. Torch
 # reads it at its first allocation, so only before torch is imported (the CSV says which).
 THP_ALLOC = os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") if "torch" not in sys.modules \
@@ -301,7 +301,8 @@ def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
 def time_cuda(fn: Callable, rep_ms: int) -> Timing:
     """CUDA events around each call, L2 flushed between calls, and the host synchronized after
     the flush: triton.testing.do_bench (used before) records its start event while the flush
-    still runs, so a call's host time up to the flush's length (60-90 us on an H100 or H200) went
+    still runs, so a call's host time up to the flush's length (about 60-90 us, estimated: 256 MB
+    zeroed at 3-4 TB/s) went
     uncounted, in the host-bound rows most of all."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     for _ in range(3):
