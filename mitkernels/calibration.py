@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _backends, reference
+from . import _backends, distributed, reference
 from .state import _caller_stacklevel
 
 DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
@@ -33,6 +33,9 @@ def _all_reduce(values, device, process_group):
         return list(values)
     import torch.distributed as dist
 
+    # torch only warns when this rank is outside the group, and skips the sum: the rank would
+    # quietly calibrate on its own rows. The loss's own check says what is wrong instead.
+    distributed.check_member(process_group)
     buf = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(buf, group=process_group)
     return buf.tolist()

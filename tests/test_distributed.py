@@ -89,6 +89,9 @@ def test_process_group_without_init_is_a_clear_error():
     else:
         with pytest.raises(ValueError, match="process_group needs a kernel backend"):
             crit(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        mitkernels.calibrate_temperature(torch.randn(2, 3), torch.tensor([0, 1]),
+                                         backend="reference", process_group=object())
 
 
 @needs_kernels
@@ -204,6 +207,9 @@ def _edge_worker(rank, path, out_dir):
         sub = dist.new_group([0])
         attempt("non_member", lambda: mitkernels.MiTLoss(
             NUM_CLASSES, backend="cpu", process_group=sub)(x, good) if rank == 1 else None)
+        # calibration too: torch's all-reduce only warned there, and the rank calibrated alone
+        attempt("calibrate_non_member", lambda: mitkernels.calibrate_temperature(
+            x, good, backend="cpu", process_group=sub) if rank == 1 else None)
         dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -219,3 +225,4 @@ def test_one_ranks_bad_targets_eval_and_group_membership():
     assert ranks[0]["untouched"] and ranks[1]["untouched"]
     assert ranks[0]["eval_valid"] == 4.0  # the rank's own rows: it ran alone
     assert "not a member" in ranks[1]["non_member"] and ranks[0]["non_member"] == ""
+    assert "not a member" in ranks[1]["calibrate_non_member"]
