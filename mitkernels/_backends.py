@@ -153,13 +153,15 @@ def check_name(backend: Optional[str]) -> None:
         raise BackendUnavailableError(_unknown(backend))
 
 
-def choose_for_rows(requested: Optional[str], device: torch.device, rows) -> str:
-    """``choose``, and for a batch of more rows (``N x d1 x ..``) than the Triton kernels index
-    (``TRITON_MAX_ROWS``) the ``cuda`` backend in place of an automatic ``triton``: its kernels
-    index rows in 64 bits. A backend asked for by name is kept (Triton's launchers then refuse
-    the batch, naming the way out). Under torch.compile the row count is a guard at most."""
+def choose_for_rows(requested: Optional[str], device: torch.device, rows, classes=1) -> str:
+    """``choose``, and for a batch of more rows (``N x d1 x ..``) or classes than the Triton
+    kernels index (``TRITON_MAX_ROWS``) the ``cuda`` backend in place of an automatic
+    ``triton``: its kernels index both in 64 bits. A backend asked for by name is kept (Triton's
+    launchers then refuse the batch, naming the way out). Under torch.compile the row and class
+    counts are guards at most."""
     name = choose(requested, device)
-    if name == "triton" and rows > TRITON_MAX_ROWS and _cuda_takes_over(requested, device):
+    if name == "triton" and max(rows, classes) > TRITON_MAX_ROWS and \
+            _cuda_takes_over(requested, device):
         return "cuda"
     return name
 

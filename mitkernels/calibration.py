@@ -115,7 +115,7 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
     if not bool(keep.all()):
         logits, labels = logits[keep], labels[keep]
     labels = labels.contiguous()
-    name = _backends.choose_for_rows(backend, logits.device, logits.shape[0])
+    name = _backends.choose_for_rows(backend, logits.device, logits.shape[0], num_classes)
     problem = _check_rows(logits, labels, num_classes, ignore_index, name)
     # With a group, every rank learns what any rank found, so that all raise, warn or go on
     # together: a rank that raised alone would leave the others waiting in a collective.

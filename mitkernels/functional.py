@@ -341,7 +341,7 @@ def _backend_for(backend: Optional[str], device: torch.device, process_group, ta
     """The backend for a call. The eager reference would index with the targets, so it checks
     them here; the kernels never do, and report invalid ones after their pass. Rows: one a
     target."""
-    name = _backends.choose_for_rows(backend, device, targets.numel())
+    name = _backends.choose_for_rows(backend, device, targets.numel(), num_classes)
     if name == "reference" and _checks_targets_eagerly(targets):
         _raise_on_invalid_targets(targets, num_classes, ignore_index, force=False)
     if process_group is not None and name == "reference":

@@ -231,13 +231,16 @@ def test_auto_choice_takes_cuda_beyond_tritons_rows(monkeypatch):
                         lambda name, device: None if name in here else "not built")
     most = _backends.TRITON_MAX_ROWS
 
-    def choice(shape, requested=None):
+    def choice(shape, requested=None, classes=2):
         targets = torch.zeros((1,) * len(shape), dtype=torch.int64).expand(shape)
-        return functional._backend_for(requested, torch.device("cuda"), None, targets, 2, -100)
+        return functional._backend_for(requested, torch.device("cuda"), None, targets, classes,
+                                       -100)
 
     assert choice((most,)) == "triton"
     assert choice((most + 1,)) == "cuda"
     assert choice((2, 1024, most // 2048 + 1)) == "cuda"  # segmentation: N x H x W rows
+    assert choice((1,), classes=most) == "triton"
+    assert choice((1,), classes=most + 1) == "cuda"  # the column loops count in 32 bits too
     assert choice((most + 1,), requested="triton") == "triton"
     monkeypatch.setenv("MITKERNELS_BACKEND", "triton")
     assert choice((most + 1,)) == "triton"

@@ -1395,7 +1395,8 @@ def _check_rows(logits: Tensor) -> None:
     if c > MAX_ROWS:  # the column loops count in 32 bits: c0 + BLOCK_C must not wrap
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} classes, got {c}: use backend='cuda' or "
-            "'cpu' (their kernels index classes in 64 bits)")
+            "'cpu' (their kernels index classes in 64 bits; the automatic choice takes 'cuda' "
+            "there when it is built)")
     if n * s > MAX_ROWS:
         raise ValueError(
             f"the Triton kernels take at most {MAX_ROWS} rows (N x d1 x ...), got {n * s}: "
