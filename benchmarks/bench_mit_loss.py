@@ -24,7 +24,8 @@ NCHW, targets ``[N, H, W, ..]``.
 Modes: ``fwd`` (forward with state update, no grad) and ``fwdbwd`` (forward with state update and
 backward to the logits and ``tau``: a training step of the loss).
 
-Each row: median and 20%/80% quantiles, achieved GB/s (bytes = 1 read of the logits for fwd,
+The providers of a case take turns at being timed, in rounds (``--rounds``), so that a burst of
+load falls on all of them. Each row: median and 20%/80% quantiles, achieved GB/s (bytes = 1 read of the logits for fwd,
 2 reads + 1 write for fwdbwd), fraction of the measured roofline, speed-up vs eager and vs
 compiled, the peak of extra live bytes during one step (CUDA: ``max_memory_allocated`` delta;
 CPU: allocation events of ``torch.profiler`` with ``profile_memory=True``, beyond the inputs and
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -82,6 +83,14 @@ TRAFFIC = {"fwd": 1.0, "fwdbwd": 3.0}
 # The copy moves 2 units (1 read + 1 write): the roofline time of a mode is TRAFFIC / 2 copy times.
 # A row whose p80 is this many times its p20 is flagged: a burst of load during it.
 NOISY_SPREAD = 1.5
+# A CPU call shorter than this is warmed up for a while before it is timed, and again (one call)
+# before each of its turns.
+CHEAP_CALL_S = 0.02
+# The providers of a case take turns at being timed, in this many rounds (--rounds).
+ROUNDS = 5
+# CUDA logits larger than this are timed one provider after another, each step freed before the
+# next is made: the caching allocator would otherwise hold every provider's blocks at once.
+INTERLEAVE_MAX_BYTES = 2**30
 ERROR_TOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -130,7 +139,7 @@ SWEEPS = {
 CSV_FIELDS = [
     "run_id", "timestamp", "device_kind", "device_name", "torch", "triton", "python", "git_commit",
     "build", "thp_alloc", "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
-    "p80_ms", "repeats", "bytes", "gbps", "roofline_ms", "roofline_frac", "speedup_vs_eager",
+    "p80_ms", "repeats", "rounds", "bytes", "gbps", "roofline_ms", "roofline_frac", "speedup_vs_eager",
     "speedup_vs_compiled", "peak_extra_mb", "max_rel_err", "compile_s", "note",
 ]
 
@@ -261,58 +270,60 @@ class Timing:
     p80_ms: float
     repeats: Optional[int]
 
+    @staticmethod
+    def of(ms: Sequence[float]) -> "Timing":
+        return Timing(quantile(ms, 0.5), quantile(ms, 0.2), quantile(ms, 0.8), len(ms))
 
-def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
-             warm_call_s: Optional[float] = None) -> Timing:
-    """perf_counter around each call, after a warmup; repeats sized to ``target_s`` of calls.
 
-    ``warm_call_s``: the duration of a warm call just made; slow calls then skip the warmup call
-    (a step of seconds needs no more warming, and the sweep its time).
-    """
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside a timed call is noise, not the kernel
-    try:
-        if warm_call_s is not None and warm_call_s >= 0.05:
-            estimate = warm_call_s
-        else:
-            start = time.perf_counter()
+# The timed calls of a step come in chunks, so that the providers of a case can take turns
+# (time_group): estimate a call's length once, then any number of chunks.
+def cpu_estimate(fn: Callable, target_s: float, warm_call_s: Optional[float] = None) -> float:
+    """Seconds a call, after a warmup. ``warm_call_s``: the length of a warm call just made;
+    slow calls then skip the warmup call (a step of seconds needs no more warming, and the sweep
+    its time)."""
+    if warm_call_s is not None and warm_call_s >= 0.05:
+        return warm_call_s
+    start = time.perf_counter()
+    fn()
+    estimate = time.perf_counter() - start
+    if estimate < CHEAP_CALL_S:  # cheap calls: warm caches and the thread pool for a while
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min(0.1, target_s / 4) and calls < 2000:
             fn()
-            estimate = time.perf_counter() - start
-        if estimate < 0.02:  # cheap calls: warm caches and the thread pool for a while
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < min(0.1, target_s / 4) and calls < 2000:
-                fn()
-                calls += 1
-            estimate = (time.perf_counter() - start) / max(calls, 1)
-        reps = int(min(max(target_s / max(estimate, 1e-7), min_reps), max_reps))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    ms = [t * 1e3 for t in times]
-    return Timing(quantile(ms, 0.5), quantile(ms, 0.2), quantile(ms, 0.8), len(ms))
+            calls += 1
+        estimate = (time.perf_counter() - start) / max(calls, 1)
+    return estimate
 
 
-def time_cuda(fn: Callable, rep_ms: int) -> Timing:
-    """CUDA events around each call, L2 flushed between calls, and the host synchronized after
-    the flush: triton.testing.do_bench (used before) records its start event while the flush
-    still runs, so a call's host time up to the flush's length (about 60-90 us, estimated: 256 MB
-    zeroed at 3-4 TB/s) went
-    uncounted, in the host-bound rows most of all."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+def cpu_chunk(fn: Callable, reps: int, cheap: bool) -> List[float]:
+    """perf_counter around each of ``reps`` calls, in ms. A cheap call gets one untimed call
+    first: after another provider's turn, its code and data are out of the caches."""
+    if cheap:
+        fn()
+    ms = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return ms
+
+
+def cuda_estimate(fn: Callable) -> float:
+    """Seconds a call (host and device), after three warm calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    estimate = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(max(rep_ms * 1e-3 / estimate, 5), 1000))
+    return max(time.perf_counter() - t0, 1e-6)
+
+
+def cuda_chunk(fn: Callable, reps: int, flush: torch.Tensor) -> List[float]:
+    """CUDA events around each call, L2 flushed between calls, and the host synchronized after
+    the flush: triton.testing.do_bench (used before) records its start event while the flush
+    still runs, so a call's host time up to the flush's length (about 60-90 us, estimated: 256 MB
+    zeroed at 3-4 TB/s) went uncounted, in the host-bound rows most of all."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for begin, end in events:
@@ -322,8 +333,40 @@ def time_cuda(fn: Callable, rep_ms: int) -> Timing:
         fn()
         end.record()
     torch.cuda.synchronize()
-    ms = [b.elapsed_time(e) for b, e in events]
-    return Timing(quantile(ms, 0.5), quantile(ms, 0.2), quantile(ms, 0.8), len(ms))
+    return [b.elapsed_time(e) for b, e in events]
+
+
+def cuda_flush_buffer(device="cuda") -> torch.Tensor:
+    return torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+
+
+def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
+             warm_call_s: Optional[float] = None) -> Timing:
+    """One step timed alone: repeats sized to ``target_s`` of calls."""
+    with gc_paused():
+        estimate = cpu_estimate(fn, target_s, warm_call_s)
+        reps = int(min(max(target_s / max(estimate, 1e-7), min_reps), max_reps))
+        return Timing.of(cpu_chunk(fn, reps, cheap=False))
+
+
+def time_cuda(fn: Callable, rep_ms: int) -> Timing:
+    """One step timed alone: repeats sized to ``rep_ms`` of calls."""
+    flush = cuda_flush_buffer()
+    reps = int(min(max(rep_ms * 1e-3 / cuda_estimate(fn), 5), 1000))
+    return Timing.of(cuda_chunk(fn, reps, flush))
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """A collection inside a timed call is noise, not the kernel."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -652,6 +695,7 @@ class Config:
     rep_ms: int
     measure_memory: bool
     budget_s: Optional[float]
+    rounds: int = ROUNDS
 
 
 def plan(cfg: Config) -> List[Tuple[Shape, str, str]]:
@@ -675,8 +719,35 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return x, y
 
 
-def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict, object]:
-    """Check (fresh state), memory (one warm call), timing (persistent state) of one provider."""
+@dataclass
+class Prepared:
+    """A provider's step for a case, checked and warm, waiting for its timed calls."""
+    provider: "Provider"
+    row: dict
+    step: Callable
+    warm_call_s: float
+    reps: int = 0
+    cheap: bool = False
+    samples: List[float] = field(default_factory=list)
+
+
+def _record_failure(row: dict, provider: "Provider", case: Case, err: BaseException) -> None:
+    if isinstance(err, Skip):
+        row.update(status="skipped", note=str(err))
+    elif is_oom(err):
+        row.update(status="oom", note=short(err, 80))
+    elif provider.name == "compiled" and "compile_s" not in row:
+        row.update(status="compile_failed", note=short(err))
+        if isinstance(provider, CompiledProvider):
+            provider.failed[case.key] = row["note"]
+    else:
+        row.update(status="error", note=short(err))
+
+
+def prepare_provider(provider: Provider, case: Case, cfg: Config,
+                     ref) -> Tuple[dict, object, Optional[Prepared]]:
+    """Check (fresh state) and memory (one warm call) of one provider, and its step with a
+    persistent state for the timed calls; no step where it failed (the row says why)."""
     row = {"provider": provider.name, "status": "ok", "note": ""}
     device = case.device
     new_ref = None
@@ -716,33 +787,87 @@ def run_provider(provider: Provider, case: Case, cfg: Config, ref) -> Tuple[dict
             else:
                 peak = cpu_peak_extra_bytes(step)
                 row["peak_extra_mb"] = None if peak is None else peak / 2**20
-        # 3. Timing.
-        if device.type == "cuda":
-            timing = time_cuda(step, cfg.rep_ms)
-        else:
-            timing = time_cpu(step, cfg.target_s, cfg.min_reps, cfg.max_reps, warm_call_s)
+        return row, new_ref, Prepared(provider, row, step, warm_call_s)
+    except Exception as err:  # noqa: BLE001 - one failing provider must not end the sweep
+        _record_failure(row, provider, case, err)
+        free_memory(device)
+        return row, new_ref, None
+
+
+def time_group(prepared: List[Prepared], case: Case, cfg: Config) -> None:
+    """Times the prepared steps of a case in ``cfg.rounds`` rounds: in each, every provider in
+    turn makes a share of its calls, the order rotated from round to round. A burst of load or
+    a change of clocks then falls on every provider alike, instead of on whichever was timed
+    while it lasted, and the ratios between providers measured in one run stay fair."""
+    cuda = case.device.type == "cuda"
+    rounds = max(1, cfg.rounds)
+    with gc_paused():
+        flush = cuda_flush_buffer(case.device) if cuda else None
+        live = []
+        for p in prepared:
+            try:
+                if cuda:
+                    reps = cfg.rep_ms * 1e-3 / cuda_estimate(p.step)
+                    p.reps = int(min(max(reps, 5), 1000))
+                else:
+                    estimate = cpu_estimate(p.step, cfg.target_s, p.warm_call_s)
+                    reps = cfg.target_s / max(estimate, 1e-7)
+                    p.reps = int(min(max(reps, cfg.min_reps), cfg.max_reps))
+                    p.cheap = estimate < CHEAP_CALL_S
+                live.append(p)
+            except Exception as err:  # noqa: BLE001
+                _record_failure(p.row, p.provider, case, err)
+        for r in range(rounds):
+            turn = r % len(live) if live else 0
+            for p in live[turn:] + live[:turn]:
+                if p.row["status"] != "ok":
+                    continue
+                share = -(-p.reps // rounds)  # every round at least one call
+                try:
+                    p.samples += (cuda_chunk(p.step, share, flush) if cuda
+                                  else cpu_chunk(p.step, share, p.cheap))
+                except Exception as err:  # noqa: BLE001
+                    _record_failure(p.row, p.provider, case, err)
+    for p in live:
+        row = p.row
+        if row["status"] != "ok":
+            continue
+        timing = Timing.of(p.samples)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                   repeats=timing.repeats)
+                   repeats=timing.repeats, rounds=rounds if len(prepared) > 1 else 1)
         if timing.p80_ms > NOISY_SPREAD * timing.p20_ms:
-            # a burst of load on this provider alone moves every ratio built from it
+            # a burst of load during this provider's calls moves every ratio built from it
             row["note"] = (row["note"] + f" noisy: p80/p20 = "
                            f"{timing.p80_ms / timing.p20_ms:.2f}, rerun").strip()
-        if isinstance(provider, PlansProvider):
-            row["note"] = (row["note"] + " " + provider.served()).strip()
-    except Skip as err:
-        row.update(status="skipped", note=str(err))
-    except Exception as err:  # noqa: BLE001 - one failing provider must not end the sweep
-        if is_oom(err):
-            row.update(status="oom", note=short(err, 80))
-        elif provider.name == "compiled" and "compile_s" not in row:
-            row.update(status="compile_failed", note=short(err))
-            if isinstance(provider, CompiledProvider):
-                provider.failed[case.key] = row["note"]
-        else:
-            row.update(status="error", note=short(err))
-    finally:
-        free_memory(device)
-    return row, new_ref
+        if isinstance(p.provider, PlansProvider):
+            row["note"] = (row["note"] + " " + p.provider.served()).strip()
+
+
+def run_group(case: Case, cfg: Config, on_row: Callable[[], None] = lambda: None) -> List[dict]:
+    """Every provider's row for one case. The providers take turns at being timed
+    (``time_group``) unless the logits are too large on CUDA for every provider's step to be
+    held at once: then one after another, each freed before the next."""
+    size = case.x.numel() * case.x.element_size()
+    together = case.device.type != "cuda" or size <= INTERLEAVE_MAX_BYTES
+    rows, ref, waiting = [], None, []
+    for provider in cfg.providers:
+        row, new_ref, prep = prepare_provider(provider, case, cfg, ref)
+        if new_ref is not None:
+            ref = new_ref
+        rows.append(row)
+        if prep is not None:
+            waiting.append(prep)
+            if not together:
+                time_group(waiting, case, cfg)
+                waiting = []
+                free_memory(case.device)
+        on_row()
+    del ref
+    if waiting:
+        time_group(waiting, case, cfg)
+    waiting = None
+    free_memory(case.device)
+    return rows
 
 
 def finish_group(rows: List[dict], case: Case, best_copy_ms: Optional[float]) -> Optional[float]:
@@ -986,6 +1111,9 @@ def parse_args(argv=None):
                    help="also time Triton on CPU when TRITON_INTERPRET=1 (slow; off by default)")
     p.add_argument("--target-s", type=float, help="CPU: seconds of timed calls per row")
     p.add_argument("--rep-ms", type=int, help="CUDA: milliseconds of timed calls per row")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help=f"the providers of a case take turns at being timed, in this many rounds "
+                        f"(default {ROUNDS}; 1: one after another)")
     p.add_argument("--budget-s", type=float,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -1037,6 +1165,7 @@ def make_config(args) -> Config:
         rep_ms=args.rep_ms if args.rep_ms else (100 if quick else 200),
         measure_memory=not args.no_memory,
         budget_s=args.budget_s if args.budget_s is not None else default_budget,
+        rounds=args.rounds,
     )
 
 
@@ -1136,21 +1265,14 @@ def main(argv=None) -> int:
                 current = (shape, dtype_name)
             x.requires_grad_(mode == "fwdbwd")
             case = Case(shape, dtype_name, mode, device, x, y)
-            rows, ref = [], None
-            for provider in cfg.providers:
-                if bar:
-                    bar.set_postfix_str(f"{shape.label} {dtype_name} {mode} {provider.name}")
-                row, new_ref = run_provider(provider, case, cfg, ref)
-                if new_ref is not None:
-                    ref = new_ref
+            if bar:
+                bar.set_postfix_str(f"{shape.label} {dtype_name} {mode}")
+            rows = run_group(case, cfg, (lambda: bar.update(1)) if bar else (lambda: None))
+            for row in rows:
                 row.update(family=shape.family, n=shape.n, c=shape.c,
                            spatial=shape.spatial_text, dtype=dtype_name, mode=mode,
                            timestamp=_dt.datetime.now().isoformat(timespec="seconds"),
                            load_avg=load_average())
-                rows.append(row)
-                if bar:
-                    bar.update(1)
-            del ref
             key = (shape, dtype_name)
             best_copy[key] = finish_group(rows, case, best_copy.get(key))
             say(format_group(rows, case, best_copy[key]))

@@ -30,3 +30,44 @@ def test_a_segmentation_step_runs_and_matches_eager(tmp_path):
     cpu = next(r for r in seg if r["provider"] == "cpu")
     assert float(cpu["max_rel_err"]) <= bench.ERROR_TOL[bench.DTYPES["fp32"]]
     assert int(cpu["bytes"]) == 3 * 2 * 5 * 6 * 7 * 4  # 2 reads + 1 write of the logits
+
+
+def test_providers_take_turns_in_rounds():
+    """time_group: every provider makes a share of its calls in each round, the order rotated
+    from round to round, so that a burst of load falls on all of them; a provider that fails in
+    a later round gets an error row and the others still get their timings."""
+    import time
+    import types
+
+    import torch
+
+    calls = []
+
+    def provider_step(name, fail_after=None):
+        def step():
+            if fail_after is not None and calls.count(name) >= fail_after:
+                raise RuntimeError(f"{name} broke")
+            calls.append(name)
+            time.sleep(bench.CHEAP_CALL_S + 0.001)  # not cheap: no warmup loop, no extra call
+        return step
+
+    shape = bench.parse_shapes("4x3")[0]
+    x = torch.zeros(4, 3)
+    case = bench.Case(shape, "fp32", "fwd", torch.device("cpu"), x,
+                      torch.zeros(4, dtype=torch.long))
+    cfg = bench.Config(device=torch.device("cpu"), sweep="quick", shapes=[shape], dtypes=("fp32",),
+                       modes=("fwd",), providers=[], target_s=1e-3, min_reps=6, max_reps=6,
+                       rep_ms=1, measure_memory=False, budget_s=None, rounds=3)
+    prepared = [bench.Prepared(types.SimpleNamespace(name=n), {"provider": n, "status": "ok",
+                                                               "note": ""},
+                               provider_step(n, 3 if n == "d" else None), warm_call_s=0.06)
+                for n in "abcd"]
+    bench.time_group(prepared, case, cfg)
+    # six calls each, two a round, the first provider moving to the back each round; d fails
+    # at its fourth call (round 2) and has no turn after that
+    assert "".join(calls) == "aabbccdd" + "bbccd" + "aa" + "ccaabb"
+    for p in prepared[:3]:
+        assert p.row["status"] == "ok" and p.row["repeats"] == 6 and p.row["rounds"] == 3
+        assert p.row["median_ms"] >= bench.CHEAP_CALL_S * 1e3
+    assert prepared[3].row["status"] == "error" and "d broke" in prepared[3].row["note"]
+    assert "median_ms" not in prepared[3].row
