@@ -103,14 +103,20 @@ class MiTState:
                 value.copy_(converted[name].reshape(value.shape))
 
     def to(self, device) -> "MiTState":
-        """Move every tensor to ``device`` (``tau`` stays a leaf that requires grad); returns
-        ``self``. Dtypes never change: counts stay float64."""
+        """Move every tensor to ``device``; returns ``self``. ``tau`` stays the same tensor
+        object (its data and gradient move, as ``Module.to`` moves a parameter's), so an
+        optimizer built before the move still updates it. Dtypes never change: counts stay
+        float64."""
         if isinstance(device, torch.dtype):
             raise TypeError(f"MiTState.to takes a device, got the dtype {device}: the running "
                             f"statistics keep their dtypes (they are updated in place); make a "
                             f"MiTState(..., dtype=...) for another tau dtype")
         with torch.no_grad():
-            self.tau = self.tau.detach().to(device).requires_grad_(True)
+            # A new tensor here would leave an optimizer holding the old tau: its steps would
+            # change a tensor the loss no longer reads, and the temperature would never train.
+            self.tau.data = self.tau.data.to(device)
+            if self.tau.grad is not None:
+                self.tau.grad.data = self.tau.grad.data.to(device)
         for name, value in self.buffers().items():
             setattr(self, name, value.to(device))
         return self

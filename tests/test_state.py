@@ -96,6 +96,23 @@ def test_to_keeps_tau_a_leaf():
     assert s.tau.is_leaf and s.tau.requires_grad
 
 
+def test_to_keeps_the_tau_an_optimizer_holds():
+    # to() made a new tau: an optimizer built before it stepped a tensor the loss no longer read,
+    # and the temperature never trained, without an error.
+    s = mitkernels.MiTState(3)
+    opt = torch.optim.SGD(s.parameters(), lr=1.0)
+    tau = s.tau
+    s.tau.grad = torch.ones_like(s.tau)
+    assert s.to("cpu") is s and s.tau is tau and s.tau.grad is not None
+    loss, _ = mitkernels.mit_loss(torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), s,
+                                  backend="reference")
+    opt.zero_grad()
+    loss.backward()
+    before = float(s.tau)
+    opt.step()
+    assert float(s.tau) != before
+
+
 def test_to_refuses_a_dtype_and_keeps_the_state():
     # It used to cast every tensor, dual_updates included, and the next step then refused them.
     s = mitkernels.MiTState(3)
