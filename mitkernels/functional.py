@@ -66,8 +66,10 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     if len(target_shape) != len(shape) - 1 or target_shape[0] != shape[0] or \
             target_shape[1:] != shape[2:]:
         expected = (shape[0],) + tuple(shape[2:])
+        hint = (": they look one-hot; pass class indices (targets.argmax(1))"
+                if target_shape == shape else "")
         raise ValueError(f"targets must have shape {expected} for logits of shape "
-                         f"{tuple(shape)}, got {tuple(target_shape)}")
+                         f"{tuple(shape)}, got {tuple(target_shape)}{hint}")
     check_options(ignore_index, reduction)
     if not torch.compiler.is_compiling():  # Dynamo traces no is_inference
         if not torch.is_inference_mode_enabled() and _any_inference(state_tensors):
@@ -366,7 +368,9 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
             (where checking would stall the step) the loss is NaN, ``stats["invalid_targets"]``
             counts them and the state is left as it was.
         state: a ``MiTState`` or ``MiTLoss`` (anything with ``tau``, ``class_counts``,
-            ``total_seen``, ``lambda_entropy``, ``dual_updates``).
+            ``total_seen``, ``lambda_entropy``, ``dual_updates``). Only those tensors are read:
+            a ``MiTLoss``'s ``ignore_index``, ``reduction``, backend, group and training mode
+            are not (this call's arguments rule; call the module itself for its settings).
         backend: ``None`` (auto, or ``MITKERNELS_BACKEND``), ``"reference"``, ``"cpu"``,
             ``"triton"`` or ``"cuda"``.
         update_state: update the running statistics (a training step); when False, ``H*`` and
@@ -383,25 +387,31 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
 
     Returns:
         ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:
-        ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``. ``updated`` is 0
+        ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``. ``stats["loss"]``
+        is the mean over valid rows whatever ``reduction`` (a number to log and compare). ``updated`` is 0
         when the state was not updated: ``update_state=False``, no valid row, non-finite
         statistics (a NaN or +inf logit, a row of -inf, a -inf target logit; a masked class's
         -inf is fine) or invalid targets.
     """
-    num_classes = int(state.class_counts.numel())
-    buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
+    try:
+        num_classes = int(state.class_counts.numel())
+        buffers = [state.class_counts, state.total_seen, state.lambda_entropy, state.dual_updates]
+        tau = state.tau
+    except AttributeError:
+        raise TypeError(f"state must be a MiTState or a MiTLoss (tau and the running "
+                        f"statistics), got {type(state).__name__}") from None
     if not _mit_state_ok(*buffers):
         _check_state([(name, t, dtype, num_classes if name == "class_counts" else 1)
                       for (name, dtype), t in zip(STATE_BUFFERS.items(), buffers)])
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [state.tau, *buffers])
-    _check_temperature(state.tau, 1, "tau")
+    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [tau, *buffers])
+    _check_temperature(tau, 1, "tau")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
-        loss, stats = reference.mit_step(logits, targets, state.tau, *buffers,
+        loss, stats = reference.mit_step(logits, targets, tau, *buffers,
                                          ignore_index=ignore_index, reduction=reduction,
                                          update_state=update_state)
         return _reference_result(logits, loss, stats, ops.KIND_MIT)
-    return _run_ops(ops.KIND_MIT, logits, targets, state.tau, buffers, [],
+    return _run_ops(ops.KIND_MIT, logits, targets, tau, buffers, [],
                     (MIT_T_EPS, MIT_T_MIN, MIT_T_MAX), ignore_index, reduction, update_state, name,
                     process_group)
 
@@ -472,8 +482,9 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     Args:
         tau_c: ``[C]`` learnable per-class temperature parameters.
         label_freq_ema: ``[C]`` float64 EMA of label frequencies (updated in place).
-        alpha: the current alignment weight ``alpha_t``: a number, or a float64 tensor of one
-            value (a buffer, as ``CCTEALLoss`` holds it, so that changing it never recompiles).
+        alpha: the current alignment weight ``alpha_t`` (only read): a number, or a tensor of
+            one value (a buffer, as ``CCTEALLoss`` holds it, so that changing it never
+            recompiles; float64 is used as it is, another floating dtype converted).
         ema_momentum: in ``[0, 1]``, the weight of the old frequencies.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
     invalid_targets``.
@@ -485,8 +496,13 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     num_classes = int(label_freq_ema.numel())
     if not isinstance(alpha, Tensor) and isinstance(logits, Tensor):
         alpha = torch.tensor(float(alpha), dtype=torch.float64, device=logits.device)
-    _check_state([("label_freq_ema", label_freq_ema, torch.float64, num_classes),
-                  ("alpha", alpha, torch.float64, 1)])
+    elif isinstance(alpha, Tensor) and alpha.dtype != torch.float64:
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a number or a floating-point tensor, got {alpha.dtype}")
+        alpha = alpha.double()  # only read: a copy serves
+    _check_state([("label_freq_ema", label_freq_ema, torch.float64, num_classes)])
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must hold 1 value, got shape {tuple(alpha.shape)}")
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
                   [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")

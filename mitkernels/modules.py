@@ -101,7 +101,7 @@ class MiTLoss(_ExactStateModule):
         self.backend = backend
         self.reduction = reduction
         self.tau = nn.Parameter(torch.tensor(tau_for_temperature(float(temperature))))
-        for name, value in initial_buffers(num_classes).items():
+        for name, value in initial_buffers(self.num_classes).items():
             self.register_buffer(name, value)
 
     @property
@@ -227,6 +227,7 @@ class CCTEALLoss(_ExactStateModule):
         self.ignore_index, self.reduction = ignore_index, reduction
         _backends.check_name(backend)
         self.process_group, self.backend = process_group, backend
+        num_classes = self.num_classes
         self.tau_c = nn.Parameter(torch.full((num_classes,), math.log(math.expm1(1.0))))
         self.register_buffer("label_freq_ema",
                              torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import warnings
 from typing import Dict, List, Mapping, Optional
@@ -47,9 +48,18 @@ def initial_buffers(num_classes: int, device=None) -> Dict[str, Tensor]:
 
 
 def check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    """A plain int >= 2. Integers of other types (numpy's, a one-value integer tensor such as
+    ``labels.max() + 1``) are taken as their value; bools and floats are refused."""
+    value = None
+    if not isinstance(num_classes, bool) and not (
+            isinstance(num_classes, Tensor) and num_classes.dtype == torch.bool):
+        try:
+            value = operator.index(num_classes)
+        except TypeError:
+            pass
+    if value is None or value < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    return num_classes
+    return value
 
 
 class MiTState:
@@ -74,7 +84,7 @@ class MiTState:
         self.num_classes = check_num_classes(num_classes)
         self.tau = torch.tensor(tau_for_temperature(float(temperature)), dtype=dtype,
                                 device=device, requires_grad=True)
-        for name, value in initial_buffers(num_classes, device).items():
+        for name, value in initial_buffers(self.num_classes, device).items():
             setattr(self, name, value)
 
     @property

@@ -347,13 +347,17 @@ def test_state_of_the_wrong_dtype_is_refused_by_every_backend(backend):
 def test_cct_eal_takes_alpha_as_a_number(backend):
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
     out = []
-    for alpha in (2.5, torch.tensor(2.5, dtype=torch.float64)):
+    # alpha is only read: a float32 tensor was refused "as updated in place", and is now used
+    for alpha in (2.5, torch.tensor(2.5, dtype=torch.float64), torch.tensor(2.5)):
         tau_c = torch.zeros(4, requires_grad=True)
         ema = torch.full((4,), 0.25, dtype=torch.float64)
         loss, stats = mitkernels.cct_eal_loss(x, y, tau_c, ema, alpha, backend=backend)
         out.append((loss, ema, float(stats["alpha_t"])))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    assert out[0][2] == out[1][2] == 2.5
+    for other in out[1:]:
+        assert torch.equal(out[0][0], other[0]) and torch.equal(out[0][1], other[1])
+        assert other[2] == 2.5
+    with pytest.raises(TypeError, match="alpha must be a number or a floating-point tensor"):
+        mitkernels.cct_eal_loss(x, y, tau_c, ema, torch.tensor(2), backend=backend)
 
 
 def test_loss_options_are_checked():
@@ -793,3 +797,21 @@ def test_cct_eal_rejects_none_reduction():
                                 torch.zeros(3, requires_grad=True),
                                 torch.full((3,), 1 / 3, dtype=torch.float64),
                                 torch.tensor(1.0, dtype=torch.float64), reduction="none")
+
+
+def test_a_state_that_is_not_mit_is_named():
+    # another loss, a state dict or None gave a bare AttributeError about class_counts
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    for wrong in (mitkernels.TETLoss(), mitkernels.CCTEALLoss(3), None,
+                  mitkernels.MiTState(3).state_dict()):
+        with pytest.raises(TypeError, match="state must be a MiTState or a MiTLoss"):
+            mitkernels.mit_loss(x, y, wrong)
+
+
+def test_one_hot_targets_get_a_hint():
+    x = torch.randn(4, 3)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3)
+    with pytest.raises(ValueError, match=r"look one-hot; pass class indices \(targets.argmax"):
+        mitkernels.mit_loss(x, one_hot, mitkernels.MiTState(3))
+    with pytest.raises(ValueError, match=r"got \(4, 1\)$"):  # no hint where it would mislead
+        mitkernels.mit_loss(x, one_hot[:, :1], mitkernels.MiTState(3))

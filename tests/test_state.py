@@ -121,3 +121,15 @@ def test_to_refuses_a_dtype_and_keeps_the_state():
         s.to(torch.float32)
     for k, v in s.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("make", [mitkernels.MiTState, mitkernels.MiTLoss, mitkernels.CCTEALLoss])
+def test_num_classes_takes_any_integer_and_refuses_the_rest(make):
+    # labels.max() + 1 is a tensor; numpy's integers come from datasets: both were refused
+    np = pytest.importorskip("numpy")
+    for n in (3, np.int64(3), torch.tensor(3)):
+        built = make(n)
+        assert built.num_classes == 3 and type(built.num_classes) is int
+    for bad in (True, 1, 2.5, "3", torch.tensor(3.0), torch.tensor([3, 4]), torch.tensor(True)):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+            make(bad)
