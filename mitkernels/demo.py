@@ -281,9 +281,10 @@ def train_one(data: Data, method: str, seed: int, args) -> Dict:
 # ------------------------------------------------------------------------------------------------
 # Reporting
 # ------------------------------------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample std; no std (None) for one run, where 0 would claim a spread of none."""
     arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
 
 
 def summarise(rows: List[Dict]) -> List[Dict]:
@@ -304,7 +305,7 @@ def summarise(rows: List[Dict]) -> List[Dict]:
 
 def _fmt(ms, digits=3) -> str:
     m, s = ms
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(summary: List[Dict], majority: Dict[str, float]) -> str:

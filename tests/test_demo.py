@@ -50,6 +50,9 @@ def test_outputs_written(tiny_run):
     assert len(table) == 2 + len(METHODS)
     for method in METHODS:
         assert any(f"| {method} |" in line for line in table)
+    # one seed: no spread to show (it printed "± 0.000", a spread of none)
+    assert result["summary"][0]["accuracy"][1] is None
+    assert not any("±" in line for line in table)
 
 
 def test_every_method_beats_majority_class(tiny_run):
