@@ -894,6 +894,10 @@ def finish_group(rows: List[dict], case: Case, best_copy_ms: Optional[float]) ->
         if r["provider"] != "copy" and roofline_ms:
             r["roofline_ms"] = roofline_ms
             r["roofline_frac"] = roofline_ms / r["median_ms"]
+            if r["roofline_frac"] > 1.0:
+                # no step moves its bytes faster than a copy: the copy was slowed by something
+                r["note"] = (r.get("note", "") + " over the roofline: the copy was disturbed, "
+                             "rerun").strip()
         if eager:
             r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
         if compiled:

@@ -71,3 +71,19 @@ def test_providers_take_turns_in_rounds():
         assert p.row["median_ms"] >= bench.CHEAP_CALL_S * 1e3
     assert prepared[3].row["status"] == "error" and "d broke" in prepared[3].row["note"]
     assert "median_ms" not in prepared[3].row
+
+
+def test_a_row_over_the_copy_roofline_is_flagged():
+    # a copy slowed by other work (8 ms where it takes 0.03) gave "roof 1053%" unflagged
+    import torch
+
+    shape = bench.parse_shapes("8x5")[0]
+    x = torch.zeros(8, 5)
+    case = bench.Case(shape, "fp32", "fwdbwd", torch.device("cpu"), x,
+                      torch.zeros(8, dtype=torch.long))
+    rows = [{"provider": "copy", "status": "ok", "note": "", "median_ms": 8.0},
+            {"provider": "cpu", "status": "ok", "note": "", "median_ms": 1.0},
+            {"provider": "eager", "status": "ok", "note": "", "median_ms": 20.0}]
+    assert bench.finish_group(rows, case, None) == 8.0
+    assert rows[1]["roofline_frac"] == 12.0 and "over the roofline" in rows[1]["note"]
+    assert rows[2]["roofline_frac"] == 0.6 and rows[2]["note"] == ""
