@@ -381,7 +381,8 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
             batch (one all-reduce of a small buffer), identical on every rank, and so does
             ``tau``'s gradient for ``"mean"`` and ``"sum"``. With ``"none"`` it is this rank's
             (the per-element gradient the loss receives is local): average ``tau.grad`` over the
-            ranks yourself, as DDP does for the model's, or ``tau`` drifts apart (warned once).
+            ranks yourself, as DDP does for the model's, or ``tau`` drifts apart (a warning,
+            once a calling line).
             ``stats["loss"]``, like the loss, is the rank's own. A call that updates no state
             and records no gradient runs on the rank alone (its stats the rank's).
 
@@ -424,6 +425,12 @@ def check_temperature_range(name: str, value: float) -> None:
 
 
 def check_tet_options(temperature: float, lambda_entropy: float) -> None:
+    for name, value in (("temperature", temperature), ("lambda_entropy", lambda_entropy)):
+        if isinstance(value, Tensor) and value.requires_grad:
+            # it is read as a number: a gradient would silently never reach it
+            raise TypeError(f"TET's {name} is a fixed number and takes no gradient, got a "
+                            f"tensor that requires grad (MiT learns its temperature: "
+                            f"mitkernels.MiTLoss)")
     check_temperature_range("temperature", temperature)
     if not math.isfinite(float(lambda_entropy)):
         raise ValueError(f"lambda_entropy must be finite, got {lambda_entropy}")

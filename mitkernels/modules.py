@@ -167,7 +167,15 @@ class MiTLoss(_ExactStateModule):
 
 
 class TETLoss(nn.Module):
-    """TET as a module: fixed temperature and entropy weight, no state."""
+    """TET as a module: ``loss, stats = criterion(logits, targets)`` with
+    ``CE(x / T, y) - lambda * H(softmax(x / T))``, ``T`` and ``lambda`` fixed; no state and no
+    parameter (nothing to give the optimizer).
+
+    Args:
+        temperature: ``T``, a number in ``[1e-3, 500]`` (the range MiT clamps its ``T`` to).
+        lambda_entropy: the entropy weight, a finite number (negative rewards certainty).
+        ignore_index, reduction, backend: as in :func:`mitkernels.mit_loss`.
+    """
 
     def __init__(self, temperature: float = 0.5, lambda_entropy: float = 0.1, *,
                  ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None):

@@ -362,6 +362,9 @@ def test_cct_eal_takes_alpha_as_a_number(backend):
 
 def test_loss_options_are_checked():
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for name in ("temperature", "lambda_entropy"):  # read as numbers: no gradient reaches them
+        with pytest.raises(TypeError, match=f"TET's {name} is a fixed number"):
+            mitkernels.tet_loss(x, y, **{name: torch.tensor(0.5, requires_grad=True)})
     with pytest.raises(ValueError, match="lambda_entropy must be finite"):
         mitkernels.tet_loss(x, y, lambda_entropy=float("nan"))
     # A fixed temperature lies where MiT's own is clamped to: the kernels take its reciprocal
