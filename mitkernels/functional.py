@@ -90,10 +90,13 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     # All on the CPU: is_cpu reads a flag where .device builds an object per tensor.
     if not (logits.is_cpu and targets.is_cpu and all(t.is_cpu for t in state_tensors)):
         device = logits.device
-        for t in (targets, *state_tensors):
+        for i, t in enumerate((targets, *state_tensors)):
             if t.device != device:
+                what, hint = ("targets are", "") if i == 0 else (
+                    "the loss's state is", ": move the criterion (or MiTState) there with "
+                    ".to(device)")
                 raise ValueError(f"all tensors must be on one device: logits on {device}, "
-                                 f"found a tensor on {t.device}")
+                                 f"{what} on {t.device}{hint}")
 
 
 def _any_inference(tensors: Sequence[Tensor]) -> bool:

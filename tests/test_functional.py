@@ -818,3 +818,14 @@ def test_one_hot_targets_get_a_hint():
         mitkernels.mit_loss(x, one_hot, mitkernels.MiTState(3))
     with pytest.raises(ValueError, match=r"got \(4, 1\)$"):  # no hint where it would mislead
         mitkernels.mit_loss(x, one_hot[:, :1], mitkernels.MiTState(3))
+
+
+def test_a_device_mismatch_names_the_tensor():
+    # "found a tensor on meta" did not say which: usually a criterion never moved to the GPU
+    x, y = torch.randn(4, 3, device="meta"), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="logits on meta, targets are on cpu$"):
+        mitkernels.mit_loss(x, y, mitkernels.MiTState(3, device="meta"))
+    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move the criterion"):
+        mitkernels.mit_loss(x, y.to("meta"), mitkernels.MiTLoss(3))
+    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move the criterion"):
+        mitkernels.CCTEALLoss(3)(x, y.to("meta"))
