@@ -448,8 +448,10 @@ def test_cct_eal_against_reference(reduction, shape):
         assert_close(state[0], ema_ref, 1e-12, "ema")
 
 
-def test_class_conditional_temperatures_with_mit_kind():
-    # K = C temperatures under the MiT finalize: dL/dtau_k from the per-class sums.
+@pytest.mark.parametrize("reduction", [MEAN, SUM, NONE])
+def test_class_conditional_temperatures_with_mit_kind(reduction):
+    # K = C temperatures under the MiT finalize: dL/dtau_k from the per-class sums (with "none",
+    # from each row's weight: a kernel that read every row's gradient at class 0 passed "mean").
     g = torch.Generator().manual_seed(13)
     c, n = 4, 10
     logits = torch.randn(n, c, dtype=torch.float64, generator=g)
@@ -457,14 +459,17 @@ def test_class_conditional_temperatures_with_mit_kind():
     tau = torch.linspace(-0.2, 0.9, c, dtype=torch.float64)
     state = mit_state(c)
     state[2].fill_(0.25)
-    out = ops_step(0, logits, targets, tau, state, update_state=False)
+    grad_loss = torch.linspace(0.5, 1.5, n, dtype=torch.float64) if reduction == NONE else None
+    out = ops_step(0, logits, targets, tau, state, update_state=False, reduction=reduction,
+                   grad_loss=grad_loss)
     x = logits.clone().requires_grad_(True)
     t = tau.clone().requires_grad_(True)
     temps = reference.temperature(t)[targets]
     z = x / temps[:, None]
     logp = torch.log_softmax(z, 1)
-    loss = (-logp.gather(1, targets[:, None]).mean()) - 0.25 * (-(logp.exp() * logp).sum(1).mean())
-    loss.backward()
+    rows = -logp.gather(1, targets[:, None])[:, 0] - 0.25 * (-(logp.exp() * logp).sum(1))
+    loss = {MEAN: rows.mean(), SUM: rows.sum(), NONE: rows}[reduction]
+    loss.backward(grad_loss)
     assert_close(out["loss"], loss.detach(), 1e-10)
     assert_close(out["grad"], x.grad, 1e-10)
     assert_close(out["grad_tau"], t.grad, 1e-10)
@@ -718,6 +723,18 @@ def test_input_checks_have_clear_messages():
     state[0] = torch.ones(4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="class_counts"):
         OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
+    # CCT-EAL's alignment term is a batch quantity: no per-row loss
+    cct = [torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="reduction 'none' is not defined for CCT-EAL"):
+        OPS.loss_forward_(x, y, torch.zeros(3), cct, 2, [0.9, 1e-12], *CCT_TEMP, -100, NONE,
+                          True, torch.float32)
+    # row statistics of another batch: the backward would read past their end
+    state = mit_state(3)
+    _, _, rs, gi = OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True,
+                                     torch.float32)
+    with pytest.raises(RuntimeError, match="row_stats"):
+        OPS.loss_backward(torch.ones(()), x, y, tau, rs[:, :3].contiguous(), gi, *MIT_TEMP, -100,
+                          MEAN, True)
 
 
 def test_a_loss_dtype_the_op_cannot_store_is_refused_before_the_state_moves():
@@ -742,6 +759,9 @@ def test_integer_state_scalars_saturate_rather_than_overflow():
     state[3] = torch.tensor(2**63 - 1, dtype=torch.int64)
     OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
     assert int(state[1]) == 2**31 - 1 and int(state[3]) == 2**63 - 1
+    state[3] = torch.tensor(2**31 - 1, dtype=torch.int32)  # an int32 count wrapped to -2^31
+    OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
+    assert int(state[3]) == 2**31 - 1
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
