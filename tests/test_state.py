@@ -23,7 +23,7 @@ def test_tau_for_temperature_inverts_the_clamped_softplus(t):
 
 
 def test_inverse_softplus_follows_torch_threshold():
-    for t in (0.3, 5.0, 20.5, 100.0):
+    for t in (0.3, 5.0, 20.0, 20.5, 100.0):  # 20: torch's threshold is tau > 20, not >=
         x = torch.tensor(inverse_softplus(t), dtype=torch.float64)
         assert float(torch.nn.functional.softplus(x)) == pytest.approx(t, rel=1e-14)
 

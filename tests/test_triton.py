@@ -16,9 +16,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 import mitkernels  # noqa: E402
 from mitkernels import ops, reference  # noqa: E402
+from mitkernels.triton.mit_loss import _to_dtype  # noqa: E402
 from conftest import (ROOT, check_golden_step, cuda_backends, gpu_test,  # noqa: E402
                       masked_class_logits, views_past_32_bits)
 
@@ -327,7 +329,10 @@ def test_integer_state_scalars_and_loss_dtype_as_the_cpu_op(rows):
             (torch.tensor(5.0, dtype=torch.float64), torch.tensor(5, dtype=torch.int32),
              5.0 + rows, 6),
             (torch.tensor(2**31 - 2, dtype=torch.int32), torch.tensor(2**63 - 1),
-             2**31 - 1, 2**63 - 1)):
+             2**31 - 1, 2**63 - 1),
+            # an int32 count at its max (it wrapped to -2^31 without the cap)
+            (torch.tensor(5.0, dtype=torch.float64), torch.tensor(2**31 - 1, dtype=torch.int32),
+             5.0 + rows, 2**31 - 1)):
         state = _mit_buffers(3)
         state[1], state[3] = total, count
         kernels.loss_forward_(x, y, torch.zeros(1), state, ops.KIND_MIT, [], *temp, -100, 1, True,
@@ -339,6 +344,25 @@ def test_integer_state_scalars_and_loss_dtype_as_the_cpu_op(rows):
         kernels.loss_forward_(x, y, torch.zeros(1), state, ops.KIND_MIT, [], *temp, -100, 1, True,
                               torch.float8_e4m3fn)
     assert all(torch.equal(a, b) for a, b in zip(state, before))
+
+
+@triton.jit
+def _store_as_bfloat16(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(out_ptr + i, _to_dtype(tl.load(x_ptr + i, mask=m), tl.bfloat16), mask=m)
+
+
+@cpu_only
+def test_bfloat16_outputs_round_to_nearest_even_as_torch_does():
+    # The interpreter truncates float32 -> bfloat16, so _to_dtype rounds by hand there: ties go
+    # to the even neighbour (1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6), as torch's .to() does.
+    ties = 1 + torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64) * 2**-8
+    x = torch.cat([ties, -ties, torch.randn(200, dtype=torch.float64) * 100,
+                   torch.tensor([65504.0, 3.0e38, 1e-40])]).float()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _store_as_bfloat16[(1,)](x, out, x.numel(), BLOCK=256)
+    assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
 
 
 @cpu_only
