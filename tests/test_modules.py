@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mitkernels
+from mitkernels import reference
 
 from conftest import check_golden_step, cpu_backends
 
@@ -201,6 +202,8 @@ def test_cct_eal_module_published_names_and_progress():
     assert float(crit.alpha_t) == pytest.approx(4.0)
     crit.set_progress(0.9)
     assert float(crit.alpha_t) == 8.0
+    crit.set_progress(0.0, warmup_ratio=0.0)  # no warm-up: the full weight from the start
+    assert float(crit.alpha_t) == 8.0
     loss, stats = crit(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 0]))
     assert set(stats) >= {"loss", "ce", "H", "H_star", "alpha_t", "T_mean"}
     assert float(crit.label_freq_ema.sum()) == pytest.approx(1.0)
@@ -245,6 +248,31 @@ def test_cct_eal_scale_logits_does_not_use_labels():
     t = crit.class_temperatures()
     torch.testing.assert_close(scaled, torch.stack([x[0] / t[0], x[1] / t[2]]))
     torch.testing.assert_close(crit.scale_logits(x), scaled)
+
+
+def test_cct_eal_class_temperatures_are_clamped_as_the_reference_clamps():
+    # tau_c on both sides of [T_min, T_max]: the bounds, as reference.temperature gives them
+    crit = mitkernels.CCTEALLoss(3, T_min=0.75, T_max=1.5)
+    with torch.no_grad():
+        crit.tau_c.copy_(torch.tensor([-3.0, 0.5, 5.0]))
+    want = reference.temperature(crit.tau_c.detach(), 0.0, 0.75, 1.5)
+    assert torch.equal(crit.class_temperatures(), want)
+    assert want[0] == 0.75 and want[2] == 1.5
+    x = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    torch.testing.assert_close(crit.scale_logits(x), torch.stack([x[0] / 0.75, x[1] / 1.5]))
+
+
+def test_cct_eal_takes_the_ends_of_the_momentum_range():
+    # ema_momentum lies in [0, 1]: both ends are valid (1 keeps the frequencies as they are)
+    for momentum in (0.0, 1.0):
+        crit = mitkernels.CCTEALLoss(3, ema_momentum=momentum)
+        before = crit.label_freq_ema.clone()
+        crit(torch.randn(4, 3), torch.tensor([0, 0, 0, 1]))
+        if momentum == 1.0:
+            assert torch.equal(crit.label_freq_ema, before)
+        else:
+            torch.testing.assert_close(crit.label_freq_ema,
+                                       torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64))
 
 
 def test_modules_check_their_options_when_built():
