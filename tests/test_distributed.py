@@ -226,3 +226,71 @@ def test_one_ranks_bad_targets_eval_and_group_membership():
     assert ranks[0]["eval_valid"] == 4.0  # the rank's own rows: it ran alone
     assert "not a member" in ranks[1]["non_member"] and ranks[0]["non_member"] == ""
     assert "not a member" in ranks[1]["calibrate_non_member"]
+
+
+def _gradient_worker(rank, path, out_dir):
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    group = dist.group.WORLD
+    make = lambda: mitkernels.MiTLoss(NUM_CLASSES, backend="cpu", process_group=group).double()
+    rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
+    logits, targets = _batches()[0]
+    x, y = logits[rows], targets[rows]
+    out = {}
+    try:
+        # a training step
+        crit = make()
+        xg = x.clone().requires_grad_(True)
+        crit(xg, y)[0].backward()
+        out["x_grad"], out["tau_grad"] = xg.grad, crit.tau.grad.clone()
+        # frozen logits (a frozen backbone's features): tau still learns
+        crit = make()
+        crit(x, y)[0].backward()
+        out["frozen_tau_grad"] = None if crit.tau.grad is None else crit.tau.grad.clone()
+        # evaluation with a tau gradient: no state update, but a global gradient to agree on
+        crit = make().eval()
+        loss, stats = crit(x.clone().requires_grad_(True), y)
+        loss.backward()
+        out["eval_tau_grad"], out["eval_valid"] = crit.tau.grad.clone(), float(stats["valid"])
+        # labels kept from an inference_mode pass
+        with torch.inference_mode():
+            y_inference = y.clone()
+        crit = make()
+        crit(x.clone().requires_grad_(True), y_inference)[0].backward()
+        out["inference_state"] = {k: v.clone() for k, v in crit.state_dict().items()}
+        out["inference_tau_grad"] = crit.tau.grad.clone()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_kernels
+def test_gradients_over_ranks_against_one_process():
+    """The distributed step's gradients against the reference on the global batch: tau's is the
+    global batch's on every rank, the logits' the rank's own loss's (scaled by its own valid
+    rows, so that DDP's average is the global one for equal batches). With frozen logits, in
+    evaluation, and with labels from inference_mode too. Mutation testing found none of these
+    checked: only the states after training were."""
+    ranks = _spawn(_gradient_worker)
+    logits, targets = _batches()[0]
+    ref = mitkernels.MiTLoss(NUM_CLASSES, backend="reference").double()
+    x = logits.clone().requires_grad_(True)
+    ref(x, targets)[0].backward()
+    ref_eval = mitkernels.MiTLoss(NUM_CLASSES, backend="reference").double().eval()
+    loss, _ = ref_eval(logits.clone().requires_grad_(True), targets)
+    loss.backward()
+    valid = targets != -100
+    tol = dict(atol=1e-12, rtol=1e-10)
+    for rank, got in enumerate(ranks):
+        rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
+        scale = float(valid.sum()) / float(valid[rows].sum())
+        torch.testing.assert_close(got["x_grad"], scale * x.grad[rows], **tol)
+        for key in ("tau_grad", "frozen_tau_grad", "inference_tau_grad"):
+            assert got[key] is not None, key
+            torch.testing.assert_close(got[key], ref.tau.grad, **tol)
+        torch.testing.assert_close(got["eval_tau_grad"], ref_eval.tau.grad, **tol)
+        assert got["eval_valid"] == float(valid.sum())
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got["inference_state"][k], v, **tol)
