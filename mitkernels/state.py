@@ -124,9 +124,17 @@ class MiTState:
         with torch.no_grad():
             # A new tensor here would leave an optimizer holding the old tau: its steps would
             # change a tensor the loss no longer reads, and the temperature would never train.
-            self.tau.data = self.tau.data.to(device)
-            if self.tau.grad is not None:
-                self.tau.grad.data = self.tau.grad.data.to(device)
+            # Where the data cannot be swapped in (meta, XLA and other devices whose tensors
+            # are of another type), a new leaf, as Module.to makes a new parameter there.
+            moved = self.tau.data.to(device)
+            if torch._has_compatible_shallow_copy_type(self.tau, moved):
+                self.tau.data = moved
+                if self.tau.grad is not None:
+                    self.tau.grad.data = self.tau.grad.data.to(device)
+            else:
+                grad = None if self.tau.grad is None else self.tau.grad.to(device)
+                self.tau = moved.requires_grad_(True)
+                self.tau.grad = grad
         for name, value in self.buffers().items():
             setattr(self, name, value.to(device))
         return self

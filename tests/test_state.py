@@ -108,9 +108,13 @@ def test_to_keeps_the_tau_an_optimizer_holds():
                                   backend="reference")
     opt.zero_grad()
     loss.backward()
-    before = float(s.tau)
+    before = float(s.tau.detach())
     opt.step()
-    assert float(s.tau) != before
+    assert float(s.tau.detach()) != before
+    # a device whose tensors cannot take another's data (meta here; XLA alike): a new leaf
+    meta = s.to("meta")
+    assert meta.tau.device.type == "meta" and meta.tau.is_leaf and meta.tau.requires_grad
+    assert meta.tau.grad.device.type == "meta" and meta.class_counts.device.type == "meta"
 
 
 def test_to_refuses_a_dtype_and_keeps_the_state():
