@@ -53,7 +53,9 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
                         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     if targets.dtype not in _INDEX_DTYPES and (
             targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
-        raise TypeError(f"targets must hold integer class indices, got {targets.dtype}")
+        hint = (" (they look one-hot or like class probabilities; pass class indices, "
+                "targets.argmax(1))" if targets.shape == logits.shape else "")
+        raise TypeError(f"targets must hold integer class indices, got {targets.dtype}{hint}")
     shape = logits.shape
     if len(shape) < 2:
         raise ValueError(f"logits must be [N, C] or [N, C, d1, ...], got shape {tuple(shape)}")
@@ -93,8 +95,8 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         for i, t in enumerate((targets, *state_tensors)):
             if t.device != device:
                 what, hint = ("targets are", "") if i == 0 else (
-                    "the loss's state is", ": move the criterion (or MiTState) there with "
-                    ".to(device)")
+                    "the loss's state is", ": move it there (a criterion or MiTState with "
+                    ".to(device))")
                 raise ValueError(f"all tensors must be on one device: logits on {device}, "
                                  f"{what} on {t.device}{hint}")
 
@@ -427,13 +429,18 @@ def check_temperature_range(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [{MIT_T_MIN:g}, {MIT_T_MAX:g}], got {value}")
 
 
-def check_tet_options(temperature: float, lambda_entropy: float) -> None:
-    for name, value in (("temperature", temperature), ("lambda_entropy", lambda_entropy)):
+def _refuse_learned(loss: str, options) -> None:
+    """Options read as numbers: a tensor that requires grad would silently never get one.
+    Traceable (a tensor's requires_grad is known when torch.compile traces the call)."""
+    for name, value in options:
         if isinstance(value, Tensor) and value.requires_grad:
-            # it is read as a number: a gradient would silently never reach it
-            raise TypeError(f"TET's {name} is a fixed number and takes no gradient, got a "
+            raise TypeError(f"{loss}'s {name} is not learned and takes no gradient, got a "
                             f"tensor that requires grad (MiT learns its temperature: "
                             f"mitkernels.MiTLoss)")
+
+
+def check_tet_options(temperature: float, lambda_entropy: float) -> None:
+    _refuse_learned("TET", (("temperature", temperature), ("lambda_entropy", lambda_entropy)))
     check_temperature_range("temperature", temperature)
     if not math.isfinite(float(lambda_entropy)):
         raise ValueError(f"lambda_entropy must be finite, got {lambda_entropy}")
@@ -452,6 +459,8 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
         # Dynamo cannot trace math.isfinite of a float it made symbolic (dynamic=True, or a
         # temperature that changes between calls); TETLoss checks its own when it is built.
         check_tet_options(temperature, lambda_entropy)
+    else:
+        _refuse_learned("TET", (("temperature", temperature), ("lambda_entropy", lambda_entropy)))
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
@@ -506,13 +515,18 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     num_classes = int(label_freq_ema.numel())
     if not isinstance(alpha, Tensor) and isinstance(logits, Tensor):
         alpha = torch.tensor(float(alpha), dtype=torch.float64, device=logits.device)
-    elif isinstance(alpha, Tensor) and alpha.dtype != torch.float64:
-        if not alpha.is_floating_point():
-            raise TypeError(f"alpha must be a number or a floating-point tensor, got {alpha.dtype}")
-        alpha = alpha.double()  # only read: a copy serves
+    elif isinstance(alpha, Tensor):
+        _refuse_learned("CCT-EAL", (("alpha", alpha),))  # a schedule (set_progress)
+        if alpha.dtype != torch.float64:
+            if not alpha.is_floating_point():
+                raise TypeError(f"alpha must be a number or a floating-point tensor, got "
+                                f"{alpha.dtype}")
+            alpha = alpha.double()  # only read: a copy serves
+        elif not torch.compiler.is_compiling() and alpha.is_inference():
+            alpha = alpha.clone()  # only read: a copy the reference's autograd may save
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must hold 1 value, got shape {tuple(alpha.shape)}")
     _check_state([("label_freq_ema", label_freq_ema, torch.float64, num_classes)])
-    if alpha.numel() != 1:
-        raise ValueError(f"alpha must hold 1 value, got shape {tuple(alpha.shape)}")
     _check_inputs(logits, targets, num_classes, ignore_index, reduction,
                   [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")

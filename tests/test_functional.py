@@ -365,13 +365,30 @@ def test_cct_eal_takes_alpha_as_a_number(backend):
         assert other[2] == 2.5
     with pytest.raises(TypeError, match="alpha must be a number or a floating-point tensor"):
         mitkernels.cct_eal_loss(x, y, tau_c, ema, torch.tensor(2), backend=backend)
+    # a schedule, not learned: the reference gave it a gradient, the kernels none
+    with pytest.raises(TypeError, match="CCT-EAL's alpha is not learned"):
+        mitkernels.cct_eal_loss(x, y, tau_c, ema, torch.tensor(2.5, requires_grad=True),
+                                backend=backend)
+    # read only, so one made under inference_mode serves (float64 was refused as "state")
+    with torch.inference_mode():
+        alpha = torch.tensor(2.5, dtype=torch.float64)
+    tau_c = torch.zeros(4, requires_grad=True)
+    ema = torch.full((4,), 0.25, dtype=torch.float64)
+    loss, _ = mitkernels.cct_eal_loss(x, y, tau_c, ema, alpha, backend=backend)
+    assert torch.equal(loss, out[0][0]) and torch.equal(ema, out[0][1])
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):  # not AttributeError
+        mitkernels.cct_eal_loss(x.tolist(), y, tau_c, ema, 2.5, backend=backend)
 
 
 def test_loss_options_are_checked():
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     for name in ("temperature", "lambda_entropy"):  # read as numbers: no gradient reaches them
-        with pytest.raises(TypeError, match=f"TET's {name} is a fixed number"):
+        with pytest.raises(TypeError, match=f"TET's {name} is not learned"):
             mitkernels.tet_loss(x, y, **{name: torch.tensor(0.5, requires_grad=True)})
+        # compiled too: the check had been skipped there, and the gradient silently lost
+        compiled = torch.compile(mitkernels.tet_loss, backend="eager")
+        with pytest.raises(TypeError, match=f"TET's {name} is not learned"):
+            compiled(x, y, **{name: torch.tensor(0.5, requires_grad=True)})
     with pytest.raises(ValueError, match="lambda_entropy must be finite"):
         mitkernels.tet_loss(x, y, lambda_entropy=float("nan"))
     # A fixed temperature lies where MiT's own is clamped to: the kernels take its reciprocal
@@ -825,6 +842,8 @@ def test_one_hot_targets_get_a_hint():
         mitkernels.mit_loss(x, one_hot, mitkernels.MiTState(3))
     with pytest.raises(ValueError, match=r"got \(4, 1\)$"):  # no hint where it would mislead
         mitkernels.mit_loss(x, one_hot[:, :1], mitkernels.MiTState(3))
+    with pytest.raises(TypeError, match=r"look one-hot or like class probabilities"):
+        mitkernels.mit_loss(x, one_hot.float(), mitkernels.MiTState(3))
 
 
 def test_a_device_mismatch_names_the_tensor():
@@ -832,9 +851,9 @@ def test_a_device_mismatch_names_the_tensor():
     x, y = torch.randn(4, 3, device="meta"), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match="logits on meta, targets are on cpu$"):
         mitkernels.mit_loss(x, y, mitkernels.MiTState(3, device="meta"))
-    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move the criterion"):
+    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move it there \(a crit"):
         mitkernels.mit_loss(x, y.to("meta"), mitkernels.MiTLoss(3))
-    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move the criterion"):
+    with pytest.raises(ValueError, match=r"the loss's state is on cpu: move it there \(a crit"):
         mitkernels.CCTEALLoss(3)(x, y.to("meta"))
 
 
