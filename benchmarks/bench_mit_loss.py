@@ -83,8 +83,7 @@ TRAFFIC = {"fwd": 1.0, "fwdbwd": 3.0}
 # The copy moves 2 units (1 read + 1 write): the roofline time of a mode is TRAFFIC / 2 copy times.
 # A row whose p80 is this many times its p20 is flagged: a burst of load during it.
 NOISY_SPREAD = 1.5
-# A CPU call shorter than this is warmed up for a while before it is timed, and again (one call)
-# before each of its turns.
+# A CPU call shorter than this is warmed up for a while before its repeats are sized.
 CHEAP_CALL_S = 0.02
 # The providers of a case take turns at being timed, in this many rounds (--rounds).
 ROUNDS = 5
@@ -295,11 +294,11 @@ def cpu_estimate(fn: Callable, target_s: float, warm_call_s: Optional[float] = N
     return estimate
 
 
-def cpu_chunk(fn: Callable, reps: int, cheap: bool) -> List[float]:
-    """perf_counter around each of ``reps`` calls, in ms. A cheap call gets one untimed call
-    first: after another provider's turn, its code and data are out of the caches."""
-    if cheap:
-        fn()
+def cpu_chunk(fn: Callable, reps: int) -> List[float]:
+    """perf_counter around each of ``reps`` calls, in ms, after one untimed call: after another
+    provider's turn this one's code, data and allocator blocks are not where its steady state
+    keeps them, and that first call would time the difference."""
+    fn()
     ms = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -323,7 +322,9 @@ def cuda_chunk(fn: Callable, reps: int, flush: torch.Tensor) -> List[float]:
     """CUDA events around each call, L2 flushed between calls, and the host synchronized after
     the flush: triton.testing.do_bench (used before) records its start event while the flush
     still runs, so a call's host time up to the flush's length (about 60-90 us, estimated: 256 MB
-    zeroed at 3-4 TB/s) went uncounted, in the host-bound rows most of all."""
+    zeroed at 3-4 TB/s) went uncounted, in the host-bound rows most of all. One untimed call
+    first, as ``cpu_chunk`` makes."""
+    fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for begin, end in events:
@@ -338,15 +339,6 @@ def cuda_chunk(fn: Callable, reps: int, flush: torch.Tensor) -> List[float]:
 
 def cuda_flush_buffer(device="cuda") -> torch.Tensor:
     return torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-
-
-def time_cpu(fn: Callable, target_s: float, min_reps: int, max_reps: int,
-             warm_call_s: Optional[float] = None) -> Timing:
-    """One step timed alone: repeats sized to ``target_s`` of calls."""
-    with gc_paused():
-        estimate = cpu_estimate(fn, target_s, warm_call_s)
-        reps = int(min(max(target_s / max(estimate, 1e-7), min_reps), max_reps))
-        return Timing.of(cpu_chunk(fn, reps, cheap=False))
 
 
 def time_cuda(fn: Callable, rep_ms: int) -> Timing:
@@ -727,7 +719,7 @@ class Prepared:
     step: Callable
     warm_call_s: float
     reps: int = 0
-    cheap: bool = False
+    turns: int = 0
     samples: List[float] = field(default_factory=list)
 
 
@@ -813,7 +805,6 @@ def time_group(prepared: List[Prepared], case: Case, cfg: Config) -> None:
                     estimate = cpu_estimate(p.step, cfg.target_s, p.warm_call_s)
                     reps = cfg.target_s / max(estimate, 1e-7)
                     p.reps = int(min(max(reps, cfg.min_reps), cfg.max_reps))
-                    p.cheap = estimate < CHEAP_CALL_S
                 live.append(p)
             except Exception as err:  # noqa: BLE001
                 _record_failure(p.row, p.provider, case, err)
@@ -822,10 +813,14 @@ def time_group(prepared: List[Prepared], case: Case, cfg: Config) -> None:
             for p in live[turn:] + live[:turn]:
                 if p.row["status"] != "ok":
                     continue
-                share = -(-p.reps // rounds)  # every round at least one call
+                # the repeats spread over the rounds, exactly (a 3-call step turns in 3 of 5)
+                share = p.reps * (r + 1) // rounds - p.reps * r // rounds
+                if share == 0:
+                    continue
+                p.turns += 1
                 try:
                     p.samples += (cuda_chunk(p.step, share, flush) if cuda
-                                  else cpu_chunk(p.step, share, p.cheap))
+                                  else cpu_chunk(p.step, share))
                 except Exception as err:  # noqa: BLE001
                     _record_failure(p.row, p.provider, case, err)
     for p in live:
@@ -834,7 +829,7 @@ def time_group(prepared: List[Prepared], case: Case, cfg: Config) -> None:
             continue
         timing = Timing.of(p.samples)
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                   repeats=timing.repeats, rounds=rounds if len(prepared) > 1 else 1)
+                   repeats=timing.repeats, rounds=p.turns if len(prepared) > 1 else 1)
         if timing.p80_ms > NOISY_SPREAD * timing.p20_ms:
             # a burst of load during this provider's calls moves every ratio built from it
             row["note"] = (row["note"] + f" noisy: p80/p20 = "
@@ -859,7 +854,7 @@ def run_group(case: Case, cfg: Config, on_row: Callable[[], None] = lambda: None
             waiting.append(prep)
             if not together:
                 time_group(waiting, case, cfg)
-                waiting = []
+                waiting = prep = []  # both held the step: free it before the next is made
                 free_memory(case.device)
         on_row()
     del ref

@@ -33,9 +33,11 @@ def test_a_segmentation_step_runs_and_matches_eager(tmp_path):
 
 
 def test_providers_take_turns_in_rounds():
-    """time_group: every provider makes a share of its calls in each round, the order rotated
-    from round to round, so that a burst of load falls on all of them; a provider that fails in
-    a later round gets an error row and the others still get their timings."""
+    """time_group: the providers take turns, the order rotated from round to round, so that a
+    burst of load falls on all of them; each turn starts with an untimed call (after another
+    provider's calls a step is not in its steady state); the repeats are spread over the rounds
+    exactly (a provider of fewer repeats than rounds sits some out); a provider that fails in a
+    later round gets an error row and the others still get their timings."""
     import time
     import types
 
@@ -48,29 +50,39 @@ def test_providers_take_turns_in_rounds():
             if fail_after is not None and calls.count(name) >= fail_after:
                 raise RuntimeError(f"{name} broke")
             calls.append(name)
-            time.sleep(bench.CHEAP_CALL_S + 0.001)  # not cheap: no warmup loop, no extra call
+            time.sleep(bench.CHEAP_CALL_S + 0.001)  # not cheap: no warmup loop before sizing
         return step
 
     shape = bench.parse_shapes("4x3")[0]
-    x = torch.zeros(4, 3)
-    case = bench.Case(shape, "fp32", "fwd", torch.device("cpu"), x,
+    case = bench.Case(shape, "fp32", "fwd", torch.device("cpu"), torch.zeros(4, 3),
                       torch.zeros(4, dtype=torch.long))
-    cfg = bench.Config(device=torch.device("cpu"), sweep="quick", shapes=[shape], dtypes=("fp32",),
-                       modes=("fwd",), providers=[], target_s=1e-3, min_reps=6, max_reps=6,
-                       rep_ms=1, measure_memory=False, budget_s=None, rounds=3)
-    prepared = [bench.Prepared(types.SimpleNamespace(name=n), {"provider": n, "status": "ok",
-                                                               "note": ""},
-                               provider_step(n, 3 if n == "d" else None), warm_call_s=0.06)
-                for n in "abcd"]
-    bench.time_group(prepared, case, cfg)
-    # six calls each, two a round, the first provider moving to the back each round; d fails
-    # at its fourth call (round 2) and has no turn after that
-    assert "".join(calls) == "aabbccdd" + "bbccd" + "aa" + "ccaabb"
-    for p in prepared[:3]:
-        assert p.row["status"] == "ok" and p.row["repeats"] == 6 and p.row["rounds"] == 3
-        assert p.row["median_ms"] >= bench.CHEAP_CALL_S * 1e3
-    assert prepared[3].row["status"] == "error" and "d broke" in prepared[3].row["note"]
-    assert "median_ms" not in prepared[3].row
+
+    def run(names, reps, fail=None):
+        calls.clear()
+        cfg = bench.Config(device=torch.device("cpu"), sweep="quick", shapes=[shape],
+                           dtypes=("fp32",), modes=("fwd",), providers=[], target_s=1e-3,
+                           min_reps=reps, max_reps=reps, rep_ms=1, measure_memory=False,
+                           budget_s=None, rounds=3)
+        prepared = [bench.Prepared(types.SimpleNamespace(name=n),
+                                   {"provider": n, "status": "ok", "note": ""},
+                                   provider_step(n, fail if n == "d" else None), warm_call_s=0.06)
+                    for n in names]
+        bench.time_group(prepared, case, cfg)
+        return "".join(calls), [p.row for p in prepared]
+
+    # six repeats, two a round, each turn one untimed call first; d fails at its fourth call
+    # (round 2's untimed one) and has no turn after that
+    sequence, rows = run("abcd", 6, fail=3)
+    assert sequence == "aaabbbcccddd" + "bbbccc" + "aaa" + "cccaaabbb"
+    for row in rows[:3]:
+        assert row["status"] == "ok" and row["repeats"] == 6 and row["rounds"] == 3
+        assert row["median_ms"] >= bench.CHEAP_CALL_S * 1e3
+    assert rows[3]["status"] == "error" and "d broke" in rows[3]["note"]
+    assert "median_ms" not in rows[3]
+    # two repeats over three rounds: turns in rounds 2 and 3 only, two timed calls in all
+    sequence, rows = run("ab", 2)
+    assert sequence == "bbaa" + "aabb"
+    assert all(r["repeats"] == 2 and r["rounds"] == 2 for r in rows)
 
 
 def test_a_row_over_the_copy_roofline_is_flagged():
