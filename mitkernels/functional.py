@@ -501,9 +501,10 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     Args:
         tau_c: ``[C]`` learnable per-class temperature parameters.
         label_freq_ema: ``[C]`` float64 EMA of label frequencies (updated in place).
-        alpha: the current alignment weight ``alpha_t`` (only read): a number, or a tensor of
-            one value (a buffer, as ``CCTEALLoss`` holds it, so that changing it never
-            recompiles; float64 is used as it is, another floating dtype converted).
+        alpha: the current alignment weight ``alpha_t`` (only read, a schedule: never learned,
+            so a tensor that requires grad is refused): a number, or a tensor of one value (a
+            buffer, as ``CCTEALLoss`` holds it, so that changing it never recompiles; float64 is
+            used as it is, another floating dtype converted).
         ema_momentum: in ``[0, 1]``, the weight of the old frequencies.
     Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
     invalid_targets``.
