@@ -24,6 +24,28 @@ def test_matches_golden_optimum(golden_calibration, backend, case_index):
     assert nll(float(t)) <= min(nll(float(t) * 1.001), nll(float(t) / 1.001))
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+@pytest.mark.parametrize("case_index", range(3))
+def test_kernels_find_the_reference_backends_optimum_in_few_passes(golden_calibration, backend,
+                                                                   case_index, monkeypatch):
+    # The golden optimum is itself 6e-9 to 3e-7 off (an L-BFGS fit), so rel=1e-4 above cannot
+    # tell a float32 tau in the kernels' pass (T 3e-8 off) or Newton dropped for bisection
+    # (the same T after 3-5x the passes). Against the reference backend's own Newton: 1e-10.
+    from mitkernels import calibration
+
+    case = golden_calibration["cases"][case_index]
+    logits = torch.tensor(case["logits"], dtype=torch.float64)
+    labels = torch.tensor(case["labels"])
+    want = mitkernels.calibrate_temperature(logits, labels, backend="reference")
+    passes = []
+    real = calibration._slope_and_curvature
+    monkeypatch.setattr(calibration, "_slope_and_curvature",
+                        lambda *a, **k: passes.append(1) or real(*a, **k))
+    got = mitkernels.calibrate_temperature(logits, labels, backend=backend)
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert len(passes) <= 20
+
+
 def test_float32_logits(golden_calibration):
     case = golden_calibration["cases"][0]
     t = mitkernels.calibrate_temperature(torch.tensor(case["logits"], dtype=torch.float32),

@@ -588,6 +588,13 @@ def test_nonfinite_logits_skip_state_update(backend):
         assert torch.equal(value, before[key]), key
     for key in ("lambda", "H_star"):
         assert math.isfinite(float(stats[key]))
+    # a -inf target logit: CE is +inf while H and V stay finite (only +inf was tested)
+    logits = torch.randn(4, 3)
+    logits[1, 1] = float("-inf")
+    _, stats = mitkernels.mit_loss(logits, torch.tensor([0, 1, 2, 0]), state, backend=backend)
+    assert float(stats["updated"]) == 0.0
+    for key, value in _snapshot(state).items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_reference_gives_nan_for_masked_classes():
@@ -849,6 +856,11 @@ def test_one_hot_targets_get_a_hint():
 def test_a_device_mismatch_names_the_tensor():
     # "found a tensor on meta" did not say which: usually a criterion never moved to the GPU
     x, y = torch.randn(4, 3, device="meta"), torch.tensor([0, 1, 2, 0])
+    for backend in BACKENDS:  # targets elsewhere than CPU logits and state (the cpu kernel read
+        # uninitialised memory when the fast all-on-CPU test left the targets out)
+        with pytest.raises(ValueError, match="logits on cpu, targets are on meta$"):
+            mitkernels.mit_loss(torch.randn(4, 3), y.to("meta"), mitkernels.MiTState(3),
+                                backend=backend)
     with pytest.raises(ValueError, match="logits on meta, targets are on cpu$"):
         mitkernels.mit_loss(x, y, mitkernels.MiTState(3, device="meta"))
     with pytest.raises(ValueError, match=r"the loss's state is on cpu: move it there \(a crit"):
@@ -901,13 +913,20 @@ def test_an_ignore_index_that_is_a_class(backend, num_classes):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("tau0", [16.0, 19.5])
+@pytest.mark.parametrize("tau0", [16.0, 19.5, 20.0])  # 20: dT/dtau is sigmoid(20) there, not 1
 def test_a_float64_tau_below_softplus_threshold_is_not_taken_as_tau(backend, tau0):
     # softplus(tau) = tau only past torch's threshold of 20: at 16 the log1p term (1.1e-7) is
     # still there in float64 (a threshold of 15 dropped it; float32 tau hides it).
     torch.manual_seed(3)
     logits = torch.randn(6, 4, dtype=torch.float64) * 20
-    _kernel_vs_reference(backend, logits, torch.tensor([0, 1, 2, 3, 0, 1]), tau0=tau0)
+    targets = torch.tensor([0, 1, 2, 3, 0, 1])
+    _kernel_vs_reference(backend, logits, targets, tau0=tau0)
+    grads = []  # tau's gradient alone, relative: sigmoid(20) = 1 - 2e-9 hid under the atol
+    for name in ("reference", backend):
+        state = _fresh_state(4, tau0)
+        mitkernels.mit_loss(logits, targets, state, backend=name)[0].backward()
+        grads.append(state.tau.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=0.0, rtol=1e-12)
 
 
 def _cct_pair(backend, logits, targets, ema, alpha=1.0, **kw):
@@ -961,3 +980,51 @@ def test_the_reference_refuses_a_process_group():
     with pytest.raises(ValueError, match="process_group needs a kernel backend"):
         mitkernels.mit_loss(torch.randn(2, 3), torch.tensor([0, 1]), mitkernels.MiTState(3),
                             backend="reference", process_group=object())
+
+
+STATS_KEYS = {
+    "mit": {"loss", "ce", "H", "H_star", "lambda", "T", "updated", "valid", "invalid_targets"},
+    "tet": {"loss", "ce", "H", "lambda", "T", "valid", "invalid_targets"},
+    "cct": {"loss", "ce", "H", "H_star", "alpha_t", "T_mean", "updated", "valid",
+            "invalid_targets"},
+}
+
+
+def _each_loss(backend, x, y, **kw):
+    c = x.shape[1]
+    yield "mit", mitkernels.mit_loss(x, y, mitkernels.MiTState(c), backend=backend, **kw)
+    yield "tet", mitkernels.tet_loss(x, y, backend=backend, **kw)
+    yield "cct", mitkernels.cct_eal_loss(x, y, torch.zeros(c, requires_grad=True),
+                                         torch.full((c,), 1 / c, dtype=torch.float64), 2.0,
+                                         backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_hold_the_documented_keys(backend):
+    # the kernels' stats gained a None key (TET's unnamed field) that the reference lacks
+    for name, (_, stats) in _each_loss(backend, torch.randn(4, 3), torch.tensor([0, 1, 2, 0])):
+        assert set(stats) == STATS_KEYS[name], name
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_targets_with_gaps_through_compile(backend):
+    # [::2] targets reach the traced ops as they are: a kernel that read them as contiguous
+    # took every other label from the wrong row (loss 1.22 against 1.44)
+    torch.manual_seed(5)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    big = torch.randint(0, 4, (12,))
+    want = dict(_each_loss(backend, x, big[::2].contiguous()))
+    compiled = torch.compile(lambda x, y: dict(_each_loss(backend, x, y)), backend="aot_eager")
+    got = compiled(x, big[::2])
+    for name in want:
+        torch.testing.assert_close(got[name][0], want[name][0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tau_c_of_the_wrong_shape_is_refused(backend):
+    # [C, 1] holds C values: the cpu kernel took it, the reference failed on an index
+    with pytest.raises(ValueError, match=r"tau_c must hold 3 value\(s\), got shape \(3, 1\)"):
+        mitkernels.cct_eal_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]),
+                                torch.zeros(3, 1, requires_grad=True),
+                                torch.full((3,), 1 / 3, dtype=torch.float64), 2.0,
+                                backend=backend)

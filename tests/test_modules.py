@@ -250,6 +250,16 @@ def test_cct_eal_scale_logits_does_not_use_labels():
     torch.testing.assert_close(crit.scale_logits(x), scaled)
 
 
+def test_cct_eal_scale_logits_of_segmentation_logits():
+    # [N, C, H, W]: each pixel by the temperature of its predicted class (argmax over dim 1)
+    crit = mitkernels.CCTEALLoss(3)
+    with torch.no_grad():
+        crit.tau_c.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    x = torch.randn(2, 3, 5, 5)
+    t = crit.class_temperatures()
+    torch.testing.assert_close(crit.scale_logits(x), x / t[x.argmax(1)].unsqueeze(1))
+
+
 def test_cct_eal_class_temperatures_are_clamped_as_the_reference_clamps():
     # tau_c on both sides of [T_min, T_max]: the bounds, as reference.temperature gives them
     crit = mitkernels.CCTEALLoss(3, T_min=0.75, T_max=1.5)

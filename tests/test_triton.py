@@ -70,7 +70,10 @@ def _mit_state(num_classes, tau0, tau_dtype, device="cpu"):
 
 
 def _mit_step(backend, logits, targets, state, reduction="mean", ignore_index=-100):
-    x = logits.detach().clone().requires_grad_(True)
+    # A leaf with the logits' own strides, gaps included (clone() makes a view with gaps
+    # contiguous, and the kernels' strided gradient store went untested)
+    x = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
+                            device=logits.device).copy_(logits.detach()).requires_grad_(True)
     state.tau.grad = None
     loss, stats = mitkernels.mit_loss(x, targets, state, backend=backend, reduction=reduction,
                                       ignore_index=ignore_index)
@@ -1151,3 +1154,15 @@ def test_cuda_deterministic_and_no_recompile(monkeypatch):
                         lambda *args, **kwargs: compiled.append(kwargs.get("repr")))
     _mit_step("triton", logits, targets, _mit_state(1000, 0.7, torch.float32, "cuda"))
     assert not compiled, f"a new temperature compiled a new kernel: {compiled}"
+
+
+def test_the_row_limit_is_inclusive(monkeypatch):
+    # "at most MAX_ROWS": that many rows are taken, one more refused (as choose_for_rows reads it)
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "MAX_ROWS", 12)
+    kernels._check_rows(torch.empty(12, 3, 1))
+    kernels._check_rows(torch.empty(3, 12, 1))
+    with pytest.raises(ValueError, match="at most 12 rows"):
+        kernels._check_rows(torch.empty(13, 3, 1))
+    with pytest.raises(ValueError, match="at most 12 classes"):
+        kernels._check_rows(torch.empty(2, 13, 1))
