@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import mitkernels
 from mitkernels import _backends, reference
 from mitkernels.state import initial_buffers
 from conftest import views_past_32_bits
@@ -735,6 +736,52 @@ def test_input_checks_have_clear_messages():
     with pytest.raises(RuntimeError, match="row_stats"):
         OPS.loss_backward(torch.ones(()), x, y, tau, rs[:, :3].contiguous(), gi, *MIT_TEMP, -100,
                           MEAN, True)
+    # mutation testing's second round: each check below, removed, let a call read or write
+    # past a buffer or compute garbage, and no test noticed
+    with pytest.raises(RuntimeError, match="row_stats must be Float"):  # float64 for fp32 logits
+        OPS.loss_backward(torch.ones(()), x, y, tau, rs.double(), gi, *MIT_TEMP, -100, MEAN, True)
+    rs, summary = OPS.row_stats(x, y, tau, *MIT_TEMP, -100)
+    with pytest.raises(RuntimeError, match="local_summary must be float64 like summary"):
+        OPS.finalize_(summary, summary[:4].clone(), rs, tau, mit_state(3), 0, [], *MIT_TEMP, MEAN,
+                      True, torch.float32)
+    with pytest.raises(RuntimeError, match="summary has"):  # one temperature's, K = C taus
+        OPS.finalize_(summary, None, rs, torch.zeros(3), mit_state(3), 0, [], *MIT_TEMP, MEAN,
+                      False, torch.float32)
+    state = mit_state(3)
+    base = torch.full((6,), 7.0, dtype=torch.float64)
+    state[0] = base[::2]  # a strided histogram: the kernels write it as if contiguous
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
+    assert torch.equal(base, torch.full((6,), 7.0, dtype=torch.float64))
+
+
+def test_the_first_invalid_target_is_named_as_the_reference_names_it():
+    x, y = torch.randn(4, 3), torch.tensor([0, 5, -3, 1])
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="found 5"):
+            mitkernels.mit_loss(x, y, mitkernels.MiTState(3), backend=backend)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_ignored_pixels_get_a_zero_gradient_whatever_their_logits(layout):
+    # An ignored pixel whose logits hold a masked class's -inf, or NaN (padding): its gradient
+    # is exactly 0 on both layouts (a contiguous-lane store that skipped the zeroing gave NaN
+    # in NCHW only).
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    x[:, 2] = -math.inf
+    x[1, :, 3, 5] = math.nan
+    y = torch.randint(0, 2, (2, 4, 8))
+    y[0, 0, 0] = -100
+    y[1, 3, 5] = -100
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    loss, _ = mitkernels.mit_loss(x, y, mitkernels.MiTState(3), backend="cpu")
+    loss.backward()
+    assert torch.equal(x.grad[0, :, 0, 0], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(x.grad[1, :, 3, 5], torch.zeros(3, dtype=torch.float64))
+    assert not x.grad.isnan().any()
 
 
 def test_a_loss_dtype_the_op_cannot_store_is_refused_before_the_state_moves():
