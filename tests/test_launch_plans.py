@@ -507,13 +507,15 @@ def test_a_first_launch_the_driver_refuses_takes_the_python_launchers(monkeypatc
 
 
 @cpu_only
-def test_an_error_the_context_held_fails_the_call_and_keeps_the_plan(monkeypatch, plans):
+@pytest.mark.parametrize("code", [214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719])
+def test_an_error_the_context_held_fails_the_call_and_keeps_the_plan(monkeypatch, plans, code):
     # 700 (an illegal address) at a replay's first launch is an earlier kernel's error that the
     # context kept, not a refusal of this launch: it was counted as one and retired the plan,
     # so a sanitizer's finding read as a plan's fault. The call fails naming it; the plan stays.
+    # Every sticky code (mutation testing dropped 719 from the list unnoticed).
     step("fused", make_inputs("fused", seed=1))
-    plans._triton_plan_test_refuse(0, code=700)
-    with pytest.raises(RuntimeError, match=r"CUresult 700 at the replay's first launch"):
+    plans._triton_plan_test_refuse(0, code=code)
+    with pytest.raises(RuntimeError, match=rf"CUresult {code} at the replay's first launch"):
         step("fused", make_inputs("fused", seed=2))
     info = plans._triton_plan_info()
     assert info["refused"] == 0 and info["hits"] == 0, info
@@ -530,6 +532,17 @@ def test_an_input_on_another_device_is_another_signature(plans):
     assert plans._triton_plan_test_key(same) == plans._triton_plan_test_key(
         [torch.ones(3), torch.ones(3, dtype=torch.long)])
     assert plans._triton_plan_test_key(same) != plans._triton_plan_test_key(elsewhere)
+
+
+@cpu_only
+def test_inputs_that_alias_are_another_signature(plans):
+    # A state passing one tensor as two slots (total_seen and lambda_entropy, say) records a
+    # plan whose launches get one pointer for both: replayed for separate tensors, the second
+    # would never be passed, and the kernel would write one slot's value into the other.
+    a, b, c = torch.zeros(3), torch.zeros(()), torch.zeros(())
+    assert plans._triton_plan_test_key([a, b, b]) != plans._triton_plan_test_key([a, b, c])
+    assert plans._triton_plan_test_key([a, b, c]) == plans._triton_plan_test_key(
+        [torch.ones(3), torch.ones(()), torch.ones(())])
 
 
 @cpu_only
