@@ -251,3 +251,14 @@ def test_loss_step_sees_logits_changed_in_place_before_backward():
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_row_stats_of_16_bit_logits(backend, dtype):
+    # The row statistics are float32 whatever the logits' dtype: a fake kernel that gave them
+    # the logits' dtype passed every float32/float64 opcheck (mutation testing)
+    logits, targets, tau, *_ = _op_args(ops.KIND_MIT, backend, dtype=dtype)
+    torch.library.opcheck(torch.ops.mitkernels.row_stats.default,
+                          (logits, targets, tau, 1e-6, 1e-3, 500.0, -100, backend))
