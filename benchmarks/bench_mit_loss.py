@@ -25,11 +25,12 @@ Modes: ``fwd`` (forward with state update, no grad) and ``fwdbwd`` (forward with
 backward to the logits and ``tau``: a training step of the loss).
 
 The providers of a case take turns at being timed, in rounds (``--rounds``), so that a burst of
-load falls on all of them. Each row: median and 20%/80% quantiles, achieved GB/s (bytes = 1 read of the logits for fwd,
-2 reads + 1 write for fwdbwd), fraction of the measured roofline, speed-up vs eager and vs
-compiled, the peak of extra live bytes during one step (CUDA: ``max_memory_allocated`` delta;
-CPU: allocation events of ``torch.profiler`` with ``profile_memory=True``, beyond the inputs and
-state that exist before the step, outputs and gradients included), and the relative error
+load falls on all of them. Each row: median and 20%/80% quantiles, achieved GB/s (bytes = 1
+read of the logits for fwd, 2 reads + 1 write for fwdbwd), fraction of the measured roofline,
+speed-up vs eager and vs compiled, the peak of extra live bytes during one step (CUDA:
+``max_memory_allocated`` delta; CPU: allocation events of ``torch.profiler`` with
+``profile_memory=True``, beyond the inputs and state that exist before the step, outputs and
+gradients included), and the relative error
 against the eager step, both at the second step on a fresh state (loss, gradients, every state
 buffer).
 
@@ -137,9 +138,10 @@ SWEEPS = {
 
 CSV_FIELDS = [
     "run_id", "timestamp", "device_kind", "device_name", "torch", "triton", "python", "git_commit",
-    "build", "thp_alloc", "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode", "provider", "status", "median_ms", "p20_ms",
-    "p80_ms", "repeats", "rounds", "bytes", "gbps", "roofline_ms", "roofline_frac", "speedup_vs_eager",
-    "speedup_vs_compiled", "peak_extra_mb", "max_rel_err", "compile_s", "note",
+    "build", "thp_alloc", "threads", "load_avg", "family", "n", "c", "spatial", "dtype", "mode",
+    "provider", "status", "median_ms", "p20_ms", "p80_ms", "repeats", "rounds", "bytes", "gbps",
+    "roofline_ms", "roofline_frac", "speedup_vs_eager", "speedup_vs_compiled", "peak_extra_mb",
+    "max_rel_err", "compile_s", "note",
 ]
 
 
@@ -341,11 +343,15 @@ def cuda_flush_buffer(device="cuda") -> torch.Tensor:
     return torch.empty(256 * 2**20, dtype=torch.int8, device=device)
 
 
+def cuda_repeats(fn: Callable, rep_ms: int) -> int:
+    """Calls to make of ``fn`` for about ``rep_ms`` of them, 5 to 1000."""
+    return int(min(max(rep_ms * 1e-3 / cuda_estimate(fn), 5), 1000))
+
+
 def time_cuda(fn: Callable, rep_ms: int) -> Timing:
     """One step timed alone: repeats sized to ``rep_ms`` of calls."""
     flush = cuda_flush_buffer()
-    reps = int(min(max(rep_ms * 1e-3 / cuda_estimate(fn), 5), 1000))
-    return Timing.of(cuda_chunk(fn, reps, flush))
+    return Timing.of(cuda_chunk(fn, cuda_repeats(fn, rep_ms), flush))
 
 
 @contextlib.contextmanager
@@ -799,8 +805,7 @@ def time_group(prepared: List[Prepared], case: Case, cfg: Config) -> None:
         for p in prepared:
             try:
                 if cuda:
-                    reps = cfg.rep_ms * 1e-3 / cuda_estimate(p.step)
-                    p.reps = int(min(max(reps, 5), 1000))
+                    p.reps = cuda_repeats(p.step, cfg.rep_ms)
                 else:
                     estimate = cpu_estimate(p.step, cfg.target_s, p.warm_call_s)
                     reps = cfg.target_s / max(estimate, 1e-7)

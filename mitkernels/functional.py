@@ -394,10 +394,10 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     Returns:
         ``(loss, stats)``; ``stats`` holds detached float64 scalars on the logits' device:
         ``loss, ce, H, H_star, lambda, T, updated, valid, invalid_targets``. ``stats["loss"]``
-        is the mean over valid rows whatever ``reduction`` (a number to log and compare). ``updated`` is 0
-        when the state was not updated: ``update_state=False``, no valid row, non-finite
-        statistics (a NaN or +inf logit, a row of -inf, a -inf target logit; a masked class's
-        -inf is fine) or invalid targets.
+        is the mean over valid rows whatever ``reduction`` (a number to log and compare).
+        ``updated`` is 0 when the state was not updated: ``update_state=False``, no valid row,
+        non-finite statistics (a NaN or +inf logit, a row of -inf, a -inf target logit; a
+        masked class's -inf is fine) or invalid targets.
     """
     try:
         num_classes = int(state.class_counts.numel())
