@@ -429,18 +429,22 @@ def check_temperature_range(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [{MIT_T_MIN:g}, {MIT_T_MAX:g}], got {value}")
 
 
-def _refuse_learned(loss: str, options) -> None:
+def _refuse_learned(loss: str, options, hint: str = "") -> None:
     """Options read as numbers: a tensor that requires grad would silently never get one.
     Traceable (a tensor's requires_grad is known when torch.compile traces the call)."""
     for name, value in options:
         if isinstance(value, Tensor) and value.requires_grad:
             raise TypeError(f"{loss}'s {name} is not learned and takes no gradient, got a "
-                            f"tensor that requires grad (MiT learns its temperature: "
-                            f"mitkernels.MiTLoss)")
+                            f"tensor that requires grad{hint}")
+
+
+def _refuse_learned_tet(temperature, lambda_entropy) -> None:
+    _refuse_learned("TET", (("temperature", temperature), ("lambda_entropy", lambda_entropy)),
+                    " (MiT learns its temperature: mitkernels.MiTLoss)")
 
 
 def check_tet_options(temperature: float, lambda_entropy: float) -> None:
-    _refuse_learned("TET", (("temperature", temperature), ("lambda_entropy", lambda_entropy)))
+    _refuse_learned_tet(temperature, lambda_entropy)
     check_temperature_range("temperature", temperature)
     if not math.isfinite(float(lambda_entropy)):
         raise ValueError(f"lambda_entropy must be finite, got {lambda_entropy}")
@@ -460,7 +464,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
         # temperature that changes between calls); TETLoss checks its own when it is built.
         check_tet_options(temperature, lambda_entropy)
     else:
-        _refuse_learned("TET", (("temperature", temperature), ("lambda_entropy", lambda_entropy)))
+        _refuse_learned_tet(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
     _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
@@ -517,7 +521,7 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     if not isinstance(alpha, Tensor) and isinstance(logits, Tensor):
         alpha = torch.tensor(float(alpha), dtype=torch.float64, device=logits.device)
     elif isinstance(alpha, Tensor):
-        _refuse_learned("CCT-EAL", (("alpha", alpha),))  # a schedule (set_progress)
+        _refuse_learned("CCT-EAL", (("alpha", alpha),), " (a schedule: set_progress)")
         if alpha.dtype != torch.float64:
             if not alpha.is_floating_point():
                 raise TypeError(f"alpha must be a number or a floating-point tensor, got "
