@@ -175,6 +175,9 @@ class TETLoss(nn.Module):
         temperature: ``T``, a number in ``[1e-3, 500]`` (the range MiT clamps its ``T`` to).
         lambda_entropy: the entropy weight, a finite number (negative rewards certainty).
         ignore_index, reduction, backend: as in :func:`mitkernels.mit_loss`.
+
+    Under ``torch.compile`` both numbers are constants of the graph: assigning a new
+    ``temperature`` compiles a new one (see the README's torch.compile section).
     """
 
     def __init__(self, temperature: float = 0.5, lambda_entropy: float = 0.1, *,

@@ -337,3 +337,30 @@ def test_reprs_name_the_options_that_are_not_defaults():
         "TETLoss(temperature=0.5, lambda_entropy=0.1, reduction='none')"
     assert repr(mitkernels.CCTEALLoss(4, backend="reference")).endswith(
         "T_max=1.5, backend='reference')")
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_a_compiled_mit_step_never_recompiles_as_its_state_trains(backend):
+    # The temperature, lambda and the class counts change every step; they are tensors the
+    # kernels read, so one graph serves every step (a Python number there would be a guard on
+    # its value, and each new value a new graph: TET's fixed T and lambda are such numbers).
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(3)
+    crit = mitkernels.MiTLoss(5, backend=backend)
+    opt = torch.optim.SGD(crit.parameters(), lr=0.5)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, y: crit(x, y)[0], backend=counter, fullgraph=True)
+    temperatures, lambdas, graphs = set(), set(), []
+    for _ in range(4):
+        x = torch.randn(16, 5, requires_grad=True)
+        opt.zero_grad()
+        step(x, torch.randint(0, 5, (16,))).backward()
+        opt.step()
+        temperatures.add(float(crit.temperature))
+        lambdas.add(float(crit.lambda_entropy))
+        graphs.append(counter.frame_count)
+    assert len(temperatures) == 4 and len(lambdas) == 4  # the state did train
+    # (the first step may count two: Dynamo restarts its analysis once for Python scalars)
+    assert graphs[1:] == graphs[:1] * 3, graphs
