@@ -35,6 +35,10 @@ constexpr int64_t SUMMARY_HEADER_SIZE = 5;
 // Entries of the stats vector: loss, mean CE, mean H, H*, lambda|alpha, T, updated, B, n_invalid.
 constexpr int64_t STATS_SIZE = 9;
 
+// finalize_'s `kind` (mitkernels/ops.py's KIND_*): what it makes of the summary. The row pass and
+// the backward are the same for every kind.
+enum LossKind : int64_t { kMiT = 0, kTET = 1, kCCT = 2 };
+
 // Rows of the row_stats tensor ([kRowStats, R], acc type): the row's max logit m (logit units,
 // not divided by T), H, V, CE - H, log s with s = sum_j exp((x_j - m) / T). The backward takes
 // log p = (x - m) / T - log s from m and log s, not x / T - lse: lse = m / T + log s rounds to the
@@ -308,6 +312,28 @@ MITK_HD double cct_penalty(double alpha, double mean_h, double h_star) {
 
 MITK_HD double ema_update(double ema, double momentum, double freq) {
   return momentum * ema + (1.0 - momentum) * freq;
+}
+
+// finalize_'s loss from this rank's valid count Bl and sums of CE and H (ops.py's contract):
+// the mean and sum forms, CE - c H (MiT, TET) or CE + alpha (H - H*)^2 per row (CCT-EAL, with
+// H and H* of all ranks); NaN when any rank had an invalid target, 0 when this rank has no
+// valid row.
+struct LossForms {
+  double mean, sum;
+};
+
+MITK_HD LossForms finalize_loss(int64_t kind, double Bl, double ce_l, double h_l, double c,
+                                double alpha, double mean_h, double h_star, double n_invalid) {
+  if (n_invalid > 0) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {nan, nan};
+  }
+  if (Bl == 0) return {0.0, 0.0};
+  if (kind == kCCT) {
+    const double penalty = cct_penalty(alpha, mean_h, h_star);
+    return {ce_l / Bl + penalty, ce_l + Bl * penalty};
+  }
+  return {ce_l / Bl - c * h_l / Bl, ce_l - c * h_l};
 }
 
 // Row validity of the op contract.

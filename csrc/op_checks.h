@@ -1,8 +1,8 @@
 // The ops' contract checks, one copy for the CPU and CUDA implementations (cpu/mit_loss_cpu.cpp,
 // cuda/mit_loss_cuda.cpp): shapes, dtypes, devices and state, each refused with the same message
 // whichever device runs the call, and all of them before an op writes anything. The Triton
-// launchers check in Python (mitkernels/triton/mit_loss.py) and the meta kernels only shape
-// their outputs (ops.cpp).
+// launchers run the same checks in Python (mitkernels/triton/checks.py, with these messages) and
+// the meta kernels only shape their outputs (ops.cpp).
 //
 // Torch glue only: the .cu (device code) does not include it.
 #pragma once
@@ -22,8 +22,10 @@ namespace checks {
 
 using at::Tensor;
 
-// finalize_'s `kind`.
-enum LossKind : int64_t { kMiT = 0, kTET = 1, kCCT = 2 };
+// finalize_'s `kind` (mit_loss_math.h).
+using ::mitk::kCCT;
+using ::mitk::kMiT;
+using ::mitk::kTET;
 
 // The device of an op's first tensor (logits, summary), which must be of the implementation's
 // device type: the dispatcher picks the implementation from any of the arguments.
@@ -156,6 +158,8 @@ inline int64_t check_finalize_inputs(int64_t summary_size, const Tensor& row_sta
     check_state_scalar(state[2], device, "lambda_entropy");
     check_state_scalar(state[3], device, "dual_updates");
   } else if (kind == kTET) {
+    TORCH_CHECK(state.empty(), "mitkernels_C::finalize_: TET state is [], got ", state.size(),
+                " tensors");
     TORCH_CHECK(hparams.size() >= 1, "mitkernels_C::finalize_: TET hparams are [lambda]");
   } else {
     TORCH_CHECK(state.size() == 2, "mitkernels_C::finalize_: CCT-EAL state is [label_freq_ema, ",

@@ -706,55 +706,6 @@ def test_opcheck_each_op(kind, reduction):
 # ----------------------------------------------------------------------------------------------
 # Input checks and the portable kernels.
 # ----------------------------------------------------------------------------------------------
-def test_input_checks_have_clear_messages():
-    x = torch.randn(4, 3, 1)
-    y = torch.tensor([0, 1, 2, 0])
-    tau = torch.zeros(1)
-    with pytest.raises(RuntimeError, match=r"logits must be \[N, C, S\]"):
-        OPS.row_stats(x[..., 0], y, tau, *MIT_TEMP, -100)
-    with pytest.raises(RuntimeError, match="targets must be"):
-        OPS.row_stats(x, y[:3], tau, *MIT_TEMP, -100)
-    with pytest.raises(RuntimeError, match="int64 or int32"):
-        OPS.row_stats(x, y.float(), tau, *MIT_TEMP, -100)
-    with pytest.raises(RuntimeError, match="tau must be"):
-        OPS.row_stats(x, y, torch.zeros(2), *MIT_TEMP, -100)
-    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
-        OPS.row_stats(x.to(torch.int32), y, tau, *MIT_TEMP, -100)
-    state = mit_state(3)
-    state[0] = torch.ones(4, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="class_counts"):
-        OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
-    # CCT-EAL's alignment term is a batch quantity: no per-row loss
-    cct = [torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
-    with pytest.raises(RuntimeError, match="reduction 'none' is not defined for CCT-EAL"):
-        OPS.loss_forward_(x, y, torch.zeros(3), cct, 2, [0.9, 1e-12], *CCT_TEMP, -100, NONE,
-                          True, torch.float32)
-    # row statistics of another batch: the backward would read past their end
-    state = mit_state(3)
-    _, _, rs, gi = OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True,
-                                     torch.float32)
-    with pytest.raises(RuntimeError, match="row_stats"):
-        OPS.loss_backward(torch.ones(()), x, y, tau, rs[:, :3].contiguous(), gi, *MIT_TEMP, -100,
-                          MEAN, True)
-    # mutation testing's second round: each check below, removed, let a call read or write
-    # past a buffer or compute garbage, and no test noticed
-    with pytest.raises(RuntimeError, match="row_stats must be Float"):  # float64 for fp32 logits
-        OPS.loss_backward(torch.ones(()), x, y, tau, rs.double(), gi, *MIT_TEMP, -100, MEAN, True)
-    rs, summary = OPS.row_stats(x, y, tau, *MIT_TEMP, -100)
-    with pytest.raises(RuntimeError, match="local_summary must be float64 like summary"):
-        OPS.finalize_(summary, summary[:4].clone(), rs, tau, mit_state(3), 0, [], *MIT_TEMP, MEAN,
-                      True, torch.float32)
-    with pytest.raises(RuntimeError, match="summary has"):  # one temperature's, K = C taus
-        OPS.finalize_(summary, None, rs, torch.zeros(3), mit_state(3), 0, [], *MIT_TEMP, MEAN,
-                      False, torch.float32)
-    state = mit_state(3)
-    base = torch.full((6,), 7.0, dtype=torch.float64)
-    state[0] = base[::2]  # a strided histogram: the kernels write it as if contiguous
-    with pytest.raises(RuntimeError, match="not contiguous"):
-        OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True, torch.float32)
-    assert torch.equal(base, torch.full((6,), 7.0, dtype=torch.float64))
-
-
 def test_the_first_invalid_target_is_named_as_the_reference_names_it():
     x, y = torch.randn(4, 3), torch.tensor([0, 5, -3, 1])
     for backend in ("cpu", "reference"):
@@ -782,18 +733,6 @@ def test_ignored_pixels_get_a_zero_gradient_whatever_their_logits(layout):
     assert torch.equal(x.grad[0, :, 0, 0], torch.zeros(3, dtype=torch.float64))
     assert torch.equal(x.grad[1, :, 3, 5], torch.zeros(3, dtype=torch.float64))
     assert not x.grad.isnan().any()
-
-
-def test_a_loss_dtype_the_op_cannot_store_is_refused_before_the_state_moves():
-    # float8 passed the check (any floating dtype), the state was updated, and only then did
-    # storing the loss fail (an UBSan/ASan run of the extension found it).
-    x, y, tau = torch.randn(4, 3, 1), torch.tensor([0, 1, 2, 0]), torch.zeros(1)
-    state = mit_state(3)
-    before = [s.clone() for s in state]
-    with pytest.raises(RuntimeError, match="loss_dtype must be float16, bfloat16, float32"):
-        OPS.loss_forward_(x, y, tau, state, 0, [], *MIT_TEMP, -100, MEAN, True,
-                          torch.float8_e4m3fn)
-    assert all(torch.equal(a, b) for a, b in zip(state, before))
 
 
 def test_integer_state_scalars_saturate_rather_than_overflow():

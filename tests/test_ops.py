@@ -262,3 +262,118 @@ def test_opcheck_row_stats_of_16_bit_logits(backend, dtype):
     logits, targets, tau, *_ = _op_args(ops.KIND_MIT, backend, dtype=dtype)
     torch.library.opcheck(torch.ops.mitkernels.row_stats.default,
                           (logits, targets, tau, 1e-6, 1e-3, 500.0, -100, backend))
+
+
+def _bad_op_calls():
+    """(case, op, arguments without backend, message): calls each kernel backend must refuse
+    before it writes anything. Most would read or write past a buffer if they ran."""
+    x, y, tau = torch.randn(4, 3, 1), torch.tensor([0, 1, 2, 0]), torch.zeros(1)
+    temp = (1e-6, 1e-3, 500.0)
+
+    def mit(c=3):
+        return list(initial_buffers(c).values())
+
+    cct = [torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    rs, summary = torch.ops.mitkernels.row_stats(x, y, tau, *temp, -100, KERNEL_BACKENDS[0])
+    _, _, _, gi = torch.ops.mitkernels.loss_forward_(x, y, tau, mit(), 0, [], *temp, -100, 1,
+                                                     False, torch.float32, KERNEL_BACKENDS[0])
+    fwd = (x, y, tau, mit(), 0, [], *temp, -100, 1, True, torch.float32)
+    fin = (summary, None, rs, tau, mit(), 0, [], *temp, 1, True, torch.float32)
+    bwd = (torch.ones(()), x, y, tau, rs, gi, *temp, -100, 1, True)
+    strided = torch.full((6,), 7.0, dtype=torch.float64)[::2]  # written as if contiguous
+
+    def with_(args, **at):
+        args = list(args)
+        for i, v in at.items():
+            args[int(i[1:])] = v
+        return tuple(args)
+
+    return [
+        ("logits_2d", "row_stats", (x[..., 0], y, tau, *temp, -100),
+         r"logits must be \[N, C, S\]"),
+        ("logits_int", "row_stats", (x.int(), y, tau, *temp, -100),
+         "logits must be float16, bfloat16, float32 or float64"),
+        ("short_targets", "loss_forward_", with_(fwd, a1=y[:3]),
+         r"targets must be \[N\*S\] = \[4\]"),
+        ("float_targets", "row_stats", (x, y.float(), tau, *temp, -100), "int64 or int32"),
+        ("two_taus", "row_stats", (x, y, torch.zeros(2), *temp, -100),
+         r"tau must be \[1\] or \[C\]"),
+        ("int_tau", "loss_backward", with_(bwd, a3=torch.zeros(1, dtype=torch.int64)),
+         "tau must be float32 or float64"),
+        ("short_counts", "loss_forward_", with_(fwd, a3=mit(2)), "class_counts must be"),
+        ("long_counts", "loss_forward_", with_(fwd, a3=mit(4)), r"class_counts .* got Double \[4\]"),
+        ("strided_counts", "loss_forward_", with_(fwd, a3=[strided] + mit()[1:]), "not contiguous"),
+        ("mit_state_of_3", "finalize_", with_(fin, a4=mit()[:3]), "MiT state is"),
+        ("two_value_lambda", "finalize_", with_(fin, a4=mit()[:2] + [torch.zeros(2)] + mit()[3:]),
+         "lambda_entropy must hold one value"),
+        ("unknown_kind", "loss_forward_", with_(fwd, a4=7), "kind must be 0"),
+        ("unknown_reduction", "finalize_", with_(fin, a10=3), "reduction must be 0"),
+        ("cct_none", "loss_forward_",
+         (x, y, torch.zeros(3), cct, 2, [0.9, 1e-12], 0.0, 0.75, 1.5, -100, 0, True,
+          torch.float32), "reduction 'none' is not defined for CCT-EAL"),
+        ("cct_short_hparams", "loss_forward_",
+         (x, y, torch.zeros(3), cct, 2, [0.9], 0.0, 0.75, 1.5, -100, 1, True, torch.float32),
+         "CCT-EAL hparams are"),
+        ("tet_with_state", "loss_forward_", with_(fwd, a4=1, a5=[0.1]), "TET state is"),
+        ("tet_no_lambda", "loss_forward_", with_(fwd, a3=[], a4=1), "TET hparams are"),
+        ("float8_loss", "loss_forward_", with_(fwd, a12=torch.float8_e4m3fn),
+         "loss_dtype must be float16, bfloat16, float32"),
+        ("short_local_summary", "finalize_", with_(fin, a1=summary[:4].clone()),
+         "local_summary must be float64 like summary"),
+        ("summary_for_one_tau", "finalize_", with_(fin, a3=torch.zeros(3)), "summary has"),
+        ("row_stats_of_3_rows", "loss_backward", with_(bwd, a4=rs[:, :3].contiguous()),
+         "row_stats must be"),
+        ("float64_row_stats", "loss_backward", with_(bwd, a4=rs.double()),
+         "row_stats must be Float"),
+        ("short_grad_info", "loss_backward", with_(bwd, a5=gi[:2].clone()), "grad_info must be"),
+        ("rows_grad_for_mean", "loss_backward", with_(bwd, a0=torch.ones(4)),
+         "grad_loss must be a scalar"),
+        ("short_grad_for_none", "loss_backward", with_(bwd, a0=torch.ones(3), a10=0),
+         r"grad_loss must be \[R\] = \[4\]"),
+    ]
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", range(len(_bad_op_calls())), ids=[c[0] for c in _bad_op_calls()])
+def test_every_kernel_backend_refuses_bad_op_input(backend, case):
+    # The public ops take any tensors. The C++ backends check them (csrc/op_checks.h), the
+    # Triton launchers with the same messages (mitkernels/triton/checks.py): before, Triton took
+    # a short class_counts and wrote past it, read past short targets, and ran CCT-EAL's
+    # finalize for an unknown kind.
+    _, op, args, message = _bad_op_calls()[case]
+    tensors = [t for a in args for t in (a if isinstance(a, list) else [a])
+               if isinstance(t, torch.Tensor)]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.mitkernels, op)(*args, backend)
+    for b, a in zip(before, tensors):
+        assert torch.equal(b, a), "a refused call changed an input"
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_op_inputs_are_read_as_their_values(backend):
+    # The contract's targets and tau are contiguous; a strided view is read by its values (the
+    # C++ ops make it contiguous; Triton's kernels read it as if contiguous, which took every
+    # other element of the storage).
+    torch.manual_seed(4)
+    x = torch.randn(4, 3, 1)
+    y = torch.tensor([0, 9, 1, 9, 2, 9, 0, 9])[::2]
+    tau = torch.tensor([0.3, 9.0, -0.2, 9.0, 0.5, 9.0])[::2]
+    for args in ((x, y, torch.zeros(1)), (x, y, tau)):
+        strided = torch.ops.mitkernels.row_stats(*args, 0.0, 0.75, 1.5, -100, backend)
+        dense = torch.ops.mitkernels.row_stats(*(a.contiguous() for a in args), 0.0, 0.75, 1.5,
+                                               -100, backend)
+        for s, d in zip(strided, dense):
+            assert torch.equal(s, d)
+    cct = [torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    _, _, rs, gi = torch.ops.mitkernels.loss_forward_(x, y.contiguous(), tau.contiguous(), cct, 2,
+                                                      [0.9, 1e-12], 0.0, 0.75, 1.5, -100, 1,
+                                                      False, torch.float32, backend)
+    rs_strided = torch.stack([rs, rs], 2)[..., 0]  # the same values, strides (2R, 2)
+    grads = [torch.ops.mitkernels.loss_backward(torch.ones(()), x, yy, tt, r, gi, 0.0, 0.75, 1.5,
+                                                -100, 1, True, backend)
+             for yy, tt, r in ((y, tau, rs_strided), (y.contiguous(), tau.contiguous(), rs))]
+    for s, d in zip(*grads):
+        assert torch.equal(s, d)

@@ -44,7 +44,9 @@ def _kernels():
     [str(Path(__file__).with_name("test_functional.py")), "-k", "triton"],
     # launch plans recorded from the launchers and replayed into the C++ logging launcher
     [str(Path(__file__).with_name("test_launch_plans.py"))],
-], ids=["test_triton", "test_functional", "test_launch_plans"])
+    # the public ops routed to Triton: opcheck, bad input refused as the C++ ops refuse it
+    [str(Path(__file__).with_name("test_ops.py")), "-k", "triton"],
+], ids=["test_triton", "test_functional", "test_launch_plans", "test_ops"])
 def test_interpreter_suite(suite):
     """CPU tests of the Triton backend, in a process that starts with TRITON_INTERPRET=1."""
     if INTERPRET:
@@ -301,8 +303,8 @@ def test_rows_beyond_32_bits_are_refused():
     # a pixel-major view of as many rows: the same
     with pytest.raises(ValueError, match=msg):
         kernels.loss_backward(torch.ones(()), torch.zeros(1, 2, 1).expand(2, 2, rows // 2 + 1),
-                              targets, tau, torch.zeros(5, 1), torch.zeros(3), *temp, -100, 1,
-                              True)
+                              targets[:1].expand(2 * (rows // 2 + 1)), tau, torch.zeros(5, 1),
+                              torch.zeros(3), *temp, -100, 1, True)
 
 
 def test_classes_beyond_32_bits_are_refused():

@@ -1383,10 +1383,6 @@ std::tuple<Tensor, Tensor> row_stats_cpu(const Tensor& logits, const Tensor& tar
 // ---------------------------------------------------------------------------------------------
 // finalize_: float64 scalar math of the op contract.
 // ---------------------------------------------------------------------------------------------
-using checks::kCCT;
-using checks::kMiT;
-using checks::kTET;
-
 // The finalize_ math on host summaries: S (all ranks) and L (this rank's) of `size` entries.
 std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     const double* S, const double* L, int64_t size, const Tensor& row_stats, const Tensor& tau_in,
@@ -1430,6 +1426,9 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   } else if (kind == kTET) {
     c = coef_stat = hparams[0];
   } else {
+    // a kind added to check_finalize_inputs needs its branch here (and in the CUDA and Triton
+    // finalizes), not CCT-EAL's
+    TORCH_INTERNAL_ASSERT(kind == kCCT, "finalize_: no branch for kind ", kind);
     double* ema = state[0].mutable_data_ptr<double>();
     const double momentum = hparams[0], eps = hparams[1];
     if (upd) {
@@ -1443,17 +1442,12 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   }
 
   // Loss from this rank's sums.
-  const double Bl = L[0], ce_l = L[1] + L[2], h_l = L[2];
+  const double Bl = L[0];
   const double Blg = std::max(Bl, 1.0);
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const double penalty = kind == kCCT ? cct_penalty(alpha, mean_h, h_star) : 0.0;
-  double loss_mean = kind == kCCT ? ce_l / Blg + penalty : ce_l / Blg - c * h_l / Blg;
-  double loss_sum = kind == kCCT ? ce_l + Bl * penalty : ce_l - c * h_l;
-  if (n_invalid > 0) {
-    loss_mean = loss_sum = nan;
-  } else if (Bl == 0) {
-    loss_mean = loss_sum = 0.0;
-  }
+  const LossForms forms =
+      finalize_loss(kind, Bl, L[1] + L[2], L[2], c, alpha, mean_h, h_star, n_invalid);
+  const double loss_mean = forms.mean, loss_sum = forms.sum;
 
   const int64_t R = row_stats.size(1);
   Tensor loss;

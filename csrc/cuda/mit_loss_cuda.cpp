@@ -146,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cuda(
   f.loss_code = loss_code;
   f.stats = stats.mutable_data_ptr<double>();
   f.grad_info = grad_info.mutable_data_ptr();
-  if (kind == 0) {
+  if (kind == kMiT) {
     f.vec_state = state[0].mutable_data_ptr<double>();
     f.s1 = state[1].mutable_data_ptr();
     f.s1_code = scalar_code(state[1].scalar_type(), "total_seen");
@@ -154,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cuda(
     f.s2_code = scalar_code(state[2].scalar_type(), "lambda_entropy");
     f.s3 = state[3].mutable_data_ptr();
     f.s3_code = scalar_code(state[3].scalar_type(), "dual_updates");
-  } else if (kind == 2) {
+  } else if (kind == kCCT) {
     f.vec_state = state[0].mutable_data_ptr<double>();
     f.s1 = state[1].mutable_data_ptr();
     f.s1_code = scalar_code(state[1].scalar_type(), "alpha");

@@ -566,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   const double Bg = B > 1.0 ? B : 1.0;
   const double mean_ce = sum_ce / Bg, mean_h = sum_h / Bg;
   double h_star = 0.0, c = 0.0, coef_stat = 0.0, alpha = 0.0;
-  if (f.kind == 0) {
+  if (f.kind == kMiT) {
     double* counts = f.vec_state;
     double part = 0.0;
     for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
@@ -589,9 +589,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
       write_count(f.s3, f.s3_code, next_count(read_count(f.s3, f.s3_code)));
     }
     coef_stat = c;
-  } else if (f.kind == 1) {
+  } else if (f.kind == kTET) {
     c = coef_stat = f.hp0;
-  } else {
+  } else {  // kCCT: check_finalize_inputs admits no other kind
     double* ema = f.vec_state;
     double part = 0.0;
     for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
@@ -623,16 +623,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   const double t_sum = block_sum(t_part, smem);
   if (threadIdx.x != 0) return;
 
-  const double Bl = L[0], ce_l = L[1] + L[2], h_l = L[2];
+  const double Bl = L[0];
   const double Blg = Bl > 1.0 ? Bl : 1.0;
-  const double penalty = f.kind == 2 ? cct_penalty(alpha, mean_h, h_star) : 0.0;
-  double loss_mean = f.kind == 2 ? ce_l / Blg + penalty : ce_l / Blg - c * h_l / Blg;
-  double loss_sum = f.kind == 2 ? ce_l + Bl * penalty : ce_l - c * h_l;
-  if (n_invalid > 0) {
-    loss_mean = loss_sum = nan("");
-  } else if (Bl == 0) {
-    loss_mean = loss_sum = 0.0;
-  }
+  const LossForms forms =
+      finalize_loss(f.kind, Bl, L[1] + L[2], L[2], c, alpha, mean_h, h_star, n_invalid);
+  const double loss_mean = forms.mean, loss_sum = forms.sum;
   if (f.reduction != 0) write_code(f.loss, f.loss_code, f.reduction == 1 ? loss_mean : loss_sum);
   gi[0] = static_cast<acc_t>(c);
   gi[1] = static_cast<acc_t>(f.reduction == 1 ? 1.0 / Blg : 1.0);
@@ -642,7 +637,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeArgs f) {
   st[2] = mean_h;
   st[3] = h_star;
   st[4] = coef_stat;
-  st[5] = f.kind == 2 ? t_sum / Bg : t0;
+  st[5] = f.kind == kCCT ? t_sum / Bg : t0;
   st[6] = upd ? 1.0 : 0.0;
   st[7] = B;
   st[8] = n_invalid;

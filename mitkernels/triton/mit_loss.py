@@ -47,10 +47,14 @@ from torch import Tensor
 # Absolute: tests/test_triton_aot.py loads this file on its own, outside the package.
 from mitkernels._backends import TRITON_MAX_ROWS
 from mitkernels.triton import launch_plans as _plans
-from mitkernels.ops import KIND_MIT, ROW_STATS_FIELDS, STATS_FIELDS, summary_size
+from mitkernels.triton import checks as _checks
+from mitkernels.ops import (KIND_CCT, KIND_MIT, KIND_TET, ROW_STATS_FIELDS, STATS_FIELDS,
+                            summary_size)
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
 SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum (CE - H), sum H, sum V, n_invalid
+# finalize_'s kinds inside the kernels (a runtime argument, compared with these)
+MIT, TET, CCT = tl.constexpr(KIND_MIT), tl.constexpr(KIND_TET), tl.constexpr(KIND_CCT)
 STATS_LEN = len(STATS_FIELDS)
 ROW_STATS = len(ROW_STATS_FIELDS)
 NUM_STATS = tl.constexpr(STATS_LEN)
@@ -212,7 +216,7 @@ HIST_OFFSET = tl.constexpr(IBUF_HIST)
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
 NONE_LOSS_BLOCK, NONE_LOSS_WARPS = 1024, 4
 GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
-LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LOGITS_DTYPES = _checks.LOGITS_DTYPES
 
 
 def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
@@ -972,7 +976,7 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     hist_ptr = sum_ptr + SUMMARY_HEADER
     nan = _nan_f64()
 
-    if kind == 0:  # MiT: counts, total_seen, lambda_entropy, dual_updates
+    if kind == MIT:  # counts, total_seen, lambda_entropy, dual_updates
         total = tl.zeros([], tl.float64)
         clogc = tl.zeros([], tl.float64)
         if CLASS_PARTS:  # in program order: the same bits every run
@@ -1008,12 +1012,13 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
                                      st1_ptr.dtype.element_ty), mask=upd)
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
-    elif kind == 1:  # TET: fixed lambda
+    elif kind == TET:  # fixed lambda
         coef = _f64(hp0)
         h_star = tl.zeros([], tl.float64)  # no label entropy: 0, never NaN, in the stats
         coef_stat = coef
         reg = tl.zeros([], tl.float64)
-    else:  # CCT-EAL: label_freq_ema, alpha; hparams = [ema_momentum, entropy_eps]
+    else:  # CCT (checks.py admits no other kind): label_freq_ema, alpha; hparams =
+        # [ema_momentum, entropy_eps]
         ent = tl.zeros([], tl.float64)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -1057,11 +1062,11 @@ def _finalize_body(sum_ptr, loc_ptr, tau_ptr, st0_ptr, st1_ptr, st2_ptr, st3_ptr
     # T_0 in the stats; CCT-EAL reports the hist-weighted mean T (the op contract, as the CPU)
     # (one temperature: B T / B, so 0 for a batch with no valid row, as the CPU and CUDA give)
     cct_sum = tl.where(multi, temp_sum, temp0.to(tl.float64) * big_b)
-    temp_stat = tl.where(kind == 2, cct_sum * inv_bg, temp0.to(tl.float64))
+    temp_stat = tl.where(kind == CCT, cct_sum * inv_bg, temp0.to(tl.float64))
 
     loc_bg = tl.maximum(loc_b, 1.0)
     inv_loc_bg = _recip(loc_bg)
-    if kind == 2:
+    if kind == CCT:
         mean_form = loc_ce * inv_loc_bg + reg
         sum_form = loc_ce + loc_b * reg
     else:
@@ -1406,8 +1411,10 @@ def _check_rows(logits: Tensor) -> None:
 
 def row_stats(logits: Tensor, targets: Tensor, tau: Tensor, t_eps: float, t_min: float,
               t_max: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    _checks.row_inputs(logits, targets, tau, "row_stats")
     _check_rows(logits)
-    return _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
+    return _launch_row_stats(logits, targets.contiguous(), tau.contiguous(), t_eps, t_min, t_max,
+                             ignore_index)
 
 
 def _state_pointers(state: Sequence[Tensor], kind: int, dummy_f64: Tensor) -> List[Tensor]:
@@ -1422,14 +1429,6 @@ def _state_pointers(state: Sequence[Tensor], kind: int, dummy_f64: Tensor) -> Li
 def _hparams(hparams: Sequence[float]) -> Tuple[float, float]:
     hp = [float(h) for h in hparams] + [0.0, 0.0]
     return hp[0], hp[1]
-
-
-def _check_loss_dtype(loss_dtype: torch.dtype) -> None:
-    # before any kernel runs: the loss is stored after the state update (csrc/op_checks.h alike);
-    # a loss takes the dtypes the logits do
-    if loss_dtype not in LOGITS_DTYPES:
-        raise RuntimeError(f"mitkernels (triton): loss_dtype must be float16, bfloat16, float32 "
-                           f"or float64, got {loss_dtype}")
 
 
 def _finalize_outputs(rows: int, device, acc: torch.dtype, num_temperatures: int, reduction: int,
@@ -1453,15 +1452,17 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
               state: List[Tensor], kind: int, hparams: List[float], t_eps: float, t_min: float,
               t_max: float, reduction: int, update_state: bool,
               loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_loss_dtype(loss_dtype)
+    num_classes = _checks.finalize_inputs(
+        _checks.summaries(summary, local_summary), row_stats, tau, state, kind, hparams,
+        reduction, loss_dtype, summary.device)
+    summary, row_stats, tau = summary.contiguous(), row_stats.contiguous(), tau.contiguous()
     num_temperatures = tau.shape[0]
-    num_classes = (summary.shape[0] - HEADER) // (1 if num_temperatures == 1 else 3)
     rows = row_stats.shape[1]
     loss, stats, grad_info = _finalize_outputs(rows, summary.device, row_stats.dtype,
                                                num_temperatures, reduction, loss_dtype)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
-    local = summary if local_summary is None else local_summary
+    local = summary if local_summary is None else local_summary.contiguous()
     if kind == KIND_MIT and num_classes > FINALIZE_BLOCK:
         ticket = _plans.zeros((1,), dtype=torch.int32, device=summary.device)
         # the partials and histogram of FROM_PARTS unused: the summary has them
@@ -1537,9 +1538,11 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
                   hparams: List[float], t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int, update_state: bool,
                   loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _checks.row_inputs(logits, targets, tau, "loss_forward_")
     _check_rows(logits)
-    _check_loss_dtype(loss_dtype)
     n, c, s = logits.shape
+    _checks.state_and_options(state, kind, hparams, loss_dtype, c, logits.device, reduction)
+    targets, tau = targets.contiguous(), tau.contiguous()
     rows = n * s
     cfg = row_config(c, logits.dtype)
     num_temperatures = tau.shape[0]
@@ -1598,10 +1601,13 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, tau: Tenso
                   row_stats: Tensor, grad_info: Tensor, t_eps: float, t_min: float, t_max: float,
                   ignore_index: int, reduction: int,
                   compute_grad_tau: bool) -> Tuple[Tensor, Tensor]:
+    _, _, _, rows, num_temperatures = _checks.row_inputs(logits, targets, tau, "loss_backward")
     _check_rows(logits)
+    _checks.backward_inputs(grad_loss, row_stats, grad_info, rows, num_temperatures,
+                            _acc_dtype(logits.dtype), reduction, logits.device)
+    targets, tau = targets.contiguous(), tau.contiguous()
+    row_stats, grad_info = row_stats.contiguous(), grad_info.contiguous()
     n, c, s = logits.shape
-    rows = n * s
-    num_temperatures = tau.shape[0]
     spatial = spatial_config(logits, backward=True)
     cfg = spatial or row_config(c, logits.dtype)
     # the logits' strides when dense (ops._grad_logits_like)
