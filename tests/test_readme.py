@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,33 @@ def test_ddp_example_runs_on_two_processes():
                       "29517", "examples/ddp_train.py", "--steps", "3"], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 ranks agree" in out.stdout
+
+
+_SOURCE = r"[\w./-]+\.(?:py|h|cpp|cu|md|sh|toml)"
+
+
+def _source_file(path: str):
+    """A repository file named by its path, or by a name unique in the repository."""
+    if (ROOT / path).is_file():
+        return ROOT / path
+    found = [p for p in ROOT.rglob(Path(path).name)
+             if not {".venv", "build", ".git"} & set(p.relative_to(ROOT).parts)
+             and str(p).endswith("/" + path)]
+    return found[0] if len(found) == 1 else None
+
+
+def test_developer_guide_names_what_exists():
+    """docs/DEVELOPING.md points into the code as `file::name` and `dir/file`: each file exists
+    (or, given by its name alone, is one file of the repository) and each name is in it."""
+    text = (ROOT / "docs" / "DEVELOPING.md").read_text()
+    refs = re.findall(rf"({_SOURCE})::(\w+)", text)
+    paths = re.findall(rf"`((?:[\w.-]+/)+[\w.-]+\.(?:py|h|cpp|cu|md|sh|toml))`", text)
+    assert len(refs) > 20 and len(paths) > 10  # the patterns still read the page
+    problems = [f"no file {p}" for p in paths if not (ROOT / p).is_file()]
+    for path, name in refs:
+        source = _source_file(path)
+        if source is None:
+            problems.append(f"no single file {path}")
+        elif not re.search(rf"\b{name}\b", source.read_text()):
+            problems.append(f"{name} is not in {path}")
+    assert not problems, problems
