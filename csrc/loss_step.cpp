@@ -31,6 +31,7 @@
 
 #include "loss_step.h"
 #include "mit_loss_math.h"
+#include "op_checks.h"
 #include "triton_plans.h"
 
 namespace mitk {
@@ -261,6 +262,9 @@ ForwardOut call_forward(const Canonical& in, const StepArgs& a, bool use_plans) 
   for (double t : {a.t_eps, a.t_min, a.t_max}) scalars.push_back(plans::bits(t));
   scalars.insert(scalars.end(), {a.ignore_index, a.reduction, a.update_state,
                                  static_cast<int64_t>(a.loss_dtype)});
+  // A replay skips the Python launcher, which marks the state written (its version counters):
+  // marked here for both (a second bump on a recording call is harmless).
+  checks::mark_state_written(a.state, a.kind, a.update_state);
   const std::vector<Tensor> out = by_plan(plans::Op::kForward, inputs, scalars, [&] {
     auto [loss, stats, row_stats, grad_info] = call();
     return std::vector<Tensor>{loss, stats, row_stats, grad_info};

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -170,6 +171,28 @@ inline int64_t check_finalize_inputs(int64_t summary_size, const Tensor& row_sta
                 "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
   }
   return C;
+}
+
+// The state tensors that finalize_ writes when it updates (MiT's four; CCT-EAL's label_freq_ema,
+// its alpha being read only), marked written as torch's in-place ops mark theirs: their version
+// counters bumped, so that autograd refuses a backward through a graph that saved one before the
+// step (the kernels write through raw pointers, which autograd cannot see; without the bump such
+// a backward used the updated values, silently). Bumped before the write, whether or not the
+// batch turns out to update (the device decides, and the host cannot wait for it). A tensor made
+// under inference mode takes no in-place update outside it (torch's rule): refused here, before
+// anything is written.
+inline void mark_state_written(at::TensorList state, int64_t kind, bool update_state) {
+  if (!update_state || kind == kTET) return;
+  static const char* const kMiTNames[] = {"class_counts", "total_seen", "lambda_entropy",
+                                          "dual_updates"};
+  const size_t n = kind == kMiT ? 4 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(!state[i].is_inference() || c10::InferenceMode::is_enabled(),
+                "mitkernels_C::finalize_: ", kind == kMiT ? kMiTNames[i] : "label_freq_ema",
+                " was made under torch.inference_mode() and cannot be updated in place outside "
+                "it: make the state outside inference mode (or pass update_state=False)");
+  }
+  for (size_t i = 0; i < n; ++i) state[i].unsafeGetTensorImpl()->bump_version();
 }
 
 // loss_backward's arguments beside the row inputs: the forward's row statistics and gradient

@@ -129,10 +129,11 @@ def mit_step(logits: Tensor, targets: Tensor, tau: Tensor, class_counts: Tensor,
         gap = ((h_star - h.detach().double()) / math.log(num_classes)).clamp_min(0.0)
         lam_new = ((lambda_entropy * (n_new - 1) + gap) / n_new).clamp(0.0, MIT_LAMBDA_MAX)
         lam = torch.where(do_update, lam_new, lambda_entropy)
-        _assign(class_counts, counts_new)
-        _assign(total_seen, torch.where(do_update, total_seen + count, total_seen))
-        _assign(dual_updates, torch.where(do_update, n_new, dual_updates))
-        _assign(lambda_entropy, lam)
+        if update_state:  # else nothing is written (nor marked written, for autograd)
+            _assign(class_counts, counts_new)
+            _assign(total_seen, torch.where(do_update, total_seen + count, total_seen))
+            _assign(dual_updates, torch.where(do_update, n_new, dual_updates))
+            _assign(lambda_entropy, lam)
     entropy_coef = lam.to(ce_rows.dtype)
     loss = _reduce(ce_rows, h_rows, valid, reduction, entropy_coef, targets.shape)
     loss_mean = ce - entropy_coef * h
@@ -180,7 +181,8 @@ def cct_eal_step(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
         do_update = ok & update_state
         freq = hist / count.clamp_min(1)
         ema_new = ema_momentum * label_freq_ema + (1.0 - ema_momentum) * freq
-        _assign(label_freq_ema, torch.where(do_update, ema_new, label_freq_ema))
+        if update_state:
+            _assign(label_freq_ema, torch.where(do_update, ema_new, label_freq_ema))
         h_star = _entropy(label_freq_ema.clamp_min(entropy_eps))
         t_mean = (hist * t_c.detach().double()).sum() / count.clamp_min(1)
     align = alpha.to(h.dtype) * (h - h_star.to(h.dtype)) ** 2

@@ -1025,3 +1025,46 @@ def test_a_tau_c_of_the_wrong_shape_is_refused(backend):
                                 torch.zeros(3, 1, requires_grad=True),
                                 torch.full((3,), 1 / 3, dtype=torch.float64), 2.0,
                                 backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_update_is_an_in_place_update_for_autograd(backend):
+    # A graph that saved a state tensor before the step must not differentiate through its
+    # updated value. The kernels write the state through pointers: before they marked it
+    # written (its version counter), such a backward gave p.grad = the updated counts, [2, 3, 2],
+    # where the reference raises, as torch does after any in-place update.
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    state = mitkernels.MiTState(3)
+    ema = torch.full((3,), 1 / 3, dtype=torch.float64)
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    saved = [(p * state.class_counts).sum(), (p * state.lambda_entropy).sum(), (p * ema).sum()]
+    mitkernels.mit_loss(x, y, state, backend=backend)
+    mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema, torch.tensor(1.0, dtype=torch.float64),
+                            backend=backend)
+    for graph in saved:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            graph.backward()
+    # nothing is written, nothing is marked: a graph of the state survives an evaluation step
+    state = mitkernels.MiTState(3)
+    kept = (p * state.class_counts).sum()
+    mitkernels.mit_loss(x, y, state, backend=backend, update_state=False)
+    mitkernels.tet_loss(x, y, backend=backend)
+    kept.backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_an_inference_state_is_refused_by_the_ops_before_anything_is_written(backend):
+    # mit_loss refuses such a state itself; the public op, called directly, wrote it in place
+    # outside inference mode, which torch forbids for an inference tensor.
+    with torch.inference_mode():
+        state = list(mitkernels.state.initial_buffers(3).values())
+    x, y = torch.randn(4, 3, 1), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(RuntimeError, match="class_counts was made under torch.inference_mode"):
+        torch.ops.mitkernels.loss_forward_(x, y, torch.zeros(1), state, 0, [], 1e-6, 1e-3, 500.0,
+                                           -100, 1, True, torch.float32, backend)
+    assert torch.equal(state[0], torch.ones(3, dtype=torch.float64))
+    assert int(state[3]) == 0
+    with torch.inference_mode():  # inside inference mode the update is allowed
+        torch.ops.mitkernels.loss_forward_(x, y, torch.zeros(1), state, 0, [], 1e-6, 1e-3, 500.0,
+                                           -100, 1, True, torch.float32, backend)
+    assert int(state[3]) == 1

@@ -1391,6 +1391,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
   // Every check before anything is written.
   const int64_t C = checks::check_finalize_inputs(size, row_stats, tau_in, state, kind, hparams,
                                                   reduction, loss_dtype, c10::Device(c10::kCPU));
+  checks::mark_state_written(state, kind, update_state);
   const int64_t K = tau_in.numel();
   const Tensor tau = tau_in.contiguous();
 

@@ -111,6 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_cuda(
   const int64_t size = checks::check_summaries(summary_in, local_in, c10::kCUDA);
   const int64_t C = checks::check_finalize_inputs(size, row_stats_in, tau_in, state, kind, hparams,
                                                   reduction, loss_dtype, summary_in.device());
+  checks::mark_state_written(state, kind, update_state);
   const int64_t K = tau_in.numel();
   const int loss_code = scalar_code(loss_dtype, "loss_dtype");
   const c10::cuda::CUDAGuard guard(summary_in.device());

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from mitkernels.ops import KIND_CCT, KIND_MIT, KIND_TET, ROW_STATS_FIELDS, SUMMARY_HEADER
 
@@ -159,6 +160,25 @@ def state_and_options(state: Sequence[Tensor], kind: int, hparams: Sequence[floa
         _state_scalar(state[1], device, "alpha")
         if len(hparams) < 2:
             _fail(op, "CCT-EAL hparams are [ema_momentum, entropy_eps]")
+
+
+_MIT_STATE = ("class_counts", "total_seen", "lambda_entropy", "dual_updates")
+
+
+def mark_state_written(state: Sequence[Tensor], kind: int, update_state: bool) -> None:
+    """``mark_state_written``: the state tensors the finalize writes get their version counters
+    bumped, as a torch in-place op bumps them, before the kernels write them through pointers
+    autograd cannot see; one made under inference mode is refused outside it."""
+    if not update_state or kind == KIND_TET:
+        return
+    names = _MIT_STATE if kind == KIND_MIT else ("label_freq_ema",)
+    if not torch.is_inference_mode_enabled():
+        for t, name in zip(state, names):
+            if t.is_inference():
+                _fail("finalize_", f"{name} was made under torch.inference_mode() and cannot be "
+                                   "updated in place outside it: make the state outside "
+                                   "inference mode (or pass update_state=False)")
+    increment_version(list(state[:len(names)]))
 
 
 def backward_inputs(grad_loss: Tensor, row_stats: Tensor, grad_info: Tensor, rows: int,

@@ -1455,6 +1455,7 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
     num_classes = _checks.finalize_inputs(
         _checks.summaries(summary, local_summary), row_stats, tau, state, kind, hparams,
         reduction, loss_dtype, summary.device)
+    _checks.mark_state_written(state, kind, update_state)
     summary, row_stats, tau = summary.contiguous(), row_stats.contiguous(), tau.contiguous()
     num_temperatures = tau.shape[0]
     rows = row_stats.shape[1]
@@ -1542,6 +1543,7 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
     _check_rows(logits)
     n, c, s = logits.shape
     _checks.state_and_options(state, kind, hparams, loss_dtype, c, logits.device, reduction)
+    _checks.mark_state_written(state, kind, update_state)
     targets, tau = targets.contiguous(), tau.contiguous()
     rows = n * s
     cfg = row_config(c, logits.dtype)
