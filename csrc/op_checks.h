@@ -158,17 +158,22 @@ inline int64_t check_finalize_inputs(int64_t summary_size, const Tensor& row_sta
     check_state_scalar(state[1], device, "total_seen");
     check_state_scalar(state[2], device, "lambda_entropy");
     check_state_scalar(state[3], device, "dual_updates");
+    TORCH_CHECK(hparams.empty(), "mitkernels_C::finalize_: MiT hparams are [], got ",
+                hparams.size(), " values");
   } else if (kind == kTET) {
     TORCH_CHECK(state.empty(), "mitkernels_C::finalize_: TET state is [], got ", state.size(),
                 " tensors");
-    TORCH_CHECK(hparams.size() >= 1, "mitkernels_C::finalize_: TET hparams are [lambda]");
+    // exactly: the GPU kernels take two hparams and would drop a third without a word
+    TORCH_CHECK(hparams.size() == 1, "mitkernels_C::finalize_: TET hparams are [lambda], got ",
+                hparams.size(), " values");
   } else {
     TORCH_CHECK(state.size() == 2, "mitkernels_C::finalize_: CCT-EAL state is [label_freq_ema, ",
                 "alpha], got ", state.size(), " tensors");
     check_state_vec(state[0], device, C, "label_freq_ema");
     check_state_scalar(state[1], device, "alpha");
-    TORCH_CHECK(hparams.size() >= 2,
-                "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps]");
+    TORCH_CHECK(hparams.size() == 2,
+                "mitkernels_C::finalize_: CCT-EAL hparams are [ema_momentum, entropy_eps], got ",
+                hparams.size(), " values");
   }
   return C;
 }

@@ -35,9 +35,11 @@ STATS_NAMES = {
 # Validation: every check runs before any state tensor is touched.
 # --------------------------------------------------------------------------------------------
 def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: str,
-                  state_tensors: Sequence[Tensor]) -> None:
+                  state_tensors: Sequence[Tensor]) -> Tensor:
     """Every check that needs no pass over the data; the targets' range is checked where the
     backend is known (``_backend_for`` for the reference, after the pass for the kernels).
+    Returns the targets as int64 or int32: other integer dtypes converted, since a comparison
+    with ``ignore_index`` in their own dtype wraps it (uint8's 156 equals -100).
 
     Ordered so that a valid call takes the fewest tensor attribute reads: a 32-row step is
     microseconds long, and this runs on every one."""
@@ -99,6 +101,12 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
                     ".to(device))")
                 raise ValueError(f"all tensors must be on one device: logits on {device}, "
                                  f"{what} on {t.device}{hint}")
+    if targets.dtype in _INDEX_DTYPES:
+        return targets
+    if targets.dtype == torch.uint64:  # 2^64 - 100 became -100, ignore_index, in int64
+        raise TypeError("targets must not be uint64 (its values past 2^63 do not fit the int64 "
+                        "the kernels index with): pass int64")
+    return targets.long()  # int8, int16, uint8, uint16, uint32: every value fits
 
 
 def _any_inference(tensors: Sequence[Tensor]) -> bool:
@@ -126,14 +134,16 @@ def _check_state(entries: Sequence[Tuple[str, Tensor, torch.dtype, int]]) -> Non
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != dtype:
             raise TypeError(f"{name} must be {dtype} (it is updated in place), got {t.dtype}")
-        if t.numel() != numel:
-            raise ValueError(f"{name} must hold {numel} value(s), got shape {tuple(t.shape)}")
+        if t.numel() != numel or (name in _CLASS_VECTORS and t.dim() != 1):
+            shape = f"[{numel}]" if name in _CLASS_VECTORS else f"{numel} value(s)"
+            raise ValueError(f"{name} must hold {shape}, got shape {tuple(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the kernels update it in place), got "
                              f"strides {t.stride()}")
 
 
 _MIT_STATE_DTYPES = tuple(STATE_BUFFERS.values())  # class_counts, total_seen, lambda, updates
+_CLASS_VECTORS = ("class_counts", "label_freq_ema")  # a [C] vector each (the kernels' layout)
 
 
 def _mit_state_ok(counts, total_seen, lambda_entropy, dual_updates) -> bool:
@@ -142,7 +152,7 @@ def _mit_state_ok(counts, total_seen, lambda_entropy, dual_updates) -> bool:
         return ((counts.dtype, total_seen.dtype, lambda_entropy.dtype, dual_updates.dtype) ==
                 _MIT_STATE_DTYPES and total_seen.numel() == 1 and
                 lambda_entropy.numel() == 1 and dual_updates.numel() == 1 and
-                counts.is_contiguous())
+                counts.dim() == 1 and counts.is_contiguous())
     except AttributeError:  # not a tensor: _check_state names it
         return False
 
@@ -409,7 +419,11 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     if not _mit_state_ok(*buffers):
         _check_state([(name, t, dtype, num_classes if name == "class_counts" else 1)
                       for (name, dtype), t in zip(STATE_BUFFERS.items(), buffers)])
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [tau, *buffers])
+    if num_classes < 2:  # as MiTState refuses: the dual step divides by log C = 0
+        raise ValueError(f"MiT needs at least 2 classes (its lambda step divides by log C), got "
+                         f"a state of {num_classes}")
+    targets = _check_inputs(logits, targets, num_classes, ignore_index, reduction,
+                            [tau, *buffers])
     _check_temperature(tau, 1, "tau")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":
@@ -466,7 +480,7 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
     else:
         _refuse_learned_tet(temperature, lambda_entropy)
     num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.dim() >= 2 else 0
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
+    targets = _check_inputs(logits, targets, num_classes, ignore_index, reduction, [])
     name = _backend_for(backend, logits.device, None, targets, num_classes, ignore_index)
     if name == "reference":
         loss, stats = reference.tet_loss(logits, targets, temperature, lambda_entropy,
@@ -480,7 +494,8 @@ def tet_loss(logits: Tensor, targets: Tensor, temperature: float = 0.5,
                     ignore_index, reduction, False, name)
 
 
-def check_cct_options(reduction: str, ema_momentum: float, t_min: float, t_max: float) -> None:
+def check_cct_options(reduction: str, ema_momentum: float, t_min: float, t_max: float,
+                      entropy_eps: float = 0.0) -> None:
     check_temperature_range("T_min", t_min)
     check_temperature_range("T_max", t_max)
     if not float(t_min) <= float(t_max):
@@ -490,6 +505,9 @@ def check_cct_options(reduction: str, ema_momentum: float, t_min: float, t_max: 
                          "is a batch quantity")
     if not 0.0 <= float(ema_momentum) <= 1.0:
         raise ValueError(f"ema_momentum must lie in [0, 1], got {ema_momentum}")
+    # a NaN floor made the reference's H* NaN, where the kernels' clamp ignored it
+    if not 0.0 <= float(entropy_eps) < math.inf:
+        raise ValueError(f"entropy_eps must be finite and >= 0, got {entropy_eps}")
 
 
 def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema: Tensor,
@@ -513,7 +531,7 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
     Returns ``(loss, stats)`` with stats ``loss, ce, H, H_star, alpha_t, T_mean, updated, valid,
     invalid_targets``.
     """
-    check_cct_options(reduction, ema_momentum, t_min, t_max)
+    check_cct_options(reduction, ema_momentum, t_min, t_max, entropy_eps)
     if not isinstance(label_freq_ema, Tensor):
         raise TypeError(f"label_freq_ema must be a torch.Tensor, got "
                         f"{type(label_freq_ema).__name__}")
@@ -532,8 +550,8 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
         if alpha.numel() != 1:
             raise ValueError(f"alpha must hold 1 value, got shape {tuple(alpha.shape)}")
     _check_state([("label_freq_ema", label_freq_ema, torch.float64, num_classes)])
-    _check_inputs(logits, targets, num_classes, ignore_index, reduction,
-                  [tau_c, label_freq_ema, alpha])
+    targets = _check_inputs(logits, targets, num_classes, ignore_index, reduction,
+                            [tau_c, label_freq_ema, alpha])
     _check_temperature(tau_c, num_classes, "tau_c")
     name = _backend_for(backend, logits.device, process_group, targets, num_classes, ignore_index)
     if name == "reference":

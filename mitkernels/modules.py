@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from . import _backends, functional
 from .calibration import calibrate_temperature
-from .state import (STATE_BUFFERS, check_cct_statistics, check_num_classes,
-                    convert_published_state_dict, initial_buffers, tau_for_temperature)
+from .state import (STATE_BUFFERS, check_cct_statistics, check_loaded_entry,
+                    check_num_classes, convert_published_state_dict, initial_buffers,
+                    tau_for_temperature)
 from .reference import MIT_T_MAX, MIT_T_MIN
 from .reference import temperature as _temperature
 
@@ -152,7 +153,12 @@ class MiTLoss(_ExactStateModule):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Accept the published criterion's dicts: float32 counts, scalar shapes, stray model.* keys.
-        if all(prefix + k in state_dict for k in ("tau", *STATE_BUFFERS)):
+        if not all(prefix + k in state_dict for k in ("tau", *STATE_BUFFERS)):
+            # a partial dict (strict=False): each entry it has, checked on its own
+            for k in ("tau", *STATE_BUFFERS):
+                if prefix + k in state_dict:
+                    check_loaded_entry(k, state_dict[prefix + k])
+        else:
             converted = convert_published_state_dict(state_dict, self.num_classes, prefix)
             for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
                 del state_dict[key]
@@ -230,7 +236,7 @@ class CCTEALLoss(_ExactStateModule):
         self.num_classes = check_num_classes(num_classes)
         if not 0.0 <= float(alpha_max) < math.inf:
             raise ValueError(f"alpha_max must be finite and >= 0, got {alpha_max}")
-        functional.check_cct_options(reduction, ema_momentum, T_min, T_max)
+        functional.check_cct_options(reduction, ema_momentum, T_min, T_max, eps)
         functional.check_options(ignore_index, reduction)
         self.alpha_max = float(alpha_max)
         self.ema_momentum = float(ema_momentum)

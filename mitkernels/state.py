@@ -165,26 +165,37 @@ def _finite_non_negative(v: Tensor) -> bool:
     return bool(torch.isfinite(v).all() and (v >= 0).all())
 
 
+def check_loaded_entry(name: str, value) -> None:
+    """One entry of a MiT state dict (``tau`` or a running statistic) as a step can leave it,
+    or a ValueError naming it: a NaN lambda or a negative count would be carried into every
+    later step (the backends do not even agree on what to make of them), so a state dict holding
+    one is refused when it is loaded. Each entry on its own, so that a partial dict
+    (``strict=False``) is checked too."""
+    v = _float64(value)
+    if name == "tau":
+        if bool(torch.isnan(v).any()):  # inf is the published code's own (a warning, later)
+            raise ValueError("tau is NaN: T and every loss after it would be NaN")
+    elif name == "class_counts":
+        if not (_finite_non_negative(v) and v.sum() > 0):
+            raise ValueError("class_counts must be finite and non-negative, with a positive "
+                             f"sum, got {v.tolist()[:8]}")
+    elif name == "total_seen":
+        if not _finite_non_negative(v):
+            raise ValueError(f"total_seen must be finite and non-negative, got {v.tolist()}")
+    elif name == "lambda_entropy":
+        if not bool(((v >= 0.0) & (v <= MIT_LAMBDA_MAX)).all()):  # False for NaN
+            raise ValueError(f"lambda_entropy must lie in [0, {MIT_LAMBDA_MAX}] (the dual "
+                             f"update's range), got {v.tolist()}")
+    elif name == "dual_updates":
+        # below 2^63: int64 holds it (a larger float wrapped to a negative count on copy)
+        if not bool((torch.isfinite(v) & (v >= 0) & (v == v.floor()) & (v < 2.0**63)).all()):
+            raise ValueError("dual_updates must be a non-negative whole number below 2^63, got "
+                             f"{v.tolist()}")
+
+
 def _check_running_statistics(sd: Mapping[str, Tensor]) -> None:
-    """The values a MiT step can produce, or a ValueError naming the one that is not: a NaN
-    lambda or a negative count would be carried into every later step (the backends do not even
-    agree on what to make of them), so a state dict holding one is refused when it is loaded."""
-    counts = _float64(sd["class_counts"])
-    if not (_finite_non_negative(counts) and counts.sum() > 0):
-        raise ValueError("class_counts must be finite and non-negative, with a positive sum, "
-                         f"got {counts.tolist()[:8]}")
-    scalars = {k: _float64(sd[k]).reshape(()) for k in
-               ("total_seen", "lambda_entropy", "dual_updates")}
-    if not _finite_non_negative(scalars["total_seen"]):
-        raise ValueError(f"total_seen must be finite and non-negative, got "
-                         f"{float(scalars['total_seen'])}")
-    lam = float(scalars["lambda_entropy"])
-    if not 0.0 <= lam <= MIT_LAMBDA_MAX:  # False for NaN
-        raise ValueError(f"lambda_entropy must lie in [0, {MIT_LAMBDA_MAX}] (the dual update's "
-                         f"range), got {lam}")
-    n = float(scalars["dual_updates"])
-    if not (math.isfinite(n) and n >= 0 and n == int(n)):
-        raise ValueError(f"dual_updates must be a non-negative whole number, got {n}")
+    for name in ("tau", *STATE_BUFFERS):
+        check_loaded_entry(name, sd[name])
 
 
 def check_cct_statistics(label_freq_ema: Optional[Tensor], alpha_t: Optional[Tensor]) -> None:

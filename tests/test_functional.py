@@ -154,6 +154,13 @@ BAD_CALLS = [
      ValueError, r"targets must have shape \(2, 2, 6\)"),
     ("fp16 tau", lambda: (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.float16),
      TypeError, "tau must be float32 or float64"),
+    # uint8's 156 compared equal to ignore_index -100 (in uint8): the reference's check let it
+    # through and indexed with it; uint64's 2^64 - 100 became -100 in int64 on the kernels
+    ("uint8 target", lambda: (torch.randn(4, 3), torch.tensor([0, 156, 1, 2], dtype=torch.uint8)),
+     ValueError, "found 156"),
+    ("uint64 targets", lambda: (torch.randn(4, 3), torch.tensor([0, 2**64 - 100, 1, 2],
+                                                                dtype=torch.uint64)),
+     TypeError, "uint64"),
 ]
 
 
@@ -1068,3 +1075,28 @@ def test_an_inference_state_is_refused_by_the_ops_before_anything_is_written(bac
         torch.ops.mitkernels.loss_forward_(x, y, torch.zeros(1), state, 0, [], 1e-6, 1e-3, 500.0,
                                            -100, 1, True, torch.float32, backend)
     assert int(state[3]) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_states_and_options_no_step_can_use_are_refused(backend):
+    # Each was taken before, with backends disagreeing or the state corrupted: a 1-class MiT
+    # state (lambda 0/0 = NaN, stored as updated), counts shaped [1, C] (the reference ran, the
+    # kernels raised from the op), a NaN entropy_eps (the reference's H* NaN, the kernels' not).
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    state = mitkernels.MiTState(3)
+    state.class_counts = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        mitkernels.mit_loss(x[:, :1], torch.zeros(4, dtype=torch.long), state, backend=backend)
+    state = mitkernels.MiTState(3)
+    state.class_counts = torch.ones(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"class_counts must hold \[3\]"):
+        mitkernels.mit_loss(x, y, state, backend=backend)
+    assert torch.equal(state.class_counts, torch.ones(1, 3, dtype=torch.float64))
+    ema = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for eps in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="entropy_eps must be finite and >= 0"):
+            mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema, 1.0, entropy_eps=eps,
+                                    backend=backend)
+        with pytest.raises(ValueError, match="entropy_eps must be finite and >= 0"):
+            mitkernels.CCTEALLoss(3, eps=eps, backend=backend)
+    assert torch.equal(ema, torch.full((3,), 1 / 3, dtype=torch.float64))

@@ -316,6 +316,11 @@ def _bad_op_calls():
          "CCT-EAL hparams are"),
         ("tet_with_state", "loss_forward_", with_(fwd, a4=1, a5=[0.1]), "TET state is"),
         ("tet_no_lambda", "loss_forward_", with_(fwd, a3=[], a4=1), "TET hparams are"),
+        # a third hparam: the GPU kernels take two, and dropped it without a word
+        ("cct_three_hparams", "loss_forward_",
+         (x, y, torch.zeros(3), cct, 2, [0.9, 1e-12, 5.0], 0.0, 0.75, 1.5, -100, 1, True,
+          torch.float32), r"CCT-EAL hparams are \[ema_momentum, entropy_eps\], got 3"),
+        ("mit_with_hparams", "finalize_", with_(fin, a6=[0.5]), r"MiT hparams are \[\], got 1"),
         ("float8_loss", "loss_forward_", with_(fwd, a12=torch.float8_e4m3fn),
          "loss_dtype must be float16, bfloat16, float32"),
         ("short_local_summary", "finalize_", with_(fin, a1=summary[:4].clone()),

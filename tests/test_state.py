@@ -70,6 +70,10 @@ def test_conversion_errors_name_the_problem():
     ("lambda_entropy", 0.7, "lambda_entropy must lie in"),
     ("dual_updates", -2, "dual_updates must be a non-negative whole number"),
     ("dual_updates", 2.5, "dual_updates must be a non-negative whole number"),
+    # 1e30 passed (finite, whole) and wrapped to int64's minimum on the copy
+    ("dual_updates", 1e30, "below 2"),
+    # a NaN tau was loaded with a warning about T at its clamp; T and every loss are NaN
+    ("tau", float("nan"), "tau is NaN"),
 ])
 def test_a_state_no_step_can_reach_is_refused_and_nothing_loaded(key, value, message):
     # A NaN lambda or a negative count would be carried into every later step: refused when
@@ -85,6 +89,9 @@ def test_a_state_no_step_can_reach_is_refused_and_nothing_loaded(key, value, mes
     module_before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         module.load_state_dict(bad)
+    # a partial dict (strict=False) skipped every check: its entries are checked one by one
+    with pytest.raises(ValueError, match=message):
+        module.load_state_dict({key: bad[key]}, strict=False)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in module.state_dict().items():

@@ -148,18 +148,21 @@ def state_and_options(state: Sequence[Tensor], kind: int, hparams: Sequence[floa
         _state_vec(state[0], device, classes, "class_counts")
         for t, what in zip(state[1:], ("total_seen", "lambda_entropy", "dual_updates")):
             _state_scalar(t, device, what)
+        if len(hparams) != 0:
+            _fail(op, f"MiT hparams are [], got {len(hparams)} values")
     elif kind == KIND_TET:
         if len(state) != 0:
             _fail(op, f"TET state is [], got {len(state)} tensors")
-        if len(hparams) < 1:
-            _fail(op, "TET hparams are [lambda]")
+        if len(hparams) != 1:  # exactly: the kernels take two and would drop a third
+            _fail(op, f"TET hparams are [lambda], got {len(hparams)} values")
     else:
         if len(state) != 2:
             _fail(op, f"CCT-EAL state is [label_freq_ema, alpha], got {len(state)} tensors")
         _state_vec(state[0], device, classes, "label_freq_ema")
         _state_scalar(state[1], device, "alpha")
-        if len(hparams) < 2:
-            _fail(op, "CCT-EAL hparams are [ema_momentum, entropy_eps]")
+        if len(hparams) != 2:
+            _fail(op, f"CCT-EAL hparams are [ema_momentum, entropy_eps], got {len(hparams)} "
+                      "values")
 
 
 _MIT_STATE = ("class_counts", "total_seen", "lambda_entropy", "dual_updates")
