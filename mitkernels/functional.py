@@ -379,9 +379,10 @@ def mit_loss(logits: Tensor, targets: Tensor, state, *, backend: Optional[str] =
     Args:
         logits: ``[N, C]`` or ``[N, C, d1, ...]`` float16/bfloat16/float32/float64.
         targets: ``[N]`` or ``[N, d1, ...]`` integer class indices in ``[0, C)`` or
-            ``ignore_index``. Any other value raises a ValueError on CPU tensors; on a GPU
-            (where checking would stall the step) the loss is NaN, ``stats["invalid_targets"]``
-            counts them and the state is left as it was.
+            ``ignore_index``. Any other value raises a ValueError on CPU tensors in eager
+            mode; on a GPU and under ``torch.compile`` (where checking would stall the step or
+            break the graph) the loss is NaN, ``stats["invalid_targets"]`` counts them and the
+            state is left as it was.
         state: a ``MiTState`` or ``MiTLoss`` (anything with ``tau``, ``class_counts``,
             ``total_seen``, ``lambda_entropy``, ``dual_updates``). Only those tensors are read:
             a ``MiTLoss``'s ``ignore_index``, ``reduction``, backend, group and training mode

@@ -1461,8 +1461,8 @@ std::tuple<Tensor, Tensor, Tensor> finalize_impl(
     void* lp = loss.mutable_data_ptr();
     for (int64_t r = 0; r < R; ++r) {
       const double v = n_invalid > 0 ? nan
-                                     : load_as_double(rp, rt, kRowCEH * R + r) +
-                                           (1.0 - c) * load_as_double(rp, rt, kRowH * R + r);
+                                     : row_loss(load_as_double(rp, rt, kRowCEH * R + r),
+                                                load_as_double(rp, rt, kRowH * R + r), c);
       store_from_double(lp, loss_dtype, r, v);
     }
   } else {

@@ -652,8 +652,8 @@ __global__ void loss_rows_kernel(FinalizeArgs f) {
   const acc_t* rs = static_cast<const acc_t*>(f.row_stats);
   const double c = static_cast<double>(static_cast<const acc_t*>(f.grad_info)[0]);
   const double v = f.summary[4] > 0 ? nan("")
-                                    : static_cast<double>(rs[kRowCEH * f.R + r]) +
-                                          (1.0 - c) * static_cast<double>(rs[kRowH * f.R + r]);
+                                    : row_loss(static_cast<double>(rs[kRowCEH * f.R + r]),
+                                               static_cast<double>(rs[kRowH * f.R + r]), c);
   switch (f.loss_code) {
     case kSDouble: static_cast<double*>(f.loss)[r] = v; break;
     case kSFloat: static_cast<float*>(f.loss)[r] = static_cast<float>(v); break;
