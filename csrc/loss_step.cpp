@@ -80,6 +80,20 @@ bool is_plain(const Tensor& t) {
 Canonical canonical(const Tensor& logits, const Tensor& targets, const Tensor& tau) {
   TORCH_CHECK_VALUE(logits.dim() >= 2, "logits must be [N, C] or [N, C, d1, ...], got shape ",
                     logits.sizes());
+  // As mitkernels.functional checks them (which calls this op with int64 or int32 targets): a
+  // float target was truncated to a class, and targets of the right count but another shape
+  // gave a per-row loss of the wrong shape.
+  const at::ScalarType tt = targets.scalar_type();
+  TORCH_CHECK_TYPE(at::isIntegralType(tt, /*includeBool=*/false) && tt != at::kUInt64,
+                   "targets must hold integer class indices (int64, int32, or a narrower "
+                   "integer dtype), got ", tt);
+  bool shape_ok = targets.dim() == logits.dim() - 1 && targets.sym_size(0) == logits.sym_size(0);
+  for (int64_t d = 1; shape_ok && d < targets.dim(); ++d) {
+    shape_ok = targets.sym_size(d) == logits.sym_size(d + 1);
+  }
+  TORCH_CHECK_VALUE(shape_ok, "targets must be shaped as the logits without their class "
+                    "dimension (1), got ", targets.sym_sizes(), " for logits ",
+                    logits.sym_sizes());
   Canonical out{logits, targets, tau};
   // Inputs already in their canonical form are used as they are (each reshape is a dispatch).
   if (logits.dim() != 3) {
@@ -404,6 +418,13 @@ std::tuple<Tensor, std::vector<Tensor>> loss_step_autograd(
     const Tensor& logits, const Tensor& targets, const Tensor& tau, at::TensorList state,
     int64_t kind, at::ArrayRef<double> hparams, double t_eps, double t_min, double t_max,
     int64_t ignore_index, int64_t reduction, bool update_state, at::ScalarType loss_dtype) {
+  // Checked before the step, which would update the state and only then fail to save the
+  // logits for tau's gradient (torch refuses to save an inference tensor).
+  TORCH_CHECK_VALUE(!(logits.is_inference() && tau.requires_grad() &&
+                      at::GradMode::is_enabled()),
+                    "logits made under torch.inference_mode() cannot be saved for the "
+                    "temperature's gradient: make them outside inference mode (or clone them "
+                    "there), or call the loss under torch.no_grad()");
   const StepArgs a{targets, state, kind, hparams, t_eps, t_min, t_max,
                    ignore_index, reduction, update_state, loss_dtype};
   variable_list out = Node::apply(logits, tau, a);

@@ -23,6 +23,7 @@ from . import _backends, distributed, reference
 from .state import _caller_stacklevel
 
 DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
+_LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REFERENCE_CHUNK_ROWS = 1 << 16
 
 
@@ -104,6 +105,16 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                          f"[N, d1, ...]), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    if logits.dtype not in _LOGITS_DTYPES:  # the reference took integer logits, the kernels not
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got "
+                        f"{logits.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"logits and labels must be on one device, got {logits.device} and "
+                         f"{labels.device}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")  # 0 returned T_max
+    if not 0.0 <= float(tol) < math.inf:
+        raise ValueError(f"tol must be finite and >= 0, got {tol}")
     lo, hi = (float(b) for b in bounds)
     if not 0 < lo < hi or not math.isfinite(hi):
         raise ValueError(f"bounds must satisfy 0 < T_min < T_max < inf, got {bounds}")

@@ -88,6 +88,21 @@ def test_bad_input():
     with pytest.raises(ValueError, match="bounds"):
         mitkernels.calibrate_temperature(torch.randn(3, 2), torch.tensor([0, 1, 0]),
                                          bounds=(2.0, 1.0))
+    # each below was taken: integer logits by the reference (21.03 for one batch) where the
+    # kernels raised from the op; max_iter=0 returned the upper bound as the optimum; a
+    # 5-class batch calibrated a 3-class loss
+    y = torch.tensor([0, 1, 0])
+    with pytest.raises(TypeError, match="logits must be float16, bfloat16, float32 or float64"):
+        mitkernels.calibrate_temperature(torch.randint(-3, 3, (3, 2)), y, backend="reference")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_iter must be an int >= 1"):
+            mitkernels.calibrate_temperature(torch.randn(3, 2), y, max_iter=bad)
+    with pytest.raises(ValueError, match="tol must be finite"):
+        mitkernels.calibrate_temperature(torch.randn(3, 2), y, tol=float("nan"))
+    crit = mitkernels.MiTLoss(3)
+    with pytest.raises(ValueError, match="C = 5 classes"):
+        crit.calibrate_(torch.randn(3, 5), y)
+    assert float(crit.temperature) == pytest.approx(1.0)
 
 
 def test_large_input_is_fast_enough_to_run_here():

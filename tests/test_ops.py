@@ -382,3 +382,30 @@ def test_strided_op_inputs_are_read_as_their_values(backend):
              for yy, tt, r in ((y, tau, rs_strided), (y.contiguous(), tau.contiguous(), rs))]
     for s, d in zip(*grads):
         assert torch.equal(s, d)
+
+
+@needs_cpu_kernels
+def test_the_eager_step_op_refuses_what_mit_loss_refuses_before_the_state_moves():
+    # mitkernels_C::loss_step_ called directly (mit_loss checks these itself): a float target
+    # was truncated to a class and counted; targets of the right count in another shape gave a
+    # loss of their shape; inference logits with a tau that takes a gradient updated the state,
+    # then failed to save the logits.
+    logits, targets, tau, state, kind, hparams, temp, red = _step_args(ops.KIND_MIT, 0, True)
+    before = [t.clone() for t in state]
+    step = torch.ops.mitkernels_C.loss_step_
+    t = tau.clone().requires_grad_(True)
+    with pytest.raises(TypeError, match="targets must hold integer class indices"):
+        step(logits, targets.double(), t, state, kind, hparams, *temp, -100, red, True,
+             logits.dtype)
+    with pytest.raises(ValueError, match="targets must be shaped as the logits"):
+        step(logits, targets.reshape(-1, 1, 4), t, state, kind, hparams, *temp, -100, red,
+             True, logits.dtype)
+    with torch.inference_mode():
+        frozen = logits.clone()
+    with pytest.raises(ValueError, match="cannot be saved for the temperature's gradient"):
+        step(frozen, targets, t, state, kind, hparams, *temp, -100, red, True, logits.dtype)
+    for b, a in zip(before, state):
+        assert torch.equal(b, a)
+    step(logits, targets.to(torch.int16), t, state, kind, hparams, *temp, -100, red, True,
+         logits.dtype)  # a narrower integer dtype is taken
+    assert int(state[3]) == 1
