@@ -53,7 +53,7 @@ def _slope_and_curvature(logits: Tensor, labels: Tensor, t: float, backend: str,
         for start in range(0, logits.shape[0], _REFERENCE_CHUNK_ROWS):
             rows = reference.row_statistics(logits[start:start + _REFERENCE_CHUNK_ROWS],
                                             labels[start:start + _REFERENCE_CHUNK_ROWS], t)
-            gap = (rows["CE"] - rows["H"]).double()
+            gap = rows["CE_minus_H"].double()
             sums += torch.stack([gap.sum(), (gap + rows["V"].double()).sum()]).cpu()
         gap_sum, curv_sum = sums.tolist()
     else:

@@ -250,3 +250,19 @@ def test_equal_logits_keep_t_at_one_with_their_own_warning(backend):
         crit.calibrate_(torch.zeros(64, 3), labels)
     assert len(record) == 1 and record[0].filename == __file__  # and not the lower bound's
     assert float(crit.temperature) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_reference_backend_finds_the_optimum_under_wide_bounds():
+    # From 1e-9 to 1e9 the search visits huge T, where CE and H both sit near log C: the
+    # reference took CE - H as their difference in float32 and lost the slope's sign there,
+    # returning the bound (1e9) where the optimum is 2.66. It now forms E_p[z] - z_y, as the
+    # kernels do.
+    torch.manual_seed(0)
+    x = torch.randn(64, 5) * 2
+    y = torch.randint(0, 5, (64,))
+    x[torch.arange(64), y] += 1.5
+    narrow = mitkernels.calibrate_temperature(x, y, backend="reference")
+    assert 1.0 < float(narrow) < 10.0
+    for backend in cpu_backends():
+        wide = mitkernels.calibrate_temperature(x, y, bounds=(1e-9, 1e9), backend=backend)
+        assert float(wide) == pytest.approx(float(narrow), rel=1e-6), backend

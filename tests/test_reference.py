@@ -111,6 +111,7 @@ def test_row_statistics_match_definitions():
     var = (p * z * z).sum(1) - (p * z).sum(1) ** 2
     torch.testing.assert_close(rows["V"], var)
     torch.testing.assert_close(rows["CE"], torch.nn.functional.cross_entropy(z, y, reduction="none"))
+    torch.testing.assert_close(rows["CE_minus_H"], rows["CE"] - rows["H"])
 
 
 def test_int32_targets_compare_with_ignore_index_in_64_bits():
