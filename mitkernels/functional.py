@@ -538,6 +538,10 @@ def cct_eal_loss(logits: Tensor, targets: Tensor, tau_c: Tensor, label_freq_ema:
                         f"{type(label_freq_ema).__name__}")
     num_classes = int(label_freq_ema.numel())
     if not isinstance(alpha, Tensor) and isinstance(logits, Tensor):
+        # A number is checked as a loaded alpha_t is (a tensor's value would need the host to
+        # wait for it): an infinite weight gave the backends different gradients.
+        if not 0.0 <= float(alpha) < math.inf:
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
         alpha = torch.tensor(float(alpha), dtype=torch.float64, device=logits.device)
     elif isinstance(alpha, Tensor):
         _refuse_learned("CCT-EAL", (("alpha", alpha),), " (a schedule: set_progress)")

@@ -1099,4 +1099,7 @@ def test_states_and_options_no_step_can_use_are_refused(backend):
                                     backend=backend)
         with pytest.raises(ValueError, match="entropy_eps must be finite and >= 0"):
             mitkernels.CCTEALLoss(3, eps=eps, backend=backend)
+    for alpha in (float("inf"), float("nan"), -1.0):  # as the loader refuses alpha_t
+        with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+            mitkernels.cct_eal_loss(x, y, torch.zeros(3), ema, alpha, backend=backend)
     assert torch.equal(ema, torch.full((3,), 1 / 3, dtype=torch.float64))
