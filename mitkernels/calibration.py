@@ -19,11 +19,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _backends, distributed, reference
+from . import _backends, distributed, ops, reference
 from .state import _caller_stacklevel
 
 DEFAULT_BOUNDS = (reference.MIT_T_MIN, reference.MIT_T_MAX)
-_LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REFERENCE_CHUNK_ROWS = 1 << 16
 
 
@@ -105,7 +104,7 @@ def calibrate_temperature(logits: Tensor, labels: Tensor, *,
                          f"[N, d1, ...]), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-    if logits.dtype not in _LOGITS_DTYPES:  # the reference took integer logits, the kernels not
+    if logits.dtype not in ops.LOGITS_DTYPES:  # the reference took integer logits; kernels not
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got "
                         f"{logits.dtype}")
     if labels.device != logits.device:

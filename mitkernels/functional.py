@@ -18,8 +18,8 @@ from . import _backends, ops, reference
 from .reference import MIT_T_EPS, MIT_T_MAX, MIT_T_MIN
 from .state import STATE_BUFFERS
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32)
+SUPPORTED_DTYPES = ops.LOGITS_DTYPES
+_INDEX_DTYPES = ops.INDEX_DTYPES
 
 # The names under which each loss reports the fields of the stats tensor (ops.STATS_FIELDS).
 STATS_NAMES = {

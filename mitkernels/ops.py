@@ -97,6 +97,9 @@ from torch import Tensor
 from . import _backends
 
 KIND_MIT, KIND_TET, KIND_CCT = 0, 1, 2
+# The op contract's dtypes: logits (and the loss), and targets.
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 STATS_FIELDS = ("loss", "ce", "H", "H_star", "coef", "T", "updated", "valid", "invalid_targets")
 SUMMARY_HEADER = 5  # B, sum (CE - H), sum H, sum V, n_invalid
@@ -329,6 +332,7 @@ class EagerLossWithGrad(torch.autograd.Function):
 
 
 __all__ = [
-    "EAGER_SCHEMAS", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET", "REDUCTIONS",
+    "EAGER_SCHEMAS", "INDEX_DTYPES", "KERNEL_SCHEMAS", "KIND_CCT", "KIND_MIT", "KIND_TET",
+    "LOGITS_DTYPES", "REDUCTIONS",
     "ROW_STATS_FIELDS", "STATS_FIELDS", "TRITON_KERNEL_OPS", "acc_dtype", "summary_size",
 ]

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from mitkernels.ops import KIND_CCT, KIND_MIT, KIND_TET, ROW_STATS_FIELDS, SUMMARY_HEADER
+from mitkernels.ops import INDEX_DTYPES as _INDEX_DTYPES
+from mitkernels.ops import (KIND_CCT, KIND_MIT, KIND_TET, LOGITS_DTYPES, ROW_STATS_FIELDS,
+                            SUMMARY_HEADER)
 
-LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _SCALAR_DTYPES = (torch.float64, torch.float32, torch.int64, torch.int32)
 _ROW_STATS = len(ROW_STATS_FIELDS)

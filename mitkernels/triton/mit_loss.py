@@ -48,8 +48,8 @@ from torch import Tensor
 from mitkernels._backends import TRITON_MAX_ROWS
 from mitkernels.triton import launch_plans as _plans
 from mitkernels.triton import checks as _checks
-from mitkernels.ops import (KIND_CCT, KIND_MIT, KIND_TET, ROW_STATS_FIELDS, STATS_FIELDS,
-                            summary_size)
+from mitkernels.ops import (KIND_CCT, KIND_MIT, KIND_TET, LOGITS_DTYPES, ROW_STATS_FIELDS,
+                            STATS_FIELDS, summary_size)
 from mitkernels.ops import SUMMARY_HEADER as HEADER
 
 SUMMARY_HEADER = tl.constexpr(HEADER)  # B, sum (CE - H), sum H, sum V, n_invalid
@@ -216,7 +216,6 @@ HIST_OFFSET = tl.constexpr(IBUF_HIST)
 FORWARD_BLOCK_P, FORWARD_BLOCK_K = 64, 256
 NONE_LOSS_BLOCK, NONE_LOSS_WARPS = 1024, 4
 GRAD_TAU_BLOCK_K, GRAD_TAU_BLOCK_N, GRAD_TAU_WARPS = 32, 128, 4
-LOGITS_DTYPES = _checks.LOGITS_DTYPES
 
 
 def row_table(dtype: torch.dtype) -> Tuple[RowConfig, ...]:
