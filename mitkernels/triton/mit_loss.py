@@ -1455,14 +1455,23 @@ def finalize_(summary: Tensor, local_summary: Optional[Tensor], row_stats: Tenso
         _checks.summaries(summary, local_summary), row_stats, tau, state, kind, hparams,
         reduction, loss_dtype, summary.device)
     _checks.mark_state_written(state, kind, update_state)
-    summary, row_stats, tau = summary.contiguous(), row_stats.contiguous(), tau.contiguous()
+    local = None if local_summary is None else local_summary.contiguous()
+    return _launch_finalize(summary.contiguous(), local, row_stats.contiguous(), tau.contiguous(),
+                            state, kind, hparams, t_eps, t_min, t_max, reduction, update_state,
+                            loss_dtype, num_classes)
+
+
+def _launch_finalize(summary, local_summary, row_stats, tau, state, kind, hparams, t_eps, t_min,
+                     t_max, reduction, update_state, loss_dtype, num_classes):
+    """finalize_ on checked, contiguous inputs, the state already marked written (loss_forward_
+    calls it after its own checks)."""
     num_temperatures = tau.shape[0]
     rows = row_stats.shape[1]
     loss, stats, grad_info = _finalize_outputs(rows, summary.device, row_stats.dtype,
                                                num_temperatures, reduction, loss_dtype)
     st = _state_pointers(state, kind, summary)
     hp0, hp1 = _hparams(hparams)
-    local = summary if local_summary is None else local_summary.contiguous()
+    local = summary if local_summary is None else local_summary
     if kind == KIND_MIT and num_classes > FINALIZE_BLOCK:
         ticket = _plans.zeros((1,), dtype=torch.int32, device=summary.device)
         # the partials and histogram of FROM_PARTS unused: the summary has them
@@ -1557,8 +1566,9 @@ def loss_forward_(logits: Tensor, targets: Tensor, tau: Tensor, state: List[Tens
             return _launch_forward_wide(logits, targets, tau, state, hparams, t_eps, t_min, t_max,
                                         ignore_index, reduction, update_state, loss_dtype, cfg)
         rs, summary = _launch_row_stats(logits, targets, tau, t_eps, t_min, t_max, ignore_index)
-        loss, stats, grad_info = finalize_(summary, None, rs, tau, state, kind, hparams, t_eps,
-                                           t_min, t_max, reduction, update_state, loss_dtype)
+        loss, stats, grad_info = _launch_finalize(summary, None, rs, tau, state, kind, hparams,
+                                                  t_eps, t_min, t_max, reduction, update_state,
+                                                  loss_dtype, c)
         return loss, stats, rs, grad_info
     acc = _acc_dtype(logits.dtype)
     rs = _plans.empty((ROW_STATS, rows), dtype=acc, device=logits.device)
