@@ -64,8 +64,7 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
     if shape[1] < 1:
         raise ValueError(f"logits need at least one class (dim 1), got shape {tuple(shape)}")
     if shape[1] != num_classes:
-        raise ValueError(f"logits have C = {shape[1]} classes (dim 1) but the loss was built "
-                         f"for {num_classes}")
+        _raise_class_count(shape[1], num_classes)
     target_shape = targets.shape
     if len(target_shape) != len(shape) - 1 or target_shape[0] != shape[0] or \
             target_shape[1:] != shape[2:]:
@@ -107,6 +106,18 @@ def _check_inputs(logits, targets, num_classes: int, ignore_index, reduction: st
         raise TypeError("targets must not be uint64 (its values past 2^63 do not fit the int64 "
                         "the kernels index with): pass int64")
     return targets.long()  # int8, int16, uint8, uint16, uint32: every value fits
+
+
+def _raise_class_count(got: int, built_for: int) -> None:
+    raise ValueError(f"logits have C = {got} classes (dim 1) but the loss was built for "
+                     f"{built_for}")
+
+
+def check_class_count(logits: Tensor, num_classes: int) -> None:
+    """Logits ``[N, C, ...]`` of the loss's ``num_classes`` (others are left to the callee's
+    shape checks)."""
+    if isinstance(logits, Tensor) and logits.dim() >= 2 and logits.shape[1] != num_classes:
+        _raise_class_count(logits.shape[1], num_classes)
 
 
 def _any_inference(tensors: Sequence[Tensor]) -> bool:

@@ -130,10 +130,7 @@ class MiTLoss(_ExactStateModule):
         ``process_group``, every rank calls it with its part of the logits, and every rank sets
         the same ``tau``: the optimum over the rows of all.
         """
-        if isinstance(logits, Tensor) and logits.dim() >= 2 and \
-                logits.shape[1] != self.num_classes:  # as the loss itself refuses them
-            raise ValueError(f"logits have C = {logits.shape[1]} classes (dim 1) but the loss "
-                             f"was built for {self.num_classes}")
+        functional.check_class_count(logits, self.num_classes)  # as the loss itself refuses
         t_opt = calibrate_temperature(logits, labels, backend=self.backend,
                                       ignore_index=self.ignore_index,
                                       process_group=self.process_group)
