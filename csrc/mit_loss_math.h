@@ -322,13 +322,6 @@ struct LossForms {
   double mean, sum;
 };
 
-// reduction 'none': a valid row's loss CE - c H, from the row statistics CE - H and H (0 for the
-// other rows: their statistics are 0). Every kind with a per-row loss has this form (CCT-EAL,
-// whose alignment term is a batch quantity, has none); the backward assumes it.
-MITK_HD double row_loss(double ce_minus_h, double h, double c) {
-  return ce_minus_h + (1.0 - c) * h;
-}
-
 MITK_HD LossForms finalize_loss(int64_t kind, double Bl, double ce_l, double h_l, double c,
                                 double alpha, double mean_h, double h_star, double n_invalid) {
   if (n_invalid > 0) {
@@ -341,6 +334,13 @@ MITK_HD LossForms finalize_loss(int64_t kind, double Bl, double ce_l, double h_l
     return {ce_l / Bl + penalty, ce_l + Bl * penalty};
   }
   return {ce_l / Bl - c * h_l / Bl, ce_l - c * h_l};
+}
+
+// reduction 'none': a valid row's loss CE - c H, from the row statistics CE - H and H (0 for the
+// other rows: their statistics are 0). Every kind with a per-row loss has this form (CCT-EAL,
+// whose alignment term is a batch quantity, has none); the backward assumes it.
+MITK_HD double row_loss(double ce_minus_h, double h, double c) {
+  return ce_minus_h + (1.0 - c) * h;
 }
 
 // Row validity of the op contract.
